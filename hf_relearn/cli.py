@@ -1,0 +1,143 @@
+"""``hf-relearn`` command line: one sub-command per step (blocks, reset, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import RelearnError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local folder, model type to build from config (gpt2, llama, t5, ...), or Hub id")
+    p.add_argument("--config-overrides", default=None, help="e.g. n_layer=4,n_embd=64 (for a model built from config)")
+    p.add_argument("--head", default=None, choices=["causal-lm", "masked-lm", "seq2seq-lm", "base"])
+    p.add_argument("--model-seed", type=int, default=0, help="seed of a model built from config")
+
+
+def _load(args: argparse.Namespace):
+    from .modeling import load_model
+
+    return load_model(args.model, args.config_overrides, head=args.head, seed=args.model_seed)
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from .blocks import BlockMap
+
+    model = _load(args)
+    bmap = BlockMap(model)
+    rows = [(b, bmap.numel(b)) for b in bmap.names()]
+    if args.json:
+        data = {
+            "model": args.model,
+            "class": type(model).__name__,
+            "stacks": {s.name: {"path": s.path, "layers": len(s.layers)} for s in bmap.stacks.values()},
+            "blocks": [
+                {
+                    "name": b.name,
+                    "kind": b.kind,
+                    "parameters": n,
+                    "tensors": list(b.params) if args.paths else len(b.params),
+                }
+                for b, n in rows
+            ],
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__}  ({total:,} parameters)")
+    for s in bmap.stacks.values():
+        shared = f", weights shared: applied {s.applied_depth}x" if s.applied_depth else ""
+        print(f"  stack {s.name}: {len(s.layers)} layers at {s.path}{shared}")
+    width = max(len(b.name) for b, _ in rows)
+    for b, n in rows:
+        print(f"  {b.name:<{width}}  {b.kind:<10} {n:>12,}")
+        if args.paths:
+            for t in b.params:
+                print(f"      {t}")
+    print("also valid: ranges (encoder.2:4), wildcards (decoder.*.mlp), negative indices, exact module paths")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from .io import check_output_dir, versions, write_dir_atomic, write_json_atomic
+    from .surgery import reset
+
+    out = check_output_dir(args.output_dir, args.overwrite)
+    model = _load(args)
+    report = reset(model, args.block, init=args.init, seed=args.seed, allow_shared=args.allow_shared)
+    tokenizer = None
+    if Path(args.model).is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # a folder without tokenizer files
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(
+            tmp / "surgery.json",
+            {
+                "model": args.model,
+                "config_overrides": args.config_overrides,
+                **report.to_dict(),
+                "versions": versions(),
+            },
+        )
+
+    write_dir_atomic(out, fill)
+    print(
+        f"reset {report.block} ({report.init}, seed {report.seed}): {report.num_tensors} tensors, "
+        f"{report.num_parameters:,} parameters -> {out}"
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-relearn",
+        description="Reset one block of a trained transformer, freeze the rest, measure the cost of re-learning it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("blocks", help="list every block name of a model with its parameter count")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--paths", action="store_true", help="also list the tensor names of each block")
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("reset", help="reset one block and save the surgered model with surgery.json")
+    _add_model_args(p)
+    p.add_argument("block", help="block name, e.g. decoder.3, encoder.-1.mlp, decoder.*.cross_attention")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--init", default="scratch", help="scratch | zero | checkpoint:PATH")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reset (the same on every rank)")
+    p.add_argument("--allow-shared", action="store_true", help="reset tied/shared tensors everywhere they are used")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.set_defaults(func=cmd_reset)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hf-relearn``; returns the exit code (2 for bad input, with one clear message)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RelearnError as err:
+        print(f"hf-relearn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Load the model a user names: a local folder, a config name built from scratch, or a Hub id."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
+
+from .errors import RelearnError
+
+HEADS = {
+    "causal-lm": transformers.AutoModelForCausalLM,
+    "masked-lm": transformers.AutoModelForMaskedLM,
+    "seq2seq-lm": transformers.AutoModelForSeq2SeqLM,
+    "base": transformers.AutoModel,
+}
+
+
+def parse_overrides(text: str | dict | None) -> dict[str, Any]:
+    """Parse ``"n_layer=4,n_embd=64,activation_function=gelu"`` into typed values (int, float, bool, str)."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise RelearnError(f"config override {item!r} is not KEY=VALUE (example: n_layer=4,n_embd=64)")
+        key, value = (s.strip() for s in item.split("=", 1))
+        lowered = {"true": True, "false": False, "none": None, "null": None}
+        if value.lower() in lowered:
+            out[key] = lowered[value.lower()]
+            continue
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def default_head(config: PretrainedConfig) -> str:
+    """The head a model type is trained with by default: seq2seq for enc-dec, MLM for BERT-likes, else causal."""
+    mt = config.model_type
+    if getattr(config, "is_encoder_decoder", False) or mt in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "seq2seq-lm"
+    if mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked-lm"
+    if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "base"
+
+
+def _model_class_from_architectures(config: PretrainedConfig):
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def is_config_name(spec: str) -> bool:
+    """True when ``spec`` is a model type (``gpt2``, ``llama``) rather than a folder or a Hub id."""
+    return spec in CONFIG_MAPPING_NAMES and not os.path.exists(spec)
+
+
+def build_config(spec: str, overrides: str | dict | None = None) -> PretrainedConfig:
+    """The config for a model type, a local folder or a Hub id, with ``overrides`` applied (unknown keys refused)."""
+    kw = parse_overrides(overrides)
+    default = AutoConfig.for_model(spec) if is_config_name(spec) else AutoConfig.from_pretrained(spec)
+    unknown = [key for key in kw if not hasattr(default, key)]
+    if unknown:
+        raise RelearnError(
+            f"config override {', '.join(map(repr, unknown))}: {type(default).__name__} has no such field "
+            f"(some fields: {', '.join(sorted(k for k in default.to_dict() if not k.startswith('_'))[:25])} ...)"
+        )
+    if not kw:
+        return default
+    # rebuilt rather than patched, so derived fields (Qwen2's layer_types, head_dim) follow the overrides
+    if is_config_name(spec):
+        return AutoConfig.for_model(spec, **kw)
+    return AutoConfig.from_pretrained(spec, **kw)
+
+
+def load_model(
+    spec: str,
+    config_overrides: str | dict | None = None,
+    head: str | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Load or build the model ``spec`` names.
+
+    * a local folder (``save_pretrained`` output): loaded with its own architecture (``config.architectures``)
+      unless ``head`` is given;
+    * a model type such as ``gpt2`` or ``t5``: built from its default config plus ``config_overrides``, freshly
+      initialised with ``seed`` (offline);
+    * anything else is a Hub id (``org/name``), loaded with ``from_pretrained`` (needs the network or a cache).
+
+    ``head`` is one of ``causal-lm``, ``masked-lm``, ``seq2seq-lm``, ``base``; by default the model type's usual one.
+    """
+    if head is not None and head not in HEADS:
+        raise RelearnError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if is_config_name(spec):
+        config = build_config(spec, config_overrides)
+        transformers.set_seed(seed)
+        return HEADS[head or default_head(config)].from_config(config)
+    path = Path(spec)
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise RelearnError(f"model {spec!r}: no such folder")
+    if path.exists() and not (path / "config.json").exists():
+        raise RelearnError(f"model {spec!r}: the folder has no config.json (is it a save_pretrained output?)")
+    try:
+        config = build_config(spec, config_overrides)
+    except OSError as err:
+        raise RelearnError(
+            f"model {spec!r} is not a local folder, not a model type ({', '.join(sorted(CONFIG_MAPPING_NAMES)[:8])}, "
+            f"...) and could not be fetched from the Hub: {err}"
+        ) from err
+    cls = HEADS[head] if head else (_model_class_from_architectures(config) or HEADS[default_head(config)])
+    return cls.from_pretrained(spec, config=config)
