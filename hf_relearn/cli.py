@@ -102,6 +102,55 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hf_parse(dataclass_types, argv: list[str], prog: str):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return loader(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def cmd_pretrain(argv: list[str]) -> int:
+    """``hf-relearn pretrain --model gpt2 --config-overrides ... --train_file F --max_steps N --output_dir D``."""
+    from .data import DataArguments
+    from .runner import ModelArguments, PretrainArguments, pretrain
+
+    model_args, data_args, args = _hf_parse(
+        (ModelArguments, DataArguments, PretrainArguments), argv, "hf-relearn pretrain"
+    )
+    info = pretrain(model_args, data_args, args)
+    print(
+        f"pretrained {model_args.model}: {info['steps']} steps, {info['tokens']:,} tokens, "
+        f"eval loss {info['curve'][0][1]:.4f} (step {info['curve'][0][0]}) -> {info['final_eval_loss']:.4f} "
+        f"-> {args.output_dir}"
+    )
+    for w in info["warnings"]:
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_relearn(argv: list[str]) -> int:
+    """``hf-relearn relearn --model runs/base --original_run runs/base --block decoder.1 --output_dir D``."""
+    from .data import DataArguments
+    from .runner import ModelArguments, relearn
+    from .trainer import RelearnArguments
+
+    model_args, data_args, args = _hf_parse(
+        (ModelArguments, DataArguments, RelearnArguments), argv, "hf-relearn relearn"
+    )
+    result = relearn(model_args, data_args, args)
+    print(result.summary())
+    for w in result.warnings:
+        print(f"warning: {w}")
+    print(f"result: {Path(args.output_dir) / 'relearn_result.json'}")
+    return 0
+
+
+HF_COMMANDS = {"pretrain": cmd_pretrain, "relearn": cmd_relearn}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-relearn",
@@ -124,18 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-shared", action="store_true", help="reset tied/shared tensors everywhere they are used")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.set_defaults(func=cmd_reset)
+
+    # parsed by HfArgumentParser (every TrainingArguments flag works); listed here for --help
+    sub.add_parser("pretrain", help="train a base model from config with a known budget (see pretrain --help)")
+    sub.add_parser("relearn", help="reset one block and re-learn it until recovered (see relearn --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-relearn``; returns the exit code (2 for bad input, with one clear message)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in HF_COMMANDS:
+        command, run = argv[0], (lambda: HF_COMMANDS[argv[0]](argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, (lambda: args.func(args))
     try:
-        return int(args.func(args) or 0)
+        return int(run() or 0)
     except RelearnError as err:
-        print(f"hf-relearn {args.command}: error: {err}", file=sys.stderr)
+        print(f"hf-relearn {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -80,7 +80,8 @@ def build_config(spec: str, overrides: str | dict | None = None) -> PretrainedCo
     """The config for a model type, a local folder or a Hub id, with ``overrides`` applied (unknown keys refused)."""
     kw = parse_overrides(overrides)
     default = AutoConfig.for_model(spec) if is_config_name(spec) else AutoConfig.from_pretrained(spec)
-    unknown = [key for key in kw if not hasattr(default, key)]
+    # special-token ids are accepted by every config even where they are not declared fields (T5 in v5)
+    unknown = [key for key in kw if not hasattr(default, key) and not key.endswith("_token_id")]
     if unknown:
         raise RelearnError(
             f"config override {', '.join(map(repr, unknown))}: {type(default).__name__} has no such field "

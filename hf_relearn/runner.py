@@ -1,0 +1,175 @@
+"""The two runs a user starts: ``pretrain`` a base model with a known budget, and ``relearn`` one block of it.
+
+Both are thin: they load the model and the data, hand them to a (Relearn)Trainer and save what it made. The CLI
+and the study call these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import Trainer, TrainingArguments
+
+from .data import DataArguments, build_datasets, get_tokenizer
+from .errors import RelearnError
+from .io import versions, write_json_atomic
+from .modeling import is_config_name, load_model, parse_overrides
+from .trainer import OBJECTIVES, RelearnArguments, RelearnResult, RelearnTrainer, base_run_warnings
+
+RUN_FILE = "hf_relearn_run.json"
+
+
+@dataclass
+class ModelArguments:
+    """Which model: a local folder, a model type built from config (``gpt2``), or a Hub id."""
+
+    model: str = field(
+        default="gpt2", metadata={"help": "local folder, model type (gpt2, llama, t5, bert...) or Hub id"}
+    )
+    config_overrides: str | None = field(default=None, metadata={"help": "e.g. n_layer=4,n_embd=64 (config builds)"})
+    head: str | None = field(default=None, metadata={"help": "causal-lm | masked-lm | seq2seq-lm | base"})
+    model_seed: int = field(default=0, metadata={"help": "init seed of a model built from config"})
+
+
+@dataclass
+class PretrainArguments(TrainingArguments):
+    """``TrainingArguments`` for a base run whose budget and validation curve are recorded."""
+
+    objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq"})
+    eval_strategy: str = field(default="steps", metadata={"help": "evaluation schedule (the curve is kept)"})
+    eval_steps: float | None = field(default=50, metadata={"help": "evaluate every N steps"})
+    logging_steps: float = field(default=50, metadata={"help": "log every N steps"})
+    save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
+    dataloader_pin_memory: bool = field(
+        default_factory=lambda: __import__("torch").cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
+    )
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "count tokens: no | all | non_padding"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in OBJECTIVES or self.objective == "distill":
+            raise RelearnError(f"pretrain objective {self.objective!r}: choose clm, mlm or seq2seq")
+
+
+def _tokenizer_overrides(tokenizer, model_spec: str, objective: str) -> dict:
+    """Config fields a model built from config needs to match its tokenizer (vocab size, special ids)."""
+    from .modeling import build_config
+
+    config = build_config(model_spec)
+    out = {"vocab_size": len(tokenizer)}
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, key, None)
+        if value is not None and hasattr(config, key):
+            out[key] = value
+    if getattr(config, "is_encoder_decoder", False):
+        out["decoder_start_token_id"] = tokenizer.pad_token_id
+    return out
+
+
+def _check_positions(model, block_size: int, objective: str) -> None:
+    cfg = model.config
+    for key in ("n_positions", "max_position_embeddings"):
+        limit = getattr(cfg, key, None)
+        if isinstance(limit, int) and block_size > limit:
+            raise RelearnError(
+                f"block_size {block_size} exceeds the model's {key}={limit}: lower --block_size or raise it "
+                f"(--config-overrides {key}=...)"
+            )
+
+
+def pretrain(model_args: ModelArguments, data_args: DataArguments, args: PretrainArguments) -> dict:
+    """Train a base model from config with a known budget; save model, tokenizer, trainer_state.json, run info.
+
+    Returns the run info (also written to ``OUTPUT_DIR/hf_relearn_run.json``): final validation loss, steps,
+    tokens, and warnings for an under-trained or overfit base.
+    """
+    tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
+    overrides = parse_overrides(model_args.config_overrides)
+    if is_config_name(model_args.model):
+        overrides = {**_tokenizer_overrides(tokenizer, model_args.model, args.objective), **overrides}
+    model = load_model(model_args.model, overrides, head=model_args.head, seed=model_args.model_seed)
+    _check_positions(model, data_args.block_size, args.objective)
+    train, evals, collator = build_datasets(data_args, tokenizer, args.objective)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    if not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history):
+        trainer.evaluate()
+    out = Path(args.output_dir)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    trainer.save_state()
+    curve = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+    info = {
+        "kind": "pretrain",
+        "model_args": dataclasses.asdict(model_args),
+        "data_args": dataclasses.asdict(data_args),
+        "objective": args.objective,
+        "steps": trainer.state.global_step,
+        "tokens": trainer.state.num_input_tokens_seen,
+        "train_examples": len(train),
+        "eval_examples": len(evals),
+        "final_eval_loss": curve[-1][1],
+        "best_eval_loss": min(v for _, v in curve),
+        "curve": curve,
+        "warnings": base_run_warnings(curve, trainer.state.global_step),
+        "versions": versions(),
+    }
+    if trainer.is_world_process_zero():
+        write_json_atomic(out / RUN_FILE, info)
+    return info
+
+
+def inherit_data_args(data_args: DataArguments, original_run: str | None) -> DataArguments:
+    """With no data source given, re-use the base run's data settings (so the validation set is the same)."""
+    if original_run is None or data_args.train_file or data_args.dataset_name:
+        return data_args
+    run_file = Path(original_run) / RUN_FILE
+    if not run_file.exists():
+        return data_args
+    saved = json.loads(run_file.read_text()).get("data_args", {})
+    defaults = DataArguments()
+    merged = {
+        f.name: getattr(data_args, f.name)
+        if getattr(data_args, f.name) != getattr(defaults, f.name)
+        else saved.get(f.name, getattr(defaults, f.name))
+        for f in dataclasses.fields(DataArguments)
+    }
+    return DataArguments(**merged)
+
+
+def relearn(
+    model_args: ModelArguments, data_args: DataArguments, args: RelearnArguments, callbacks=None
+) -> RelearnResult:
+    """Run one re-learn: load, reset ``args.block``, train until recovered; returns (and writes) the result."""
+    data_args = inherit_data_args(data_args, args.original_run)
+    tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
+    model = load_model(model_args.model, model_args.config_overrides, head=model_args.head, seed=model_args.model_seed)
+    _check_positions(model, data_args.block_size, args.objective)
+    objective = args.objective
+    train, evals, collator = build_datasets(data_args, tokenizer, objective)
+    trainer = RelearnTrainer(
+        model=model,
+        args=args,
+        model_name=model_args.model,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if args.save_strategy != "no" or args.push_to_hub:
+        trainer.save_model()
+    return trainer.result

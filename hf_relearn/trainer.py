@@ -1,0 +1,571 @@
+"""RelearnTrainer: baseline eval -> reset a block -> eval -> re-learn with the rest frozen -> stop when recovered.
+
+It stays a normal ``Trainer``: callbacks, checkpoints, ``resume_from_checkpoint``, ``report_to`` and
+``push_to_hub`` behave as usual. What it adds:
+
+* ``train()`` first measures the intact model (baseline), then applies the surgery and the freezing (before any
+  wrapping or optimizer exists), measures again (after_reset), and trains;
+* ``RecoveryCallback`` stops at the first evaluation where the metric is back within the tolerance, held for
+  ``patience`` evaluations;
+* at the end the frozen tensors are proven bit-identical and ``relearn_result.json`` is written (the results
+  contract in ``docs/results-contract.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from .blocks import BlockMap
+from .errors import RelearnError
+from .io import versions, write_json_atomic
+from .surgery import SurgeryReport, fingerprint, freeze_except, reset
+
+OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
+TRAINABLE = ("block", "all", "lora-rest", "block+lora-rest")
+RESULT_FILE = "relearn_result.json"
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class RelearnArguments(TrainingArguments):
+    """``TrainingArguments`` plus what a re-learn run needs. Every Trainer flag still works."""
+
+    block: str = field(default="decoder.-1", metadata={"help": "block to reset, e.g. decoder.3, encoder.-1.mlp"})
+    init: str = field(default="scratch", metadata={"help": "scratch | zero | checkpoint:PATH"})
+    reset_seed: int = field(default=0, metadata={"help": "seed of the reset (identical on every rank)"})
+    allow_shared: bool = field(default=False, metadata={"help": "reset tied/shared tensors everywhere they are used"})
+    objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq | distill"})
+    tolerance: float = field(
+        default=0.01,
+        metadata={"help": "recovered when metric <= baseline*(1+tolerance) (>= baseline*(1-tol) if higher is better)"},
+    )
+    tolerance_abs: float | None = field(
+        default=None, metadata={"help": "absolute tolerance instead: recovered when |metric - baseline| is within it"}
+    )
+    recovery_metric: str = field(default="eval_loss", metadata={"help": "metric that defines recovery"})
+    patience: int = field(default=1, metadata={"help": "consecutive qualifying evaluations needed"})
+    stop_at_recovery: bool = field(default=True, metadata={"help": "stop at recovery (false: train to max_steps)"})
+    original_steps: int | None = field(default=None, metadata={"help": "optimizer steps of the original training"})
+    original_tokens: int | None = field(default=None, metadata={"help": "tokens of the original training"})
+    original_run: str | None = field(
+        default=None, metadata={"help": "folder of the base run (its trainer_state.json gives steps, tokens, curve)"}
+    )
+    trainable: str = field(default="block", metadata={"help": "block | all | lora-rest | block+lora-rest"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank for the lora-rest arms"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distill KL"})
+    # Trainer defaults that suit a re-learn run
+    eval_strategy: str = field(
+        default="steps", metadata={"help": "evaluation schedule (recovery is checked at evals)"}
+    )
+    # constant, so that where recovery happens does not depend on an arbitrary max_steps cap (a decay would)
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (default constant)"})
+    eval_steps: float | None = field(default=10, metadata={"help": "evaluate every N steps"})
+    logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
+    save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
+    dataloader_pin_memory: bool = field(
+        default_factory=lambda: __import__("torch").cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
+    )
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "count tokens: no | all | non_padding"}
+    )
+    restore_callback_states_from_checkpoint: bool = field(default=True, metadata={"help": "resume counters"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise RelearnError(f"objective {self.objective!r} unknown; choose one of {', '.join(OBJECTIVES)}")
+        if self.trainable not in TRAINABLE:
+            raise RelearnError(f"trainable {self.trainable!r} unknown; choose one of {', '.join(TRAINABLE)}")
+        if not self.tolerance > 0:
+            raise RelearnError(f"tolerance must be > 0 (a relative tolerance such as 0.01), got {self.tolerance}")
+        if self.tolerance_abs is not None and not self.tolerance_abs > 0:
+            raise RelearnError(f"tolerance_abs must be > 0, got {self.tolerance_abs}")
+        if self.patience < 1:
+            raise RelearnError(f"patience must be >= 1, got {self.patience}")
+        if self.eval_strategy == "no":
+            raise RelearnError("eval_strategy 'no' cannot measure recovery: use steps (and eval_steps)")
+        if self.original_run is not None:
+            read_original_run(self.original_run)  # fail now, not after training
+
+    @property
+    def metric_key(self) -> str:
+        return self.recovery_metric if self.recovery_metric.startswith("eval_") else f"eval_{self.recovery_metric}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.greater_is_better is not None and self.metric_for_best_model == self.recovery_metric:
+            return bool(self.greater_is_better)
+        return not self.metric_key.endswith("loss")
+
+
+# ----------------------------------------------------------------------------------------------- original run
+def read_original_run(path: str | Path) -> dict[str, Any]:
+    """Steps, tokens and validation curve of a base run folder (from its ``trainer_state.json``)."""
+    state_file = Path(path) / "trainer_state.json"
+    if not state_file.exists():
+        raise RelearnError(
+            f"original_run {path}: no trainer_state.json there. Point it at the output dir of `hf-relearn pretrain` "
+            "(or of a Trainer run that called save_state()), or give original_steps / original_tokens instead."
+        )
+    state = json.loads(state_file.read_text())
+    curve = [(e["step"], e["eval_loss"]) for e in state.get("log_history", []) if "eval_loss" in e]
+    return {
+        "steps": state.get("global_step") or None,
+        "tokens": state.get("num_input_tokens_seen") or None,
+        "curve": curve,
+        "warnings": base_run_warnings(curve, state.get("global_step") or 0),
+    }
+
+
+def base_run_warnings(curve: list[tuple[int, float]], total_steps: int, tol: float = 0.01) -> list[str]:
+    """Flag an under-trained base (val loss still falling at the end) or an overfit one (best well before the end)."""
+    if len(curve) < 3 or not total_steps:
+        return []
+    steps, losses = zip(*curve, strict=True)
+    final, best = losses[-1], min(losses)
+    best_step = steps[losses.index(best)]
+    late = [loss for s, loss in curve if s <= 0.75 * total_steps]
+    out = []
+    if late and final < late[-1] * (1 - tol):
+        out.append(
+            f"base model under-trained: its validation loss still fell from {late[-1]:.4f} (step "
+            f"{max(s for s in steps if s <= 0.75 * total_steps)}) to {final:.4f} in the last quarter of training; "
+            "recovery numbers measured against it mislead"
+        )
+    if best_step < 0.75 * total_steps and final > best * (1 + tol):
+        out.append(
+            f"base model overfit: its best validation loss {best:.4f} came at step {best_step} of {total_steps} and "
+            f"ended at {final:.4f}; a reset can look cheap or even help"
+        )
+    return out
+
+
+def first_reach(curve: list[tuple[int, float]], threshold: float, higher_is_better: bool, patience: int = 1):
+    """The step of the first of ``patience`` consecutive curve points within ``threshold``, or None."""
+    run = 0
+    for i, (_, value) in enumerate(curve):
+        ok = value >= threshold if higher_is_better else value <= threshold
+        run = run + 1 if ok and not math.isnan(value) else 0
+        if run >= patience:
+            return curve[i - patience + 1][0]
+    return None
+
+
+def recovery_threshold(baseline: float, after_reset: float, args: RelearnArguments) -> float:
+    """The metric value that counts as recovered (see README: recovery, defined)."""
+    sign = 1 if args.higher_is_better else -1
+    if args.tolerance_abs is not None:
+        return baseline - sign * args.tolerance_abs
+    if args.objective == "distill" and args.metric_key == "eval_loss":
+        # the teacher is the model itself, so its baseline distill loss is 0: recovered when the damage is
+        # repaired to within `tolerance` of how far the reset moved it
+        return baseline + args.tolerance * (after_reset - baseline)
+    return baseline * (1 - sign * args.tolerance) if baseline >= 0 else baseline * (1 + sign * args.tolerance)
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+class ExamplesSeen(TrainerCallback, ExportableState):
+    """Counts training examples; saved in checkpoints so a resumed run keeps counting from where it was."""
+
+    def __init__(self, examples_seen: int = 0):
+        self.examples_seen = examples_seen
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"examples_seen": self.examples_seen}}
+
+
+class RecoveryCallback(TrainerCallback):
+    """Stops training at recovery: the metric within ``threshold`` for ``patience`` consecutive evaluations.
+
+    Stateless apart from its settings: it reads the evaluations so far from ``state.log_history``, which a resumed
+    run restores, so an interrupted and resumed run stops at the same step.
+    """
+
+    def __init__(self, metric_key: str, threshold: float, higher_is_better: bool, patience: int, stop: bool):
+        self.metric_key, self.threshold, self.higher_is_better = metric_key, threshold, higher_is_better
+        self.patience, self.stop = patience, stop
+        self.recovered_step: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is None or self.metric_key not in metrics:
+            have = ", ".join(sorted(k for k in (metrics or {}) if k.startswith("eval_")))
+            raise RelearnError(f"recovery metric {self.metric_key!r} was not computed by evaluation; it gave: {have}")
+        curve = [(e["step"], e[self.metric_key]) for e in state.log_history if self.metric_key in e]
+        self.recovered_step = first_reach(curve, self.threshold, self.higher_is_better, self.patience)
+        if self.recovered_step is not None and self.stop:
+            control.should_training_stop = True
+        return control
+
+
+# ----------------------------------------------------------------------------------------------- result
+@dataclass
+class RelearnResult:
+    """The results contract (``relearn_result.json``); see docs/results-contract.md for every field."""
+
+    model: str
+    block: str
+    init: str
+    seed: int
+    objective: str
+    trainable: str
+    tolerance: float
+    tolerance_abs: float | None
+    recovery_metric: str
+    patience: int
+    baseline_eval_loss: float | None
+    after_reset_eval_loss: float | None
+    final_eval_loss: float | None
+    baseline_metric: float
+    after_reset_metric: float
+    recovery_threshold: float
+    recovered: bool
+    steps_to_recover: int | None
+    examples_to_recover: int | None
+    tokens_to_recover: int | None
+    original_steps: int | None
+    original_tokens: int | None
+    fraction_of_original: float | None
+    fraction_of_original_tokens: float | None
+    original_steps_to_same_loss: int | None
+    frozen_unchanged: bool
+    frozen_changed: list[str]
+    trainable_parameters: int
+    total_parameters: int
+    steps_trained: int
+    curve: list[list[float]]
+    warnings: list[str]
+    surgery: dict
+    versions: dict
+    stopped: str = "recovered"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: baseline -> after reset -> recovered at N steps = X% of the original."""
+        m = self.recovery_metric
+        head = f"{self.block}: {m} {self.baseline_metric:.4f} -> {self.after_reset_metric:.4f} after reset -> "
+        if not self.recovered:
+            return (
+                head
+                + f"not recovered in {self.steps_trained} steps (final {self.curve[-1][1]:.4f}; stopped: {self.stopped})"
+            )
+        frac = (
+            f" = {100 * self.fraction_of_original:.1f}% of the original {self.original_steps}"
+            if self.fraction_of_original is not None
+            else ""
+        )
+        return (
+            head
+            + f"recovered at {self.steps_to_recover} steps{frac} ({self.examples_to_recover} examples, {self.tokens_to_recover} tokens)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class RelearnTrainer(Trainer):
+    """A ``Trainer`` that resets ``args.block``, re-learns it with the rest frozen and reports the cost.
+
+    Guarantees: the baseline is measured on the intact model; surgery and freezing happen before the model is
+    wrapped or an optimizer exists; ``relearn_result.json`` is written by the main process at the end of
+    ``train()`` (also when training stops on a NaN loss, which then raises ``RelearnError``).
+    """
+
+    args: RelearnArguments
+
+    def __init__(self, model=None, args: RelearnArguments | None = None, model_name: str | None = None, **kwargs):
+        if not isinstance(args, RelearnArguments):
+            raise RelearnError("RelearnTrainer needs RelearnArguments (a TrainingArguments subclass)")
+        self.model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        self.block = BlockMap(model).resolve(args.block)  # bad names fail before anything runs
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        self.examples_counter = ExamplesSeen()
+        callbacks.append(self.examples_counter)
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        if args.objective == "distill":
+            self.label_names = []
+        self.teacher = None
+        self.surgery: SurgeryReport | None = None
+        self.measured: dict[str, dict] = {}
+        self.data_warnings: list[str] = []
+        self.recovery: RecoveryCallback | None = None
+        self._frozen_before: dict[str, str] | None = None
+        self._trainable_names: list[str] = []
+
+    # ---------------------------------------------------------------- measuring
+    def _measure(self, description: str) -> dict[str, float]:
+        out = self.evaluation_loop(self.get_eval_dataloader(), description=description, metric_key_prefix="eval")
+        metrics = out.metrics
+        if self.args.metric_key not in metrics:
+            have = ", ".join(sorted(k for k in metrics if k.startswith("eval_")))
+            raise RelearnError(f"recovery metric {self.args.metric_key!r} is never computed; evaluation gives: {have}")
+        if math.isnan(metrics[self.args.metric_key]):
+            raise RelearnError(
+                f"{description}: {self.args.metric_key} is NaN before any training; check the model and data"
+            )
+        return metrics
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.state is not None:
+            out.metrics["relearn_examples_seen"] = self._examples_seen()
+        return out
+
+    def _examples_seen(self) -> int:
+        counters = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ExamplesSeen)]
+        return counters[0].examples_seen if counters else 0
+
+    # ---------------------------------------------------------------- surgery
+    def prepare_relearn(self) -> None:
+        """Measure the intact model, reset and freeze, measure again. Idempotent; ``train()`` calls it."""
+        if self.surgery is not None:
+            return
+        args = self.args
+        self.model.eval()
+        if args.objective == "distill":
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if args.objective != "distill":
+            self.measured["baseline"] = self._measure("relearn: baseline (intact model)")
+        self.surgery = reset(
+            self.model, self.block, init=args.init, seed=args.reset_seed, allow_shared=args.allow_shared
+        )
+        self._apply_trainable()
+        self._frozen_before = _normalised_fingerprint(self.model)
+        self.measured["after_reset"] = self._measure("relearn: after reset")
+        if args.objective == "distill":
+            self.measured["baseline"] = {args.metric_key: 0.0, "eval_loss": 0.0}
+        baseline = self.measured["baseline"][args.metric_key]
+        after = self.measured["after_reset"][args.metric_key]
+        self.threshold = recovery_threshold(baseline, after, args)
+        self.data_warnings = self._unigram_warning(baseline)
+        self.recovery = RecoveryCallback(
+            args.metric_key, self.threshold, args.higher_is_better, args.patience, args.stop_at_recovery
+        )
+        self.add_callback(self.recovery)
+
+    def _unigram_warning(self, baseline: float) -> list[str]:
+        """A base no better than a unigram model of its data learned nothing a reset could remove."""
+        if self.args.objective not in ("clm", "mlm") or self.args.metric_key != "eval_loss":
+            return []
+        from .data import unigram_loss
+
+        vocab = self.model.get_input_embeddings().num_embeddings
+        uni = unigram_loss(self.train_dataset, self.eval_dataset, vocab)
+        if baseline >= 0.98 * uni:
+            return [
+                f"the base model is no better than a unigram model of its data (eval loss {baseline:.4f} vs unigram "
+                f"{uni:.4f} nats/token): it has learned little that a reset could remove"
+            ]
+        return []
+
+    def _apply_trainable(self) -> None:
+        args, block = self.args, self.block
+        if args.trainable == "all":
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
+        else:
+            names = (
+                freeze_except(self.model, block) if "block" in args.trainable.split("+") else freeze_except(self.model)
+            )
+        if "lora-rest" in args.trainable:
+            train_block = "block" in args.trainable.split("+")
+            self.model = self.model_wrapped = _wrap_lora_rest(self.model, block, args.lora_r, train_block)
+            names = names + [n for n, p in self.model.named_parameters() if "lora_" in n]
+        self._trainable_names = names
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise RelearnError(f"nothing to train: block {block.name!r} with trainable={args.trainable!r}")
+
+    # ---------------------------------------------------------------- losses
+    def _distill_loss(self, model, inputs) -> torch.Tensor:
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_out = self.teacher(**inputs)
+        student_out = model(**inputs)
+        mask = inputs.get("attention_mask")
+        if getattr(student_out, "logits", None) is not None:
+            t = self.args.distill_temperature
+            log_p_student = F.log_softmax(student_out.logits.float() / t, dim=-1)
+            log_p_teacher = F.log_softmax(teacher_out.logits.float() / t, dim=-1)
+            per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * t * t
+        else:  # a model without a head (sentence encoders): match the last hidden states
+            per_token = (student_out.last_hidden_state.float() - teacher_out.last_hidden_state.float()).pow(2).mean(-1)
+        if mask is None:
+            return per_token.mean()
+        mask = mask.to(per_token.dtype)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.objective == "distill":
+            loss = self._distill_loss(model, inputs)
+            return (loss, None) if return_outputs else loss
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.args.objective != "distill":
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self._distill_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise _Diverged(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
+        batch = inputs.get("input_ids", next(iter(inputs.values())))
+        counters = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ExamplesSeen)]
+        counters[0].examples_seen += int(batch.shape[0]) * self.args.world_size
+        return loss
+
+    # ---------------------------------------------------------------- the run
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Baseline -> surgery -> after-reset -> train until recovered -> prove frozen -> write the result."""
+        self.prepare_relearn()
+        stopped = "recovered"
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except _Diverged as err:
+            self.result = self._build_result(stopped="nan")
+            self._write_result()
+            last = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been saved"
+            raise RelearnError(
+                f"{err}: training stopped ({keep}; relearn_result.json records the run). "
+                "Lower the learning rate or raise max_grad_norm clipping."
+            ) from None
+        if self.recovery.recovered_step is None:
+            stopped = "max_steps"
+        self.result = self._build_result(stopped=stopped)
+        self._write_result()
+        if self.result.frozen_changed:
+            raise RelearnError(f"frozen tensors changed during training: {', '.join(self.result.frozen_changed[:10])}")
+        return output
+
+    def _write_result(self) -> None:
+        if self.is_world_process_zero():
+            write_json_atomic(Path(self.args.output_dir) / RESULT_FILE, self.result.to_dict())
+
+    def _build_result(self, stopped: str) -> RelearnResult:
+        args = self.args
+        key = args.metric_key
+        base, after = self.measured["baseline"], self.measured["after_reset"]
+        evals = [e for e in self.state.log_history if key in e]
+        curve = [(0, after[key])] + [(e["step"], e[key]) for e in evals]
+        loss_curve = [(0, after.get("eval_loss"))] + [(e["step"], e.get("eval_loss")) for e in evals]
+        step = first_reach(curve, self.threshold, args.higher_is_better, args.patience)
+        at = {0: {"relearn_examples_seen": 0, "num_input_tokens_seen": 0}} | {e["step"]: e for e in evals}
+        tokens_at = at[step].get("num_input_tokens_seen") if step is not None else None
+        original = read_original_run(args.original_run) if args.original_run else {}
+        orig_steps = args.original_steps or original.get("steps")
+        orig_tokens = args.original_tokens or original.get("tokens")
+        warnings = list(original.get("warnings", [])) + list(self.data_warnings)
+        if first_reach([(0, after[key])], self.threshold, args.higher_is_better) == 0:
+            warnings.append(
+                f"the reset barely mattered: right after it {key} was {after[key]:.4f}, already within the tolerance of "
+                f"the baseline {base[key]:.4f}; this block did little, so its cheap 'recovery' says nothing"
+            )
+        orig_same = None
+        if original.get("curve") and key == "eval_loss":
+            orig_same = first_reach(original["curve"], self.threshold, False)
+        moved = sorted(
+            n
+            for n, h in _normalised_fingerprint(self.model).items()
+            if n not in set(self._trainable_names) and self._frozen_before.get(n) != h
+        )
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return RelearnResult(
+            model=self.model_name,
+            block=self.block.name,
+            init=args.init,
+            seed=args.reset_seed,
+            objective=args.objective,
+            trainable=args.trainable,
+            tolerance=args.tolerance,
+            tolerance_abs=args.tolerance_abs,
+            recovery_metric=key,
+            patience=args.patience,
+            baseline_eval_loss=base.get("eval_loss"),
+            after_reset_eval_loss=after.get("eval_loss"),
+            final_eval_loss=loss_curve[-1][1],
+            baseline_metric=base[key],
+            after_reset_metric=after[key],
+            recovery_threshold=self.threshold,
+            recovered=step is not None,
+            steps_to_recover=step,
+            examples_to_recover=at[step]["relearn_examples_seen"] if step is not None else None,
+            tokens_to_recover=tokens_at,
+            original_steps=orig_steps,
+            original_tokens=orig_tokens,
+            fraction_of_original=step / orig_steps if step is not None and orig_steps else None,
+            fraction_of_original_tokens=tokens_at / orig_tokens if tokens_at is not None and orig_tokens else None,
+            original_steps_to_same_loss=orig_same,
+            frozen_unchanged=not moved,
+            frozen_changed=moved,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            steps_trained=self.state.global_step,
+            curve=[[s, v] for s, v in curve],
+            warnings=warnings,
+            surgery=self.surgery.to_dict(),
+            versions=versions(),
+            stopped=stopped,
+        )
+
+
+class _Diverged(RuntimeError):
+    pass
+
+
+def _normalised_fingerprint(model) -> dict[str, str]:
+    """Fingerprint keyed by the original parameter names, also through a peft wrapper (LoRA tensors left out)."""
+    fp = fingerprint(model)
+    out = {}
+    for name, digest in fp.items():
+        if "lora_" in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        out[name] = digest
+    return out
+
+
+def _wrap_lora_rest(model, block, r: int, train_block: bool):
+    """peft LoRA on every linear layer of every stack layer outside ``block`` (the block itself left as it is)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    bmap = BlockMap(model)
+    in_block = set(block.params)
+    targets = []
+    for stack in bmap.stacks.values():
+        for layer in stack.layers:
+            for path, module in model.named_modules():
+                if not path.startswith(layer.path + ".") or not isinstance(module, (torch.nn.Linear, Conv1D)):
+                    continue
+                if any(n.startswith(path + ".") for n in in_block):
+                    continue
+                targets.append(path)
+    if not targets:
+        raise RelearnError(f"lora-rest: no linear layer outside {block.name!r} to put LoRA on")
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0, fan_in_fan_out=False)
+    peft_model = get_peft_model(model, config)
+    # get_peft_model freezes everything but LoRA; a block that trains keeps its own requires_grad
+    for n, p in peft_model.named_parameters():
+        base = n.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if base in in_block and "lora_" not in n:
+            p.requires_grad_(train_block)
+    return peft_model

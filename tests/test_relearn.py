@@ -1,0 +1,316 @@
+"""RelearnTrainer end to end: pretrain a tiny base, reset a layer, re-learn, check the result contract."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_relearn.cli import main
+from hf_relearn.data import DataArguments
+from hf_relearn.errors import RelearnError
+from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain, relearn
+from hf_relearn.trainer import RelearnArguments, first_reach
+
+CONTRACT = {
+    "model", "block", "init", "seed", "objective", "tolerance", "baseline_eval_loss", "after_reset_eval_loss",
+    "final_eval_loss", "recovered", "steps_to_recover", "examples_to_recover", "tokens_to_recover",
+    "original_steps", "original_tokens", "fraction_of_original", "frozen_unchanged", "trainable_parameters",
+    "curve", "versions",
+}  # fmt: skip
+GPT2 = "n_layer=4,n_embd=64,n_head=2,n_positions=128"
+BERT = "num_hidden_layers=4,hidden_size=64,num_attention_heads=2,intermediate_size=256,max_position_embeddings=128"
+T5 = "num_layers=3,num_decoder_layers=3,d_model=64,d_ff=256,num_heads=2,d_kv=32"
+
+
+def base_run(
+    out: Path, model: str, overrides: str, objective: str = "clm", steps: int = 300, lr: float = 3e-3, **data
+):
+    data_args = DataArguments(block_size=64, generated_chars=data.pop("generated_chars", 150_000), **data)
+    args = PretrainArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=16, learning_rate=lr, eval_steps=50,
+        objective=objective, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    return pretrain(ModelArguments(model=model, config_overrides=overrides), data_args, args)
+
+
+def relearn_run(out: Path, base: Path, block: str, callbacks=None, **kw):
+    defaults = dict(
+        max_steps=300, per_device_train_batch_size=16, learning_rate=3e-3, eval_steps=10, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    args = RelearnArguments(output_dir=str(out), block=block, original_run=str(base), **{**defaults, **kw})
+    return relearn(ModelArguments(model=str(base)), DataArguments(), args, callbacks=callbacks)
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpt2-base")
+    base_run(out, "gpt2", GPT2)
+    return out
+
+
+def assert_recovered(result, out: Path, tokens_per_example: int = 64):
+    data = json.loads((out / "relearn_result.json").read_text())
+    assert CONTRACT <= set(data) and data == json.loads(json.dumps(result.to_dict()))
+    assert result.after_reset_eval_loss > result.recovery_threshold > result.baseline_eval_loss  # the reset hurt
+    assert result.recovered and result.steps_to_recover > 0
+    assert dict(result.curve)[result.steps_to_recover] <= result.recovery_threshold
+    assert result.recovery_threshold == pytest.approx(result.baseline_eval_loss * (1 + result.tolerance))
+    assert result.frozen_unchanged and result.frozen_changed == []
+    assert result.examples_to_recover == result.steps_to_recover * 16
+    assert result.tokens_to_recover == result.examples_to_recover * tokens_per_example
+    assert result.fraction_of_original == pytest.approx(result.steps_to_recover / result.original_steps)
+    assert 0 < result.trainable_parameters < result.total_parameters
+
+
+def test_gpt2_on_generated_text(gpt2_base, tmp_path):
+    info = json.loads((gpt2_base / "hf_relearn_run.json").read_text())
+    assert info["steps"] == 300 and info["final_eval_loss"] < 0.7 * info["curve"][0][1]
+    result = relearn_run(tmp_path, gpt2_base, "decoder.1")
+    assert_recovered(result, tmp_path)
+    assert result.original_steps == 300 and result.original_tokens == info["tokens"]
+    assert 0.99 * 300 * 16 * 64 < info["tokens"] <= 300 * 16 * 64  # an epoch's last batch may be short
+    assert result.steps_trained == result.steps_to_recover  # stopped at recovery
+    assert result.original_steps_to_same_loss is not None
+
+
+def test_bert_mlm_on_generated_text(tmp_path):
+    # a tiny post-LN BERT learns slowly and its middle layers matter little: resetting encoder.2 raises the loss by
+    # about 0.5% (measured), so the tolerance must be tighter than the default 1% for the test to mean anything
+    base_run(tmp_path / "base", "bert", BERT, objective="mlm", steps=600, lr=1e-3)
+    result = relearn_run(
+        tmp_path / "rl",
+        tmp_path / "base",
+        "encoder.2",
+        objective="mlm",
+        max_steps=400,
+        learning_rate=1e-3,
+        tolerance=0.002,
+    )
+    assert_recovered(result, tmp_path / "rl")
+
+
+def test_t5_seq2seq(tmp_path):
+    base_run(tmp_path / "base", "t5", T5, objective="seq2seq", steps=250)
+    result = relearn_run(tmp_path / "rl", tmp_path / "base", "decoder.1", objective="seq2seq", max_steps=400)
+    assert_recovered(result, tmp_path / "rl", tokens_per_example=32)  # tokens = encoder inputs (half a block)
+    assert result.surgery["num_tensors"] == 13  # self-attention, cross-attention, FFN and 3 norms
+
+
+@pytest.mark.parametrize(
+    "model, overrides, objective, block, steps, lr, tolerance",
+    [("gpt2", GPT2, "clm", "decoder.2", 300, 3e-3, 0.002), ("bert", BERT, "mlm", "encoder.2", 600, 1e-3, 0.001)],
+)
+def test_real_text_tinyshakespeare(shared_data, tmp_path, model, overrides, objective, block, steps, lr, tolerance):
+    # measured jumps from resetting these middle layers: GPT-2 +0.5%, BERT +0.3%; the tolerance sits below them
+    data = dict(train_file=str(shared_data / "tinyshakespeare.txt"), max_train_samples=3000, max_eval_samples=64)
+    base_run(tmp_path / "base", model, overrides, objective=objective, steps=steps, lr=lr, **data)
+    result = relearn_run(
+        tmp_path / "rl",
+        tmp_path / "base",
+        block,
+        objective=objective,
+        max_steps=600,
+        learning_rate=lr,
+        tolerance=tolerance,
+    )
+    assert_recovered(result, tmp_path / "rl")
+
+
+def test_distill_on_real_minilm(minilm_dir, tmp_path):
+    data_args = DataArguments(block_size=32, generated_chars=60_000, max_train_samples=400, max_eval_samples=16)
+    args = RelearnArguments(
+        output_dir=str(tmp_path), block="encoder.3", objective="distill", tolerance=0.3, max_steps=120,
+        per_device_train_batch_size=8, learning_rate=1e-3, eval_steps=10, disable_tqdm=True,
+    )  # fmt: skip
+    result = relearn(ModelArguments(model=str(minilm_dir)), data_args, args)
+    assert result.baseline_eval_loss == 0 and result.after_reset_eval_loss > 0
+    assert result.recovery_threshold == pytest.approx(0.3 * result.after_reset_eval_loss)
+    assert result.recovered and result.steps_to_recover > 0 and result.frozen_unchanged
+    assert result.trainable_parameters == 1_774_464  # one MiniLM layer (384 wide)
+
+
+def test_first_reach():
+    curve = [(0, 3.0), (10, 2.0), (20, 1.0), (30, 2.0), (40, 1.0), (50, 1.0)]
+    assert first_reach(curve, 1.5, False) == 20
+    assert first_reach(curve, 1.5, False, patience=2) == 40
+    assert first_reach(curve, 1.5, False, patience=3) is None
+    assert first_reach([(0, 0.5), (5, 0.9)], 0.8, True) == 5
+    assert first_reach([(0, float("nan")), (5, 1.0)], 1.5, False) == 5
+
+
+def test_stop_rule_is_exact_and_patience_holds(gpt2_base, tmp_path):
+    kw = dict(learning_rate=1e-3, eval_steps=5, tolerance=0.005)
+    stopped = relearn_run(tmp_path / "a", gpt2_base, "decoder.2", **kw)
+    full = relearn_run(
+        tmp_path / "b", gpt2_base, "decoder.2", stop_at_recovery=False, max_steps=stopped.steps_trained + 40, **kw
+    )
+    assert stopped.recovered and stopped.steps_to_recover == stopped.steps_trained
+    assert full.curve[: len(stopped.curve)] == stopped.curve  # same run up to the stop
+    assert full.steps_to_recover == stopped.steps_to_recover and full.steps_trained > stopped.steps_trained
+    # recovery is the FIRST qualifying evaluation: none before it qualifies
+    assert all(v > full.recovery_threshold for s, v in full.curve if s < full.steps_to_recover)
+    patient = relearn_run(tmp_path / "c", gpt2_base, "decoder.2", patience=2, **kw)
+    expected = first_reach([tuple(p) for p in full.curve], full.recovery_threshold, False, patience=2)
+    assert expected is not None and patient.steps_to_recover == expected
+    assert patient.steps_trained == expected + 5  # stopped at the second qualifying evaluation
+
+
+class Interrupt(TrainerCallback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_and_resumed_gives_the_same_recovery(gpt2_base, tmp_path):
+    kw = dict(learning_rate=1e-3, eval_steps=5, tolerance=0.005)
+    whole = relearn_run(tmp_path / "whole", gpt2_base, "decoder.2", **kw)
+    assert whole.steps_to_recover > 10
+    with pytest.raises(KeyboardInterrupt):
+        relearn_run(
+            tmp_path / "cut",
+            gpt2_base,
+            "decoder.2",
+            save_strategy="steps",
+            save_steps=10,
+            callbacks=[Interrupt(13)],
+            **kw,
+        )
+    assert not (tmp_path / "cut" / "relearn_result.json").exists()
+    resumed = relearn_run(
+        tmp_path / "cut", gpt2_base, "decoder.2", save_strategy="steps", save_steps=10,
+        resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-10"), **kw,
+    )  # fmt: skip
+    for key in ("steps_to_recover", "examples_to_recover", "tokens_to_recover", "curve", "steps_trained"):
+        assert getattr(resumed, key) == getattr(whole, key), key
+    assert resumed.frozen_unchanged
+
+
+def test_arms_all_and_lora_rest(gpt2_base, tmp_path):
+    everything = relearn_run(tmp_path / "all", gpt2_base, "decoder.1", trainable="all", learning_rate=1e-3)
+    assert everything.trainable_parameters == everything.total_parameters and everything.frozen_unchanged
+    lora = relearn_run(
+        tmp_path / "lora", gpt2_base, "decoder.1", trainable="lora-rest", max_steps=30, stop_at_recovery=False
+    )
+    assert lora.frozen_unchanged and lora.steps_trained == 30
+    # LoRA r=8 on c_attn, attn.c_proj, c_fc, mlp.c_proj of the three other layers: r * (fan_in + fan_out) each
+    assert lora.trainable_parameters == sum(8 * (i + o) for i, o in [(64, 192), (64, 64), (64, 256), (256, 64)]) * 3
+    both = relearn_run(
+        tmp_path / "both", gpt2_base, "decoder.1", trainable="block+lora-rest", max_steps=20, stop_at_recovery=False
+    )
+    assert both.trainable_parameters == lora.trainable_parameters + 49_984 and both.frozen_unchanged
+
+
+class NanAfter(TrainerCallback):
+    """Poisons the block's output from a given step on, as a diverging run would."""
+
+    def __init__(self, at: int):
+        self.at, self.handle = at, None
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == self.at and self.handle is None:
+            self.handle = model.transformer.h[1].register_forward_hook(lambda m, i, o: o * float("nan"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(gpt2_base, tmp_path):
+    with pytest.raises(RelearnError, match=r"loss became nan at step 13.*last good checkpoint is .*checkpoint-10"):
+        relearn_run(
+            tmp_path,
+            gpt2_base,
+            "decoder.1",
+            save_strategy="steps",
+            save_steps=5,
+            learning_rate=1e-4,
+            callbacks=[NanAfter(12)],
+        )
+    data = json.loads((tmp_path / "relearn_result.json").read_text())
+    assert data["stopped"] == "nan" and not data["recovered"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    reloaded = torch.load(tmp_path / "checkpoint-10" / "rng_state.pth", weights_only=False)
+    assert reloaded is not None
+
+
+def test_bad_input_gets_one_clear_error(gpt2_base, tmp_path, capsys):
+    base = ["relearn", "--model", str(gpt2_base), "--block", "decoder.1", "--max_steps", "5", "--disable_tqdm", "true"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    no_state = tmp_path / "no_state"
+    no_state.mkdir()
+    cases = [
+        (["--train_file", str(empty)], "empty"),
+        (["--train_file", str(short)], "block_size"),
+        (["--tolerance", "0"], "tolerance must be > 0"),
+        (["--tolerance", "-0.1"], "tolerance must be > 0"),
+        (["--recovery_metric", "accuracy"], "'eval_accuracy' is never computed; evaluation gives: eval_loss"),
+        (["--original_run", str(no_state)], "no trainer_state.json"),
+        (["--block", "decoder.7"], "layer 7 out of range"),
+        (["--objective", "ranking"], "objective 'ranking' unknown"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main([*base, *extra, "--output_dir", str(out)]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, (extra, err)
+        assert not (out / "relearn_result.json").exists()
+
+
+def test_cli_pretrain_and_relearn_print_one_line_summaries(tmp_path, capsys):
+    common = [
+        "--block_size",
+        "64",
+        "--generated_chars",
+        "60000",
+        "--per_device_train_batch_size",
+        "16",
+        "--disable_tqdm",
+        "true",
+    ]
+    assert (
+        main(
+            [
+                "pretrain",
+                "--model",
+                "gpt2",
+                "--config_overrides",
+                GPT2,
+                "--max_steps",
+                "120",
+                "--learning_rate",
+                "3e-3",
+                "--output_dir",
+                str(tmp_path / "base"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "pretrained gpt2: 120 steps, 12" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "relearn",
+                "--model",
+                str(tmp_path / "base"),
+                "--original_run",
+                str(tmp_path / "base"),
+                "--block",
+                "decoder.-1",
+                "--max_steps",
+                "200",
+                "--learning_rate",
+                "3e-3",
+                "--output_dir",
+                str(tmp_path / "rl"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "decoder.3: eval_loss" in out and "after reset -> recovered at" in out and "% of the original 120" in out
