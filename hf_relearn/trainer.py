@@ -62,6 +62,13 @@ class RelearnArguments(TrainingArguments):
     )
     trainable: str = field(default="block", metadata={"help": "block | all | lora-rest | block+lora-rest"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank for the lora-rest arms"})
+    metrics: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "task metrics for evaluation: 'accuracy' (token accuracy, built in) or an `evaluate` module "
+            "name / local module path (repeatable); use one as recovery_metric"
+        },
+    )
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distill KL"})
     # Trainer defaults that suit a re-learn run
     eval_strategy: str = field(
@@ -288,6 +295,9 @@ class RelearnTrainer(Trainer):
         self.model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
         self.block = BlockMap(model).resolve(args.block)  # bad names fail before anything runs
         callbacks = list(kwargs.pop("callbacks", None) or [])
+        if args.metrics and kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = build_compute_metrics(args.metrics, args.objective)
+            kwargs.setdefault("preprocess_logits_for_metrics", _argmax_logits)
         self.examples_counter = ExamplesSeen()
         callbacks.append(self.examples_counter)
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
@@ -525,6 +535,55 @@ class RelearnTrainer(Trainer):
             versions=versions(),
             stopped=stopped,
         )
+
+
+def _argmax_logits(logits, labels):
+    """Keep only predicted ids, not the full logits, between evaluation batches (memory)."""
+    return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+
+
+def build_compute_metrics(names: list[str], objective: str):
+    """A ``compute_metrics`` over predicted vs reference tokens (positions with label -100 left out).
+
+    ``accuracy`` is built in (token accuracy); any other name is loaded with ``evaluate.load`` (a local module folder
+    or file works offline; a Hub name needs the network) and called as ``compute(predictions=..., references=...)``.
+    For ``clm`` the prediction at position t is compared with the label at t+1, as the model's loss does.
+    """
+    if objective == "distill":
+        raise RelearnError("metrics need labels; the distill objective has none (its recovery metric is the loss)")
+    modules = []
+    for name in names:
+        if name == "accuracy":
+            modules.append(None)
+            continue
+        import evaluate
+
+        try:
+            modules.append(evaluate.load(name))
+        except Exception as err:  # evaluate raises many types (FileNotFoundError, ConnectionError, ...)
+            raise RelearnError(
+                f"metric {name!r} could not be loaded with evaluate.load ({type(err).__name__}: {err}); offline, pass "
+                "the path of a local metric module, or use the built-in 'accuracy'"
+            ) from err
+
+    def compute(eval_pred) -> dict[str, float]:
+        import numpy as np
+
+        preds, labels = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
+        if objective == "clm":
+            preds, labels = preds[..., :-1], labels[..., 1:]
+        keep = labels != -100
+        preds, labels = preds[keep], labels[keep]
+        out: dict[str, float] = {}
+        for module in modules:
+            if module is None:
+                out["accuracy"] = float((preds == labels).mean()) if labels.size else float("nan")
+            else:
+                result = module.compute(predictions=preds.tolist(), references=labels.tolist())
+                out.update({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
+        return out
+
+    return compute
 
 
 class _Diverged(RuntimeError):

@@ -314,3 +314,44 @@ def test_cli_pretrain_and_relearn_print_one_line_summaries(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "decoder.3: eval_loss" in out and "after reset -> recovered at" in out and "% of the original 120" in out
+
+
+LOCAL_METRIC = """
+import datasets
+import evaluate
+
+
+class ExactShare(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of exactly predicted tokens", citation="", inputs_description="",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        return {"exact_share": sum(p == r for p, r in zip(predictions, references)) / len(references)}
+"""
+
+
+def test_recovery_on_a_task_metric(gpt2_base, tmp_path):
+    module = tmp_path / "exact_share"
+    module.mkdir()
+    (module / "exact_share.py").write_text(LOCAL_METRIC)
+    result = relearn_run(
+        tmp_path / "rl", gpt2_base, "decoder.1", metrics=["accuracy", str(module)], recovery_metric="accuracy"
+    )
+    assert result.recovery_metric == "eval_accuracy"
+    assert 0.3 < result.baseline_metric < 1 and result.after_reset_metric < result.recovery_threshold
+    assert result.recovery_threshold == pytest.approx(result.baseline_metric * (1 - 0.01))  # higher is better
+    assert result.recovered and dict(result.curve)[result.steps_to_recover] >= result.recovery_threshold
+    # the local evaluate module computes the same number as the built-in accuracy
+    other = relearn_run(
+        tmp_path / "x", gpt2_base, "decoder.1", metrics=[str(module)], recovery_metric="exact_share", max_steps=1
+    )
+    assert other.recovery_metric == "eval_exact_share"
+    assert other.baseline_metric == pytest.approx(result.baseline_metric)
+
+
+def test_unloadable_metric_is_one_clear_error(gpt2_base, tmp_path):
+    with pytest.raises(RelearnError, match="could not be loaded with evaluate.load"):
+        relearn_run(tmp_path, gpt2_base, "decoder.1", metrics=[str(tmp_path / "no_such_metric")], max_steps=1)
