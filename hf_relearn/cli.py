@@ -148,6 +148,45 @@ def cmd_relearn(argv: list[str]) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .report import build_report
+    from .study import Recipe, run_study
+
+    recipe = Recipe.load(args.recipe, args.set)
+    out = Path(args.output_dir or f"studies/{recipe.name}")
+    print(f"study {recipe.name}: {args.recipe} -> {out}")
+    run_study(recipe, out, progress=not args.no_progress)
+    return _print_report(build_report(out))
+
+
+def _print_report(rep: dict) -> int:
+    print()
+    for w in rep["warnings"]:
+        print(f"warning: {w}")
+    print(rep["table"])
+    print()
+    for line in rep["answer"]:
+        print(line)
+    print()
+    print(f"report: {rep['report']}")
+    for p in rep["plots"]:
+        print(f"plot:   {p}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    return _print_report(build_report(args.study_dir))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    recipe = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
+    args.recipe = str(recipe)
+    args.output_dir = args.output_dir or "relearn-demo"
+    return cmd_study(args)
+
+
 HF_COMMANDS = {"pretrain": cmd_pretrain, "relearn": cmd_relearn}
 
 
@@ -173,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-shared", action="store_true", help="reset tied/shared tensors everywhere they are used")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.set_defaults(func=cmd_reset)
+
+    for name, helptext in (
+        ("study", "run a study recipe: base training, a sweep of relearns, results.csv, report and plots"),
+        ("demo", "the embedded default study (recipes/demo.yaml): offline, 2 CPU cores, a few minutes"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "study":
+            p.add_argument("recipe", help="a YAML recipe (see recipes/)")
+        p.add_argument("--output-dir", default=None, help="study folder (default: studies/NAME; demo: relearn-demo)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_study if name == "study" else cmd_demo)
+    p = sub.add_parser("report", help="rebuild report.md and plots of a study from its results.csv")
+    p.add_argument("study_dir")
+    p.set_defaults(func=cmd_report)
 
     # parsed by HfArgumentParser (every TrainingArguments flag works); listed here for --help
     sub.add_parser("pretrain", help="train a base model from config with a known budget (see pretrain --help)")

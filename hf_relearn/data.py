@@ -186,9 +186,16 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first this many validation blocks."}
     )
+    builtin_corpus: str = field(
+        default="generated",
+        metadata={
+            "help": "Text used when neither train_file nor dataset_name is given: 'generated' (a synthetic grammar) "
+            "or 'stdlib' (the source of Python's standard library: real text on every machine, no download)."
+        },
+    )
     generated_chars: int = field(
         default=200_000,
-        metadata={"help": "Length of the generated corpus used when neither train_file nor dataset_name is given."},
+        metadata={"help": "Length in characters of the built-in corpus (generated or stdlib)."},
     )
     corpus_seed: int = field(
         default=0, metadata={"help": "Seed of the generated corpus and of the one-time masking of the MLM eval set."}
@@ -205,6 +212,8 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RelearnError(f"{name} must be at least 1 when given, got {value}")
+        if self.builtin_corpus not in ("generated", "stdlib"):
+            raise RelearnError(f"builtin_corpus must be 'generated' or 'stdlib', got {self.builtin_corpus!r}")
         if self.generated_chars < 1:
             raise RelearnError(f"generated_chars must be at least 1, got {self.generated_chars}")
         for name in ("train_file", "validation_file"):
@@ -440,9 +449,12 @@ def _load_texts(args: DataArguments) -> tuple[_Text, _Text | None]:
     elif args.dataset_name is not None:
         train, validation = _load_hub(args)
     else:
-        text = generated_corpus(args.generated_chars, args.corpus_seed)
+        if args.builtin_corpus == "stdlib":
+            text, source = stdlib_corpus(args.generated_chars), "the standard library's source"
+        else:
+            text, source = generated_corpus(args.generated_chars, args.corpus_seed), "the generated corpus"
         rows = datasets.Dataset.from_dict({"text": text.splitlines(keepends=True)})
-        train, validation = _Text(rows, "text", documents=False, source="the generated corpus"), None
+        train, validation = _Text(rows, "text", documents=False, source=source), None
     if args.validation_file is not None:
         validation = _load_file(args.validation_file, args.text_column)
     return train, validation

@@ -1,0 +1,479 @@
+"""Report: results.csv -> a table, plots and the answer in words (``report.md`` + ``plots/*.png``).
+
+Built from results.csv alone (``hf-relearn report DIR``), so a study copied elsewhere can be re-reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import RelearnError
+from .study import RESULTS, read_results
+
+ARM_LABELS = {
+    "block": "only the block",
+    "all": "everything trainable",
+    "lora-rest": "LoRA on the rest (block frozen)",
+    "block+lora-rest": "block + LoRA on the rest",
+}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _fmt(mean: float, sd: float, digits: int = 0) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd else f"{mean:.{digits}f}"
+
+
+def _grid_label(grid: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in grid.items()) or "base"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One summary per (grid point, block, init, arm), aggregated over seeds, in the rows' order."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(json.dumps(r["grid"], sort_keys=True), r["block"], r["init"], r["trainable"])].append(r)
+    out = []
+    for (grid, block, init, arm), rs in groups.items():
+        rec = [r for r in rs if r["recovered"]]
+        steps = [r["steps_to_recover"] for r in rec]
+        fracs = [r["fraction_of_original"] for r in rec if r["fraction_of_original"] is not None]
+        tokens = [r["tokens_to_recover"] for r in rec if r["tokens_to_recover"] is not None]
+        jumps = [r["after_reset_eval_loss"] / r["baseline_eval_loss"] - 1 for r in rs if r["baseline_eval_loss"]]
+        scratch = [r["original_steps_to_same_loss"] for r in rs if r.get("original_steps_to_same_loss")]
+        # cost with unrecovered runs counted at the steps they trained: a lower bound, marked "censored"
+        cost = [r["steps_to_recover"] if r["recovered"] else r["steps_trained"] for r in rs]
+        budget = rs[0]["original_steps"]
+        out.append(
+            {
+                "grid": json.loads(grid),
+                "block": block,
+                "init": init,
+                "arm": arm,
+                "layer": rs[0]["layer"],
+                "relative_depth": rs[0]["relative_depth"],
+                "n_layers": rs[0]["n_layers"],
+                "runs": len(rs),
+                "recovered": len(rec),
+                "steps": _mean_sd(steps),
+                "steps_list": steps,
+                "unrecovered_steps": [r["steps_trained"] for r in rs if not r["recovered"]],
+                "fraction": _mean_sd(fracs),
+                "fraction_list": fracs,
+                "tokens": _mean_sd(tokens),
+                "jump": _mean_sd(jumps),
+                "scratch_steps": _mean_sd(scratch),
+                "original_steps": budget,
+                "cost": statistics.fmean(cost),
+                "cost_fraction": statistics.fmean(cost) / budget if budget else math.nan,
+                "censored": len(rec) < len(rs),
+                "tolerance": rs[0]["tolerance"],
+            }
+        )
+    return out
+
+
+def table_markdown(summary: list[dict]) -> str:
+    """The results table (markdown): one line per grid point x block x arm."""
+    lines = [
+        "| base | block | arm | loss jump after reset | steps to recover | % of original budget | tokens to recover "
+        "| recovered | original run's steps to the same loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        unrec = (
+            f" (+{len(s['unrecovered_steps'])} not in {max(s['unrecovered_steps'])})" if s["unrecovered_steps"] else ""
+        )
+        lines.append(
+            f"| {_grid_label(s['grid'])} | {s['block']}{'' if s['init'] == 'scratch' else ' (' + s['init'] + ')'} "
+            f"| {s['arm']} | {_fmt(100 * s['jump'][0], 100 * s['jump'][1], 2)}% | {_steps_cell(s)}{unrec} "
+            f"| {_frac_cell(s)} | {_fmt(*s['tokens'])} "
+            f"| {s['recovered']}/{s['runs']} | {_fmt(*s['scratch_steps'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _steps_cell(s: dict) -> str:
+    return f"≥{s['cost']:.0f}" if s["recovered"] == 0 else _fmt(*s["steps"]) + ("+" if s["censored"] else "")
+
+
+def _frac_cell(s: dict) -> str:
+    if s["recovered"] == 0:
+        return f"≥{100 * s['cost_fraction']:.1f}%" if s["cost_fraction"] == s["cost_fraction"] else "n/a"
+    return _fmt(100 * s["fraction"][0], 100 * s["fraction"][1], 1) + "%"
+
+
+def table_text(summary: list[dict]) -> str:
+    """A compact plain-text table for the terminal."""
+    head = f"{'base':<18} {'block':<22} {'arm':<16} {'jump':>7} {'steps':>12} {'% orig':>12} {'rec':>5}"
+    lines = [head, "-" * len(head)]
+    for s in summary:
+        lines.append(
+            f"{_grid_label(s['grid'])[:18]:<18} {s['block'][:22]:<22} {s['arm'][:16]:<16} "
+            f"{100 * s['jump'][0]:6.2f}% {_steps_cell(s):>12} {_frac_cell(s):>12} "
+            f"{s['recovered']:>2}/{s['runs']:<2}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ words
+def answer_in_words(rows: list[dict], summary: list[dict]) -> list[str]:
+    """The answer to "how much re-training does a wiped layer need, and do L, N, D matter", from the numbers."""
+    out = []
+    layer_rows = [s for s in summary if s["layer"] is not None and s["init"] == "scratch" and s["arm"] == "block"]
+    grids = {json.dumps(s["grid"], sort_keys=True) for s in summary}
+    first = rows[0]
+    tol = first["tolerance"]
+    for grid in sorted(grids):
+        mine = [
+            s
+            for s in layer_rows
+            if json.dumps(s["grid"], sort_keys=True) == grid and s["cost_fraction"] == s["cost_fraction"]
+        ]
+        if not mine:
+            continue
+        label = _grid_label(json.loads(grid))
+        base_rows = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
+        budget = base_rows[0]["original_steps"]
+        dear = max(mine, key=lambda s: s["cost_fraction"])
+        cheap = min(mine, key=lambda s: s["cost_fraction"])
+        fr = [s["cost_fraction"] for s in mine]
+        censored = (
+            " (≥: some runs had not recovered when they stopped, so the true cost is higher)"
+            if any(s["censored"] for s in mine)
+            else ""
+        )
+        out.append(
+            f"**{label}** (original budget {budget} steps): re-learning one reset layer with the rest frozen got the "
+            f"validation loss back within {100 * tol:g}% in {_cost(cheap)} to {_cost(dear)} of the original "
+            f"budget (mean {_pct(statistics.fmean(fr))}){censored}. Dearest: {dear['block']} ({_cost(dear)}; the reset "
+            f"raised the loss {100 * dear['jump'][0]:.1f}%). Cheapest: {cheap['block']} ({_cost(cheap)}; loss "
+            f"+{100 * cheap['jump'][0]:.1f}%)."
+        )
+        if len(mine) >= 3:
+            xs = [s["layer"] for s in mine]
+            fr = [s["cost_fraction"] for s in mine]
+            rho = _spearman(xs, fr)
+            trend = (
+                "later layers cost more"
+                if rho > 0.5
+                else "earlier layers cost more"
+                if rho < -0.5
+                else "no clear trend with depth"
+            )
+            out.append(f"  Position: Spearman correlation of layer index with cost {rho:+.2f} ({trend}).")
+        scratch = [s["scratch_steps"][0] for s in mine if not math.isnan(s["scratch_steps"][0])]
+        steps = [s["steps"][0] for s in mine if not math.isnan(s["steps"][0])]
+        if scratch and steps:
+            out.append(
+                f"  From scratch, the original run first reached the same loss at step {statistics.fmean(scratch):.0f} "
+                f"on average; re-learning one layer took {statistics.fmean(steps):.0f} steps "
+                f"({statistics.fmean(steps) / statistics.fmean(scratch):.2f}x)."
+            )
+    not_rec = [s for s in summary if s["recovered"] < s["runs"]]
+    if not_rec:
+        out.append(
+            "Not every run recovered within its step limit: "
+            + ", ".join(f"{s['block']} [{s['arm']}] {s['runs'] - s['recovered']}/{s['runs']}" for s in not_rec)
+            + " (their cost is a lower bound)."
+        )
+    arms = sorted({s["arm"] for s in summary})
+    if len(arms) > 1 and "block" in arms:
+        by = defaultdict(dict)
+        for s in summary:
+            if not math.isnan(s["steps"][0]):
+                by[(json.dumps(s["grid"], sort_keys=True), s["block"], s["init"])][s["arm"]] = s["steps"][0]
+        for arm in arms:
+            if arm == "block":
+                continue
+            pairs = [(v[arm], v["block"]) for v in by.values() if arm in v and "block" in v]
+            if pairs and sum(b for _, b in pairs):
+                ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+                out.append(
+                    f"Arm '{arm}' ({ARM_LABELS.get(arm, arm)}) needed {ratio:.2f}x the steps of training only the "
+                    f"block (summed over {len(pairs)} blocks; <1 = faster)."
+                )
+    for key, name in (
+        ("n_layer", "depth N"),
+        ("num_hidden_layers", "depth N"),
+        ("n_embd", "width D"),
+        ("hidden_size", "width D"),
+        ("d_model", "width D"),
+    ):
+        values = sorted({s["grid"].get(key) for s in layer_rows if key in s["grid"]})
+        if len(values) > 1:
+            parts = []
+            for v in values:
+                fr = [
+                    s["fraction"][0]
+                    for s in layer_rows
+                    if s["grid"].get(key) == v and not math.isnan(s["fraction"][0])
+                ]
+                if fr:
+                    parts.append(f"{key}={v}: mean {_pct(statistics.fmean(fr))}")
+            out.append(f"{name.capitalize()}: " + "; ".join(parts) + " of the original budget per reset layer.")
+    return out
+
+
+def _cost(s: dict) -> str:
+    return f"{'≥' if s['censored'] else ''}{100 * s['cost_fraction']:.1f}% ({s['cost']:.0f} steps)"
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = rank
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return 0.0
+    return statistics.correlation(rx, ry)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[Path]:
+    """PNG plots: relearn curves vs the base's training curve, cost vs layer, arms side by side, cost vs N and D."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    # 1. curves: per grid point, the base's own validation curve and each layer's relearn curve (first seed)
+    grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in rows))
+    fig, axes = plt.subplots(1, len(grids), figsize=(6.5 * len(grids), 4.5), squeeze=False)
+    for ax, grid in zip(axes[0], grids, strict=True):
+        rs = [
+            r
+            for r in rows
+            if json.dumps(r["grid"], sort_keys=True) == grid and r["trainable"] == "block" and r["init"] == "scratch"
+        ]
+        if not rs:
+            rs = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
+        seed0 = rs[0]["base_seed"]
+        base_curve = rs[0]["base_curve"] or []
+        if base_curve:
+            ax.plot(*zip(*base_curve, strict=True), "k-o", lw=2, ms=3, label="base model's own training")
+        cmap = plt.get_cmap("viridis")
+        mine = [r for r in rs if r["base_seed"] == seed0 and r["seed"] == rs[0]["seed"]]
+        for i, r in enumerate(mine):
+            steps, values = zip(*r["curve"], strict=True)
+            ax.plot(
+                [max(s, 0.8) for s in steps],
+                values,
+                "-",
+                color=cmap(i / max(1, len(mine) - 1)),
+                lw=1.5,
+                label=f"relearn {r['block']}",
+            )
+        ax.axhline(
+            rs[0]["recovery_threshold"], color="grey", ls="--", lw=1, label=f"baseline + {100 * rs[0]['tolerance']:g}%"
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("optimizer steps (log)")
+        ax.set_ylabel(rs[0]["recovery_metric"])
+        ax.set_title(f"{_grid_label(json.loads(grid))}: re-learning each layer vs the original training", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(_save(fig, plots_dir / "curves.png"))
+
+    # 2. cost vs layer, one line per arm (and grid point), spread over seeds as error bars
+    layer_sum = [
+        s
+        for s in summary
+        if s["layer"] is not None and s["init"] == "scratch" and s["fraction"][0] == s["fraction"][0]
+    ]
+    if layer_sum:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for key in dict.fromkeys((json.dumps(s["grid"], sort_keys=True), s["arm"]) for s in layer_sum):
+            ss = sorted(
+                (s for s in layer_sum if (json.dumps(s["grid"], sort_keys=True), s["arm"]) == key),
+                key=lambda s: s["layer"],
+            )
+            label = (
+                f"{_grid_label(json.loads(key[0]))} · {key[1]}" if len(grids) > 1 else ARM_LABELS.get(key[1], key[1])
+            )
+            ax.errorbar(
+                [s["layer"] for s in ss], [100 * s["fraction"][0] for s in ss], yerr=[100 * s["fraction"][1] for s in ss],
+                marker="o", capsize=3, label=label,
+            )  # fmt: skip
+            for s in ss:
+                ax.scatter(
+                    [s["layer"]] * len(s["fraction_list"]),
+                    [100 * f for f in s["fraction_list"]],
+                    s=8,
+                    color="grey",
+                    alpha=0.5,
+                )
+        ax.set_xlabel("reset layer L")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylabel("steps to recover, % of original budget")
+        ax.set_title("Cost of re-learning one layer, by position (mean ± sd over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(_save(fig, plots_dir / "cost_vs_layer.png"))
+
+    # 3. arms side by side
+    arms = list(dict.fromkeys(s["arm"] for s in summary))
+    if len(arms) > 1:
+        blocks = list(dict.fromkeys(s["block"] for s in summary if json.dumps(s["grid"], sort_keys=True) == grids[0]))
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(blocks) * len(arms) / 2), 4.5))
+        width = 0.8 / len(arms)
+        for j, arm in enumerate(arms):
+            vals = []
+            for b in blocks:
+                s = next(
+                    (
+                        s
+                        for s in summary
+                        if s["block"] == b and s["arm"] == arm and json.dumps(s["grid"], sort_keys=True) == grids[0]
+                    ),
+                    None,
+                )
+                vals.append(s["steps"][0] if s and not math.isnan(s["steps"][0]) else 0)
+            ax.bar([i + j * width for i in range(len(blocks))], vals, width, label=ARM_LABELS.get(arm, arm))
+        ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(blocks))], blocks, rotation=30, ha="right")
+        ax.set_ylabel("steps to recover (mean over seeds)")
+        ax.set_title(f"Trainable arms side by side ({_grid_label(json.loads(grids[0]))})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(_save(fig, plots_dir / "arms.png"))
+
+    # 4. depth and width: cost vs relative position, one line per grid value
+    for key, label in (
+        ("n_layer", "depth N"),
+        ("num_hidden_layers", "depth N"),
+        ("num_layers", "depth N"),
+        ("n_embd", "width D"),
+        ("hidden_size", "width D"),
+        ("d_model", "width D"),
+    ):
+        values = sorted({s["grid"].get(key) for s in layer_sum if key in s["grid"]})
+        if len(values) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for v in values:
+            ss = sorted(
+                (s for s in layer_sum if s["grid"].get(key) == v and s["arm"] == "block"),
+                key=lambda s: s["relative_depth"] or 0,
+            )
+            if ss:
+                ax.plot(
+                    [s["relative_depth"] for s in ss], [100 * s["fraction"][0] for s in ss], "-o", label=f"{key}={v}"
+                )
+        ax.set_xlabel("relative position of the reset layer (0 = first, 1 = last)")
+        ax.set_ylabel("steps to recover, % of original budget")
+        ax.set_title(f"Does {label} change the cost?")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(_save(fig, plots_dir / f"cost_vs_{'depth' if 'depth' in label else 'width'}.png"))
+    return made
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ report
+def build_report(study_dir: str | os.PathLike) -> dict:
+    """Rebuild ``report.md`` and ``plots/`` from ``results.csv`` alone; returns paths, the table and the answer."""
+    study_dir = Path(study_dir)
+    rows = read_results(study_dir / RESULTS)
+    if not rows:
+        raise RelearnError(f"{study_dir / RESULTS} has no rows yet")
+    summary = summarise(rows)
+    plots = make_plots(rows, summary, study_dir / "plots")
+    words = answer_in_words(rows, summary)
+    warnings = _warnings(rows)
+    first = rows[0]
+    lines = [f"# hf-relearn study: {first['study']}", "", f"Base model: {first['base_model']}.", ""]
+    if warnings:
+        lines += ["> **Read this first — these make recovery numbers mislead:**", ">"]
+        lines += [f"> - {w}" for w in warnings] + [""]
+    lines += ["## The answer", ""] + [f"- {w.strip()}" for w in words] + [""]
+    lines += [
+        "## Table",
+        "",
+        f"Recovered = validation {first['recovery_metric']} back within {100 * first['tolerance']:g}% of the intact "
+        f"model's, held for {first['patience']} evaluation(s). Mean ± sd over seeds; runs that did not recover are "
+        "left out of the means and counted in the 'recovered' column.",
+        "",
+        table_markdown(summary),
+        "",
+        "## Plots",
+        "",
+    ]
+    lines += [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    lines += [
+        "## How this was measured",
+        "",
+        f"- {len(rows)} relearn runs; objective {first['objective']}; bases trained {first['base_steps']} steps "
+        f"(eval loss {first['base_final_eval_loss']}) per seed.",
+        "- Each run: the intact base model's validation loss (baseline), the block reset to its from-scratch "
+        "distribution, everything else frozen (proven bit-identical after training: "
+        f"{sum(bool(r['frozen_unchanged']) for r in rows)}/{len(rows)} runs), then training until recovered.",
+        f"- versions: {json.dumps(first['versions'])}",
+        "",
+        f"Rebuild with `hf-relearn report {study_dir}`; raw numbers in `results.csv`, each run's curve in "
+        "`runs/*/*/relearn_result.json`.",
+    ]
+    report = study_dir / "report.md"
+    tmp = study_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, report)
+    return {"report": report, "plots": plots, "table": table_text(summary), "answer": words, "warnings": warnings}
+
+
+def _warnings(rows: list[dict]) -> list[str]:
+    out: list[str] = []
+    for r in rows:
+        for w in r.get("base_warnings") or []:
+            msg = f"base {r['base_id']}: {w}"
+            if msg not in out:
+                out.append(msg)
+    barely = sorted(
+        {
+            f"{r['block']} ({r['base_id']})"
+            for r in rows
+            if any("barely mattered" in w for w in r.get("warnings") or [])
+        }
+    )
+    if barely:
+        out.append(
+            "resets that barely raised the loss (already within the tolerance right after the reset; these layers did "
+            f"little, their 'recovery' is cheap by construction): {', '.join(barely)}"
+        )
+    unigram = sorted({r["base_id"] for r in rows if any("unigram" in w for w in r.get("warnings") or [])})
+    if unigram:
+        out.append(f"bases no better than a unigram model of their data: {', '.join(unigram)}")
+    changed = [r["run_id"] for r in rows if not r["frozen_unchanged"]]
+    if changed:
+        out.append(f"frozen tensors changed in: {', '.join(changed)}")
+    return out

@@ -1,0 +1,397 @@
+"""Study: a recipe (YAML) -> base models with a known budget -> a sweep of re-learn runs -> results.csv.
+
+Layout of a study folder::
+
+    recipe.yaml                 the recipe as run (with --set overrides applied)
+    bases/<base>/               one pretrain run per (grid point, seed): model, trainer_state.json, curve
+    runs/<base>/<run>/          one relearn run: relearn_result.json
+    results.csv                 one row per finished run (rebuilt atomically after every run)
+    report.md, plots/*.png      see report.py
+
+Resumable by construction: a base is done when its ``hf_relearn_run.json`` exists, a run when its
+``relearn_result.json`` exists (both written atomically, last); anything else found is a run that was killed
+and is redone from scratch. ``results.csv`` is rebuilt from the result files, so it never holds a duplicate or a
+half-written row.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RelearnError
+
+RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
+SWEEP_KEYS = {"blocks", "parts", "inits", "trainable", "seeds", "grid"}
+RESULTS = "results.csv"
+# columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
+STUDY_COLUMNS = [
+    "study", "base_model", "run_id", "base_id", "base_seed", "grid", "n_layers", "stack", "layer", "relative_depth", "part", "base_steps",
+    "base_final_eval_loss", "base_curve", "base_warnings",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    id: str
+    model: str
+    overrides: tuple[tuple[str, Any], ...]
+    seed: int
+    grid: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    id: str
+    base: BaseSpec
+    block: str
+    init: str
+    trainable: str
+    seed: int
+    stack: str | None
+    layer: int | None
+    n_layers: int
+    part: str | None
+
+
+def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    if not grid:
+        return [{}]
+    keys = list(grid)
+    for k in keys:
+        if not isinstance(grid[k], list) or not grid[k]:
+            raise RelearnError(f"sweep.grid.{k} must be a non-empty list of values")
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@dataclass
+class Recipe:
+    """A study recipe: the base model and its budget, the data, and the sweep."""
+
+    name: str
+    base: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] | None = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    relearn: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+        """Read a YAML recipe and apply ``overrides`` (``section.key=value``, e.g. ``pretrain.max_steps=50``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RelearnError(f"recipe {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RelearnError(f"recipe {path}: not valid YAML: {err}") from err
+        return cls.from_dict(data, overrides, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+        data = copy.deepcopy(data)
+        for item in overrides or []:
+            key, _, value = item.partition("=")
+            if not _ or "." not in key:
+                raise RelearnError(f"override {item!r}: use SECTION.KEY=VALUE, e.g. pretrain.max_steps=50")
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = yaml.safe_load(value)
+        unknown = set(data) - RECIPE_KEYS
+        if unknown:
+            raise RelearnError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {sorted(RECIPE_KEYS)}")
+        if "base" not in data or "model" not in (data.get("base") or {}):
+            raise RelearnError(f"{source}: needs base.model (a model type to build, a local folder or a Hub id)")
+        unknown = set(data.get("sweep") or {}) - SWEEP_KEYS
+        if unknown:
+            raise RelearnError(f"{source}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
+        recipe = cls(
+            name=data.get("name", "study"),
+            description=data.get("description", ""),
+            base=data["base"],
+            data=data.get("data") or {},
+            pretrain=data.get("pretrain", {}),
+            sweep=data.get("sweep") or {},
+            relearn=data.get("relearn") or {},
+        )
+        recipe.validate()
+        return recipe
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Fail before any training: every section must build its dataclass, every block name must resolve."""
+        from .data import DataArguments
+        from .runner import PretrainArguments
+        from .trainer import RelearnArguments
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _build(DataArguments, self.data, "data")
+            if self.pretrain is not None:
+                _build(PretrainArguments, {**self.pretrain, "output_dir": tmp}, "pretrain")
+            _build(RelearnArguments, {**self.relearn, "output_dir": tmp}, "relearn")
+        if self.pretrain is None and not (self.relearn.get("original_steps") or self.relearn.get("original_run")):
+            raise RelearnError(
+                "a recipe without pretrain (a ready-trained base) needs relearn.original_steps or relearn.original_run"
+                " for its original budget"
+            )
+        for base in self.bases():
+            self.runs_for(base)  # resolves every block name against the base's architecture
+
+    def bases(self) -> list[BaseSpec]:
+        """One base model per (grid point, seed); a ready-trained base (no pretrain section) is one base."""
+        from .modeling import parse_overrides
+
+        seeds = self.sweep.get("seeds", [0])
+        out = []
+        for point in _grid_points(self.sweep.get("grid") or {}):
+            overrides = {**parse_overrides(self.base.get("config_overrides")), **point}
+            for seed in seeds if self.pretrain is not None else [0]:
+                tag = ",".join(f"{k}={v}" for k, v in point.items())
+                base_id = _slug(f"{tag + '-' if tag else ''}seed{seed}")
+                out.append(BaseSpec(base_id, self.base["model"], tuple(overrides.items()), seed, tuple(point.items())))
+        return out
+
+    def runs_for(self, base: BaseSpec) -> list[RunSpec]:
+        """The relearn runs of one base: blocks (and parts) x inits x trainable arms x seeds."""
+        from .blocks import BlockMap
+
+        bmap = BlockMap(_meta_model(self, base))
+        stacks = list(bmap.stacks.values())
+        blocks = self.sweep.get("blocks", "all_layers")
+        names = list(blocks) if isinstance(blocks, list) else []
+        if blocks == "all_layers":
+            names = [f"{s.name}.{layer.index}" for s in stacks for layer in s.layers]
+        elif not isinstance(blocks, list):
+            raise RelearnError(f"sweep.blocks must be 'all_layers' or a list of block names, got {blocks!r}")
+        for part in self.sweep.get("parts", []) or []:
+            names += [f"{s.name}.{layer.index}.{part}" for s in stacks for layer in s.layers if part in layer.parts]
+        runs = []
+        seeds = self.sweep.get("seeds", [0]) if self.pretrain is None else [base.seed]
+        for name in names:
+            block = bmap.resolve(name)
+            layer = block.layers[0] if len(block.layers) == 1 else (None, None)
+            stack = bmap.stacks[layer[0]] if layer[0] else None
+            part = block.name.split(".")[2] if block.kind == "part" else None
+            for init in self.sweep.get("inits", ["scratch"]):
+                for trainable in self.sweep.get("trainable", ["block"]):
+                    for seed in seeds:
+                        run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{trainable}-r{seed}"
+                        n = len(stack.layers) if stack else max(len(s.layers) for s in stacks)
+                        runs.append(
+                            RunSpec(run_id, base, block.name, init, trainable, seed, layer[0], layer[1], n, part)
+                        )
+        return runs
+
+
+def _build(cls, values: dict, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise RelearnError(f"recipe section {section!r}: unknown field(s) {sorted(unknown)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise RelearnError(f"recipe section {section!r}: {err}") from err
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
+    if len(slug) > 60:
+        slug = slug[:48] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return slug
+
+
+def _meta_model(recipe: Recipe, base: BaseSpec):
+    """The base's architecture without weights (meta device): enough to list its blocks."""
+    import torch
+
+    from .modeling import build_config, default_head, is_config_name
+
+    if not is_config_name(base.model):
+        from .modeling import load_model
+
+        return load_model(base.model, dict(base.overrides) or None, head=recipe.base.get("head"))
+    from .modeling import HEADS
+
+    config = build_config(base.model, dict(base.overrides))
+    with torch.device("meta"):
+        return HEADS[recipe.base.get("head") or default_head(config)].from_config(config)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _train_base(recipe: Recipe, base: BaseSpec, folder: Path) -> dict:
+    from .data import DataArguments
+    from .runner import RUN_FILE, ModelArguments, PretrainArguments, pretrain
+
+    done = folder / RUN_FILE
+    if done.exists():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)  # a base that was killed while training
+    model_args = ModelArguments(
+        model=base.model,
+        config_overrides=dict(base.overrides) or None,
+        head=recipe.base.get("head"),
+        model_seed=base.seed,
+    )
+    settings = {"disable_tqdm": True, "seed": base.seed, **recipe.pretrain, "output_dir": str(folder)}
+    args = PretrainArguments(objective=recipe.base.get("objective", "clm"), **settings)
+    return pretrain(model_args, DataArguments(**recipe.data), args)
+
+
+def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path) -> dict:
+    from .data import DataArguments
+    from .runner import ModelArguments, relearn
+    from .trainer import RESULT_FILE, RelearnArguments
+
+    done = folder / RESULT_FILE
+    if done.exists():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)  # a run that was killed: redo it from scratch
+    settings = {"disable_tqdm": True, "seed": run.seed, **recipe.relearn}
+    settings.update(
+        output_dir=str(folder), block=run.block, init=run.init, trainable=run.trainable, reset_seed=run.seed
+    )
+    settings.setdefault("objective", recipe.base.get("objective", "clm"))
+    if base_dir is not None:
+        settings["original_run"] = str(base_dir)
+    model = str(base_dir) if base_dir is not None else run.base.model
+    data_args = DataArguments(**recipe.data)
+    return relearn(
+        ModelArguments(model=model, head=recipe.base.get("head")), data_args, RelearnArguments(**settings)
+    ).to_dict()
+
+
+def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> dict:
+    depth = None
+    if run.layer is not None and run.n_layers > 1:
+        depth = run.layer / (run.n_layers - 1)
+    overrides = ",".join(f"{k}={v}" for k, v in run.base.overrides)
+    row = {
+        "study": recipe.name,
+        "base_model": f"{run.base.model}" + (f" ({overrides})" if overrides else ""),
+        "run_id": run.id,
+        "base_id": run.base.id,
+        "base_seed": run.base.seed,
+        "grid": json.dumps(dict(run.base.grid)),
+        "n_layers": run.n_layers,
+        "stack": run.stack,
+        "layer": run.layer,
+        "relative_depth": depth,
+        "part": run.part,
+        "base_steps": (base_info or {}).get("steps"),
+        "base_final_eval_loss": (base_info or {}).get("final_eval_loss"),
+        "base_curve": json.dumps((base_info or {}).get("curve", [])),
+        "base_warnings": json.dumps((base_info or {}).get("warnings", [])),
+    }
+    for key, value in result.items():
+        row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return row
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    """Write results.csv atomically (temporary file + rename): never a half-written or duplicated row."""
+    columns = STUDY_COLUMNS + sorted({k for r in rows for k in r} - set(STUDY_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """results.csv as a list of dicts with numbers, booleans and JSON columns decoded."""
+    path = Path(path)
+    if not path.exists():
+        raise RelearnError(f"{path}: no results.csv (has the study finished any run?)")
+    rows = []
+    with path.open(newline="") as f:
+        for raw in csv.DictReader(f):
+            rows.append({k: _decode(v) for k, v in raw.items()})
+    return rows
+
+
+def _decode(value: str):
+    if value == "":
+        return None
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, ValueError):
+        return value
+
+
+def run_study(recipe: Recipe, output_dir: str | os.PathLike, progress: bool = True) -> list[dict]:
+    """Train the bases, run every relearn of the sweep (skipping finished ones), keep results.csv current.
+
+    Returns the rows of results.csv in plan order. Safe to kill at any moment and start again with the same
+    recipe and output_dir: finished work is kept, unfinished work redone.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file = out / "recipe.yaml"
+    if recipe_file.exists():
+        previous = yaml.safe_load(recipe_file.read_text())
+        if previous != recipe.to_dict():
+            raise RelearnError(
+                f"{out} holds a study of a different recipe ({recipe_file}); use another --output-dir, or delete it"
+            )
+    else:
+        tmp = out / ".recipe.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        os.replace(tmp, recipe_file)
+    bases = recipe.bases()
+    plan = [(b, r) for b in bases for r in recipe.runs_for(b)]
+    rows: dict[str, dict] = {}
+    bar = tqdm(total=len(plan), desc=f"study {recipe.name}", unit="run", disable=not progress)
+    for base in bases:
+        base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
+        base_info = None
+        if base_dir is not None:
+            bar.set_postfix_str(f"training base {base.id}")
+            base_info = _train_base(recipe, base, base_dir)
+        for b, run in plan:
+            if b is not base:
+                continue
+            bar.set_postfix_str(run.id)
+            result = _run_one(recipe, run, base_dir, out / "runs" / run.id)
+            rows[run.id] = _row(recipe, run, result, base_info)
+            write_results(out / RESULTS, [rows[r.id] for _, r in plan if r.id in rows])
+            steps = result["steps_to_recover"]
+            bar.write(
+                f"{run.id}: {result['after_reset_eval_loss']:.4f} -> "
+                + (
+                    f"recovered in {steps} steps"
+                    if result["recovered"]
+                    else f"not recovered in {result['steps_trained']}"
+                )
+            )
+            bar.update(1)
+    bar.close()
+    return [rows[r.id] for _, r in plan]
