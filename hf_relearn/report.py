@@ -441,7 +441,7 @@ def build_report(study_dir: str | os.PathLike) -> dict:
         f"{sum(bool(r['frozen_unchanged']) for r in rows)}/{len(rows)} runs), then training until recovered.",
         f"- versions: {json.dumps(first['versions'])}",
         "",
-        f"Rebuild with `hf-relearn report {study_dir}`; raw numbers in `results.csv`, each run's curve in "
+        "Rebuild with `hf-relearn report` on this folder; raw numbers in `results.csv`, each run's curve in "
         "`runs/*/*/relearn_result.json`.",
     ]
     report = study_dir / "report.md"

@@ -355,6 +355,8 @@ def run_study(recipe: Recipe, output_dir: str | os.PathLike, progress: bool = Tr
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()  # left by a write that a kill interrupted; the file it was replacing is intact
     recipe_file = out / "recipe.yaml"
     if recipe_file.exists():
         previous = yaml.safe_load(recipe_file.read_text())

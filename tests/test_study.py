@@ -1,0 +1,153 @@
+"""Study: recipes, resumable sweeps (SIGKILL and restart), the report, the demo's wiring."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_relearn.cli import main
+from hf_relearn.errors import RelearnError
+from hf_relearn.report import build_report
+from hf_relearn.study import Recipe, read_results, run_study
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "base": {"model": "gpt2", "config_overrides": {"n_embd": 32, "n_head": 2, "n_positions": 32}, "objective": "clm"},
+    "data": {"block_size": 32, "generated_chars": 40000, "max_eval_samples": 32},
+    "pretrain": {"max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_steps": 25},
+    "sweep": {"blocks": "all_layers", "trainable": ["block"], "seeds": [0], "grid": {"n_layer": [2, 3]}},
+    "relearn": {"max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_steps": 5},
+}
+COMPARED = ["run_id", "block", "baseline_eval_loss", "after_reset_eval_loss", "steps_to_recover", "recovered", "curve"]
+
+
+def _write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _table(study: Path) -> list[tuple]:
+    return [tuple(str(r[c]) for c in COMPARED) for r in read_results(study / "results.csv")]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "whole"
+    run_study(Recipe.from_dict(TINY_RECIPE), out, progress=False)
+    build_report(out)
+    return out
+
+
+def test_study_runs_every_layer_of_every_grid_point_and_reports(tiny_study):
+    rows = read_results(tiny_study / "results.csv")
+    assert [r["block"] for r in rows] == ["decoder.0", "decoder.1", "decoder.0", "decoder.1", "decoder.2"]
+    assert [r["n_layers"] for r in rows] == [2, 2, 3, 3, 3]
+    assert all(r["frozen_unchanged"] and r["original_steps"] == 150 for r in rows)
+    assert [r["relative_depth"] for r in rows] == [0.0, 1.0, 0.0, 0.5, 1.0]
+    report = (tiny_study / "report.md").read_text()
+    assert "## The answer" in report and "Depth n: n_layer=2: mean" in report
+    for png in ("curves.png", "cost_vs_layer.png", "cost_vs_depth.png"):
+        data = (tiny_study / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+        assert f"plots/{png}" in report
+
+
+def test_report_rebuilds_from_results_csv_alone(tiny_study, tmp_path):
+    shutil.copy(tiny_study / "results.csv", tmp_path / "results.csv")
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == (tiny_study / "report.md").read_text()
+    assert (tmp_path / "plots" / "cost_vs_layer.png").exists()
+
+
+def test_a_study_killed_at_any_moment_resumes_to_the_same_table(tiny_study, tmp_path):
+    recipe = _write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "hf_relearn", "study", str(recipe), "--output-dir", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "results.csv").exists():
+        time.sleep(0.2)
+    time.sleep(1.5)  # kill somewhere inside the second run or the second base's training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _table(out)
+    assert 1 <= len(partial) < 5, "the kill should land mid-study"
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    assert _table(out) == _table(tiny_study)  # same runs, same numbers, no duplicates
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
+
+
+def test_an_overfit_base_is_flagged_at_the_top_of_the_report(tmp_path):
+    recipe = {
+        **TINY_RECIPE,
+        "data": {**TINY_RECIPE["data"], "max_train_samples": 4},  # 4 blocks of text: memorised quickly
+        "pretrain": {**TINY_RECIPE["pretrain"], "max_steps": 300, "learning_rate": 5e-3},
+        "sweep": {"blocks": ["decoder.1"], "seeds": [0]},
+        "base": {
+            **TINY_RECIPE["base"],
+            "config_overrides": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 32},
+        },
+    }
+    run_study(Recipe.from_dict(recipe), tmp_path, progress=False)
+    report = (build_report(tmp_path))["report"].read_text()
+    top = report.split("## The answer")[0]
+    assert "base model overfit: its best validation loss" in top
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sweeps": {}}, "unknown section(s) ['sweeps']"),
+        ({"pretrain": {"max_stepz": 3}}, "recipe section 'pretrain': unknown field(s) ['max_stepz']"),
+        ({"sweep": {"blocks": ["decoder.99"]}}, "layer 99 out of range"),
+        ({"sweep": {"blocks": ["decoder.0.cross_attention"]}}, "has no 'cross_attention'"),
+        ({"sweep": {"grid": {"n_layer": []}}}, "sweep.grid.n_layer must be a non-empty list"),
+        ({"relearn": {"tolerance": 0}}, "tolerance must be > 0"),
+        ({"base": {}}, "needs base.model"),
+        ({"data": {"train_file": "/no/such/file.txt"}}, "no such file"),
+        ({"pretrain": None}, "needs relearn.original_steps"),
+    ],
+)
+def test_bad_recipes_fail_before_any_training(tmp_path, change, message):
+    recipe = {**TINY_RECIPE, **change}
+    with pytest.raises(
+        RelearnError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
+        Recipe.from_dict(recipe)
+
+
+def test_cli_study_errors_and_overrides(tmp_path, capsys):
+    assert main(["study", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [unclosed")
+    assert main(["study", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    recipe = _write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE)
+    assert main(["study", str(recipe), "--set", "pretrain.max_stepz=3"]) == 2
+    assert "unknown field(s) ['max_stepz']" in capsys.readouterr().err
+    # another recipe into the same folder is refused, not mixed
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(yaml.safe_dump({"name": "other"}))
+    assert main(["study", str(recipe), "--output-dir", str(out), "--no-progress"]) == 2
+    assert "holds a study of a different recipe" in capsys.readouterr().err
+
+
+def test_demo_is_wired_to_its_recipe_and_the_stdlib_corpus(tmp_path, capsys):
+    small = [
+        "--set", "pretrain.max_steps=40", "--set", "relearn.max_steps=10", "--set", "sweep.seeds=[0]",
+        "--set", "sweep.trainable=[block]", "--set", "sweep.blocks=[decoder.3]", "--set", "data.generated_chars=30000",
+    ]  # fmt: skip
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--no-progress", *small]) == 0
+    out = capsys.readouterr().out
+    assert "study demo:" in out and "decoder.3" in out and "report: " in out and "plot:   " in out
+    recipe = yaml.safe_load((tmp_path / "demo" / "recipe.yaml").read_text())
+    assert recipe["data"]["builtin_corpus"] == "stdlib" and recipe["pretrain"]["max_steps"] == 40
