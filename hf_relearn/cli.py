@@ -187,6 +187,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_study(args)
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push, study_card
+
+    src = Path(args.run_dir)
+    if (src / "results.csv").exists() and not (src / "relearn_result.json").exists():
+        from huggingface_hub import HfApi
+
+        study_card(src).save(src / "README.md")
+        api = HfApi(token=args.token)
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(src),
+            repo_id=args.repo_id,
+            allow_patterns=["README.md", "results.csv", "plots/*.png", "recipe.yaml"],
+            revision=args.revision,
+        )
+        print(f"pushed study {src} -> {info}")
+        return 0
+    url = push(
+        src, args.repo_id, private=args.private, revision=args.revision, only_block=args.only_block, token=args.token
+    )
+    what = "the re-learned block" if args.only_block else "the re-learned model"
+    print(f"pushed {what} of {src} -> {url}")
+    return 0
+
+
 HF_COMMANDS = {"pretrain": cmd_pretrain, "relearn": cmd_relearn}
 
 
@@ -224,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_study if name == "study" else cmd_demo)
+    p = sub.add_parser(
+        "push", help="push a relearn run (model + card with the recovery metrics) or a study to the Hub"
+    )
+    p.add_argument("run_dir", help="output dir of a relearn run (or of a study)")
+    p.add_argument("--repo-id", required=True, help="NAMESPACE/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--only-block", action="store_true", help="upload only the re-learned block's tensors")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("report", help="rebuild report.md and plots of a study from its results.csv")
     p.add_argument("study_dir")
     p.set_defaults(func=cmd_report)

@@ -20,6 +20,7 @@ from .modeling import is_config_name, load_model, parse_overrides
 from .trainer import OBJECTIVES, RelearnArguments, RelearnResult, RelearnTrainer, base_run_warnings
 
 RUN_FILE = "hf_relearn_run.json"
+DATA_FILE = "hf_relearn_data.json"  # the data settings of a relearn run (the card names the dataset from it)
 
 
 @dataclass
@@ -43,6 +44,13 @@ class PretrainArguments(TrainingArguments):
     eval_steps: float | None = field(default=50, metadata={"help": "evaluate every N steps"})
     logging_steps: float = field(default=50, metadata={"help": "log every N steps"})
     save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
+    # transformers 5.24 multiplies the loss by the number of processes when this is on, also for models whose loss
+    # ignores num_items_in_batch (BERT, T5, BART): their loss and gradients doubled in a 2-process run
+    average_tokens_across_devices: bool = field(
+        default=False, metadata={"help": "sum-then-divide the loss over all processes' tokens (off: see README)"}
+    )
+    # only the block has gradients; frozen parameters are not DDP-tracked, so no unused-parameter search is needed
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP unused-parameter search"})
     dataloader_pin_memory: bool = field(
         default_factory=lambda: __import__("torch").cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
     )
@@ -169,7 +177,11 @@ def relearn(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if trainer.is_world_process_zero():
+        write_json_atomic(Path(args.output_dir) / DATA_FILE, dataclasses.asdict(data_args))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if args.save_strategy != "no" or args.push_to_hub:
-        trainer.save_model()
+    if args.save_final_model:
+        trainer.save_final()
+    if args.push_to_hub:
+        trainer.push_to_hub()
     return trainer.result

@@ -268,7 +268,7 @@ def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path) 
         return json.loads(done.read_text())
     if folder.exists():
         shutil.rmtree(folder)  # a run that was killed: redo it from scratch
-    settings = {"disable_tqdm": True, "seed": run.seed, **recipe.relearn}
+    settings = {"disable_tqdm": True, "seed": run.seed, "save_final_model": False, **recipe.relearn}
     settings.update(
         output_dir=str(folder), block=run.block, init=run.init, trainable=run.trainable, reset_seed=run.seed
     )

@@ -69,6 +69,9 @@ class RelearnArguments(TrainingArguments):
             "name / local module path (repeatable); use one as recovery_metric"
         },
     )
+    save_final_model: bool = field(
+        default=True, metadata={"help": "save the re-learned model (safetensors) in output_dir at the end"}
+    )
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distill KL"})
     # Trainer defaults that suit a re-learn run
     eval_strategy: str = field(
@@ -79,6 +82,13 @@ class RelearnArguments(TrainingArguments):
     eval_steps: float | None = field(default=10, metadata={"help": "evaluate every N steps"})
     logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
     save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
+    # transformers 5.24 multiplies the loss by the number of processes when this is on, also for models whose loss
+    # ignores num_items_in_batch (BERT, T5, BART): their loss and gradients doubled in a 2-process run
+    average_tokens_across_devices: bool = field(
+        default=False, metadata={"help": "sum-then-divide the loss over all processes' tokens (off: see README)"}
+    )
+    # only the block has gradients; frozen parameters are not DDP-tracked, so no unused-parameter search is needed
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP unused-parameter search"})
     dataloader_pin_memory: bool = field(
         default_factory=lambda: __import__("torch").cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
     )
@@ -220,6 +230,7 @@ class RelearnResult:
     """The results contract (``relearn_result.json``); see docs/results-contract.md for every field."""
 
     model: str
+    architecture: str
     block: str
     init: str
     seed: int
@@ -465,6 +476,27 @@ class RelearnTrainer(Trainer):
             raise RelearnError(f"frozen tensors changed during training: {', '.join(self.result.frozen_changed[:10])}")
         return output
 
+    def save_final(self, output_dir: str | None = None) -> None:
+        """Save the re-learned model as plain safetensors (a LoRA arm is merged first) and its tokenizer."""
+        out = output_dir or self.args.output_dir
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
+        if self.is_world_process_zero():
+            model.save_pretrained(out)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(out)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Trainer.push_to_hub writes its card through here: ours carries the recovery metrics (cards/relearn.md)."""
+        if getattr(self, "result", None) is None or not self.is_world_process_zero():
+            return super().create_model_card(*args, **kwargs)
+        from .hub import CURVE_FILE, plot_curve, relearn_card
+
+        out = Path(self.args.output_dir)
+        plot_curve(self.result.to_dict(), out / CURVE_FILE)
+        relearn_card(out, self.args.hub_model_id).save(out / "README.md")
+
     def _write_result(self) -> None:
         if self.is_world_process_zero():
             write_json_atomic(Path(self.args.output_dir) / RESULT_FILE, self.result.to_dict())
@@ -500,6 +532,7 @@ class RelearnTrainer(Trainer):
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return RelearnResult(
             model=self.model_name,
+            architecture=getattr(getattr(self.model, "config", None), "model_type", ""),
             block=self.block.name,
             init=args.init,
             seed=args.reset_seed,

@@ -1,0 +1,168 @@
+"""Hub: cards that carry the recovery metrics, pushes to a loopback Hub, block-only uploads, safe failure."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from hub_server import FakeHub, fake_hub, fake_hub_endpoint
+from test_relearn import GPT2, base_run, relearn_run
+
+from hf_relearn import RelearnError, load_relearned
+from hf_relearn.cli import main
+from hf_relearn.hub import push, relearn_card, stage, study_card
+from hf_relearn.modeling import load_model
+
+hub = pytest.fixture(fake_hub)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hub")
+    base_run(root / "base", "gpt2", GPT2, steps=300)
+    relearn_run(root / "run", root / "base", "decoder.1")
+    return root / "run"
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_card_carries_the_recovery_metrics_and_parses_back(run, tmp_path):
+    result = json.loads((run / "relearn_result.json").read_text())
+    relearn_card(run, "me/gpt2-relearned").save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    metrics = {e.metric_type: e.metric_value for e in card.data.eval_results}
+    assert metrics["eval_loss"] == pytest.approx(result["final_eval_loss"])
+    assert metrics["baseline_eval_loss"] == pytest.approx(result["baseline_eval_loss"])
+    assert metrics["after_reset_eval_loss"] == pytest.approx(result["after_reset_eval_loss"])
+    assert metrics["steps_to_recover"] == result["steps_to_recover"] > 0
+    assert metrics["tokens_to_recover"] == result["tokens_to_recover"]
+    assert metrics["fraction_of_original"] == pytest.approx(result["fraction_of_original"])
+    assert metrics["perplexity"] == pytest.approx(2.718281828 ** result["final_eval_loss"])
+    assert {"hf-relearn", "gpt2"} <= set(card.data.tags) and card.data.pipeline_tag == "text-generation"
+    text = card.text
+    assert "`decoder.1`" in text and f"Recovered** at step {result['steps_to_recover']}" in text
+    assert "![Validation loss while re-learning](relearn_curve.png)" in text and "AutoModelForCausalLM" in text
+
+
+def test_push_uploads_model_card_result_and_plot(run, hub):
+    assert main(["push", str(run), "--repo-id", "me/gpt2-relearned"]) == 0
+    files = hub.files("me/gpt2-relearned")
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "relearn_result.json",
+        "relearn_curve.png",
+    } <= set(files)
+    assert files["model.safetensors"] == (run / "model.safetensors").read_bytes()
+    assert files["relearn_curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    card = ModelCard.load("me/gpt2-relearned")  # downloaded from the loopback Hub
+    result = json.loads(files["relearn_result.json"])
+    assert {e.metric_type: e.metric_value for e in card.data.eval_results}["eval_loss"] == pytest.approx(
+        result["final_eval_loss"]
+    )
+    # a branch, private
+    assert main(["push", str(run), "--repo-id", "me/private-one", "--private", "--revision", "v1"]) == 0
+    assert "README.md" in hub.files("me/private-one", "v1") and hub.meta["me/private-one"]["private"]
+
+
+def test_only_block_rebuilds_the_recovered_model(run, hub):
+    assert main(["push", str(run), "--repo-id", "me/block-only", "--only-block"]) == 0
+    files = hub.files("me/block-only")
+    assert set(files) == {"block.safetensors", "surgery.json", "README.md", "relearn_result.json", "relearn_curve.png"}
+    assert len(files["block.safetensors"]) < len((run / "model.safetensors").read_bytes()) / 3
+    assert "load_relearned" in files["README.md"].decode()
+    base = json.loads(files["relearn_result.json"])["model"]
+    rebuilt = load_relearned(base, "me/block-only").eval()
+    full = load_model(str(run)).eval()
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, full(ids).logits)
+        assert not torch.equal(load_model(base).eval()(ids).logits, full(ids).logits)
+    with pytest.raises(RelearnError, match="does not exist in base|has shape"):
+        load_relearned("gpt2", "me/block-only")  # a base of another shape: refused, not mixed
+
+
+def test_failed_push_keeps_everything_local_and_a_retry_completes(run, tmp_path):
+    before = _digest(run)
+    with FakeHub() as server, fake_hub_endpoint(server, cache_dir=tmp_path / "cache"):
+        server.fail_next, server.fail_match = 10, "/commit/"
+        with pytest.raises(
+            RelearnError,
+            match=r"push to me/flaky failed \(the Hub answered with an error\): HfHubHTTPError: .*500.*"
+            r"staged upload is complete in .*run the same command again",
+        ):
+            push(run, "me/flaky")
+        assert server.head("me/flaky") is None or "model.safetensors" not in server.files("me/flaky")
+        staged = _digest(run / "hub" / "full")
+        assert {k: v for k, v in _digest(run).items() if not k.startswith("hub/")} == {
+            k: v for k, v in before.items() if not k.startswith("hub/")
+        }
+        server.fail_next = 0
+        push(run, "me/flaky")  # the retry
+        assert set(server.files("me/flaky")) == set(staged)
+        # the server goes away mid-session: one clear error, nothing lost
+        server.stop()
+        with pytest.raises(RelearnError, match=r"push to me/down failed \(could not reach the Hub\)"):
+            push(run, "me/down")
+    assert {k: v for k, v in _digest(run).items() if not k.startswith("hub/")} == {
+        k: v for k, v in before.items() if not k.startswith("hub/")
+    }
+    with FakeHub() as again, fake_hub_endpoint(again, cache_dir=tmp_path / "cache2"):
+        push(run, "me/down")
+        assert "model.safetensors" in again.files("me/down")
+
+
+def test_bad_input(run, tmp_path, capsys):
+    assert main(["push", str(tmp_path), "--repo-id", "me/x"]) == 2
+    assert "no relearn_result.json here" in capsys.readouterr().err
+    assert main(["push", str(run), "--repo-id", "not-a-repo-id"]) == 2
+    assert "use NAMESPACE/NAME" in capsys.readouterr().err
+    with pytest.raises(RelearnError, match="no block.safetensors"):
+        load_relearned("gpt2", str(tmp_path))
+
+
+def test_trainer_push_to_hub_writes_our_card(run, hub, tmp_path):
+    base = json.loads((run / "relearn_result.json").read_text())["model"]
+    result = relearn_run(tmp_path / "r", Path(base), "decoder.2", push_to_hub=True, hub_model_id="me/trainer-push")
+    files = hub.files("me/trainer-push")
+    card = ModelCard(files["README.md"].decode())
+    metrics = {e.metric_type: e.metric_value for e in card.data.eval_results}
+    assert metrics["steps_to_recover"] == result.steps_to_recover and "model.safetensors" in files
+
+
+def test_study_card_has_the_table_and_plots(tmp_path):
+    from test_study import TINY_RECIPE
+
+    from hf_relearn.report import build_report
+    from hf_relearn.study import Recipe, run_study
+
+    recipe = {**TINY_RECIPE, "sweep": {"blocks": ["decoder.0", "decoder.1"], "seeds": [0]}}
+    recipe["base"] = {
+        **TINY_RECIPE["base"],
+        "config_overrides": {**TINY_RECIPE["base"]["config_overrides"], "n_layer": 2},
+    }
+    run_study(Recipe.from_dict(recipe), tmp_path, progress=False)
+    build_report(tmp_path)
+    card = study_card(tmp_path)
+    assert (
+        "hf-relearn study: tiny" in card.text
+        and "| decoder.0 |" in card.text
+        and "plots/cost_vs_layer.png" in card.text
+    )
+    assert "relearn-study" in card.data.tags
+
+
+def test_stage_is_atomic_and_complete(run):
+    folder = stage(run, "me/x")
+    assert (folder / "README.md").exists() and (folder / "model.safetensors").exists()
+    assert not list(folder.parent.glob(".*.tmp"))
