@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import ModelCard
 from hub_server import FakeHub, fake_hub, fake_hub_endpoint
+from huggingface_hub import ModelCard
 from test_relearn import GPT2, base_run, relearn_run
 
 from hf_relearn import RelearnError, load_relearned
