@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,8 @@ def cmd_pretrain(argv: list[str]) -> int:
         (ModelArguments, DataArguments, PretrainArguments), argv, "hf-relearn pretrain"
     )
     info = pretrain(model_args, data_args, args)
+    if not args.should_log:
+        return 0
     print(
         f"pretrained {model_args.model}: {info['steps']} steps, {info['tokens']:,} tokens, "
         f"eval loss {info['curve'][0][1]:.4f} (step {info['curve'][0][0]}) -> {info['final_eval_loss']:.4f} "
@@ -141,6 +144,8 @@ def cmd_relearn(argv: list[str]) -> int:
         (ModelArguments, DataArguments, RelearnArguments), argv, "hf-relearn relearn"
     )
     result = relearn(model_args, data_args, args)
+    if not args.should_log:
+        return 0  # one summary per launch, from the main process
     print(result.summary())
     for w in result.warnings:
         print(f"warning: {w}")
@@ -155,7 +160,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     recipe = Recipe.load(args.recipe, args.set)
     out = Path(args.output_dir or f"studies/{recipe.name}")
     print(f"study {recipe.name}: {args.recipe} -> {out}")
-    run_study(recipe, out, progress=not args.no_progress)
+    rank = int(os.environ.get("RANK", "0"))  # read before run_study, which may hide the launch from Trainers
+    run_study(recipe, out, progress=not args.no_progress, parallel=args.parallel)
+    if rank != 0:
+        return 0  # the main process reports
     return _print_report(build_report(out))
 
 
@@ -249,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output-dir", default=None, help="study folder (default: studies/NAME; demo: relearn-demo)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--parallel",
+            choices=["data", "runs"],
+            default="data",
+            help="under accelerate launch: 'data' = every run on all processes (DDP), 'runs' = each process its own runs",
+        )
         p.set_defaults(func=cmd_study if name == "study" else cmd_demo)
     p = sub.add_parser(
         "push", help="push a relearn run (model + card with the recovery metrics) or a study to the Hub"
@@ -284,6 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RelearnError as err:
         print(f"hf-relearn {command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Leave a multi-process launch cleanly (an open gloo group can abort the interpreter at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,15 @@ from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
 from .io import versions, write_json_atomic
 from .modeling import is_config_name, load_model, parse_overrides
-from .trainer import OBJECTIVES, RelearnArguments, RelearnResult, RelearnTrainer, base_run_warnings
+from .trainer import (
+    OBJECTIVES,
+    RelearnArguments,
+    RelearnResult,
+    RelearnTrainer,
+    base_run_warnings,
+    check_world_size,
+    cpu_distributed_default,
+)
 
 RUN_FILE = "hf_relearn_run.json"
 DATA_FILE = "hf_relearn_data.json"  # the data settings of a relearn run (the card names the dataset from it)
@@ -59,7 +67,9 @@ class PretrainArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        cpu_distributed_default(self)
         super().__post_init__()
+        check_world_size(self)
         if self.objective not in OBJECTIVES or self.objective == "distill":
             raise RelearnError(f"pretrain objective {self.objective!r}: choose clm, mlm or seq2seq")
 
@@ -136,6 +146,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, args: Pretrai
     }
     if trainer.is_world_process_zero():
         write_json_atomic(out / RUN_FILE, info)
+    trainer.accelerator.wait_for_everyone()
     return info
 
 
@@ -184,4 +195,5 @@ def relearn(
         trainer.save_final()
     if args.push_to_hub:
         trainer.push_to_hub()
+    trainer.accelerator.wait_for_everyone()  # no process leaves while another still writes
     return trainer.result

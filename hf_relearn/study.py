@@ -245,8 +245,6 @@ def _train_base(recipe: Recipe, base: BaseSpec, folder: Path) -> dict:
     done = folder / RUN_FILE
     if done.exists():
         return json.loads(done.read_text())
-    if folder.exists():
-        shutil.rmtree(folder)  # a base that was killed while training
     model_args = ModelArguments(
         model=base.model,
         config_overrides=dict(base.overrides) or None,
@@ -266,8 +264,6 @@ def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path) 
     done = folder / RESULT_FILE
     if done.exists():
         return json.loads(done.read_text())
-    if folder.exists():
-        shutil.rmtree(folder)  # a run that was killed: redo it from scratch
     settings = {"disable_tqdm": True, "seed": run.seed, "save_final_model": False, **recipe.relearn}
     settings.update(
         output_dir=str(folder), block=run.block, init=run.init, trainable=run.trainable, reset_seed=run.seed
@@ -345,18 +341,102 @@ def _decode(value: str):
         return value
 
 
-def run_study(recipe: Recipe, output_dir: str | os.PathLike, progress: bool = True) -> list[dict]:
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU")  # fmt: skip
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _leave_launch_group() -> None:
+    """For ``parallel="runs"``: hide the launch from this process's Trainers, so each trains its runs alone.
+
+    The process group that validating the recipe's TrainingArguments set up is closed and accelerate's shared
+    state reset; each process keeps one GPU of its own where there are several.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    local = os.environ.get("LOCAL_RANK")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    for key in _LAUNCH_ENV:
+        os.environ.pop(key, None)
+    if local is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = local  # before CUDA is initialised: one GPU per process
+
+
+def _remove_unfinished(out: Path, bases: list[BaseSpec], plan: list[tuple[BaseSpec, RunSpec]]) -> None:
+    """Delete what a killed earlier attempt left half-done (done by one process, before any training)."""
+    from .runner import RUN_FILE
+    from .trainer import RESULT_FILE
+
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a write that a kill interrupted; the file it replaced is intact
+    for base in bases:
+        folder = out / "bases" / base.id
+        if folder.exists() and not (folder / RUN_FILE).exists():
+            shutil.rmtree(folder)
+    for _, run in plan:
+        folder = out / "runs" / run.id
+        if folder.exists() and not (folder / RESULT_FILE).exists():
+            shutil.rmtree(folder)
+
+
+def _collect_rows(recipe: Recipe, plan: list[tuple[BaseSpec, RunSpec]], out: Path) -> list[dict]:
+    """The rows of every finished run, in plan order, read from the result files (the single source of truth)."""
+    from .runner import RUN_FILE
+    from .trainer import RESULT_FILE
+
+    rows = []
+    for base, run in plan:
+        done = out / "runs" / run.id / RESULT_FILE
+        if not done.exists():
+            continue
+        base_file = out / "bases" / base.id / RUN_FILE
+        base_info = json.loads(base_file.read_text()) if base_file.exists() else None
+        rows.append(_row(recipe, run, json.loads(done.read_text()), base_info))
+    return rows
+
+
+def _wait_for(paths: list[Path], what: str, timeout_s: float = 24 * 3600) -> None:
+    import time
+
+    start = time.time()
+    while not all(p.exists() for p in paths):
+        if time.time() - start > timeout_s:
+            raise RelearnError(f"gave up waiting for {what} (another process of this launch died?)")
+        time.sleep(1.0)
+
+
+def run_study(
+    recipe: Recipe, output_dir: str | os.PathLike, progress: bool = True, parallel: str = "data"
+) -> list[dict]:
     """Train the bases, run every relearn of the sweep (skipping finished ones), keep results.csv current.
 
     Returns the rows of results.csv in plan order. Safe to kill at any moment and start again with the same
     recipe and output_dir: finished work is kept, unfinished work redone.
+
+    Under ``accelerate launch`` with N processes: ``parallel="data"`` (default) runs every relearn on all N
+    processes together (DDP); ``parallel="runs"`` gives each process its own share of the bases and then of the
+    runs (round robin), each trained alone; the main process waits for all and writes the final results.csv.
     """
     from tqdm.auto import tqdm
 
+    from .runner import RUN_FILE
+    from .trainer import RESULT_FILE
+
+    if parallel not in ("data", "runs"):
+        raise RelearnError(f"parallel must be 'data' or 'runs', got {parallel!r}")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):
-        stale.unlink()  # left by a write that a kill interrupted; the file it was replacing is intact
     recipe_file = out / "recipe.yaml"
     if recipe_file.exists():
         previous = yaml.safe_load(recipe_file.read_text())
@@ -364,36 +444,43 @@ def run_study(recipe: Recipe, output_dir: str | os.PathLike, progress: bool = Tr
             raise RelearnError(
                 f"{out} holds a study of a different recipe ({recipe_file}); use another --output-dir, or delete it"
             )
-    else:
-        tmp = out / ".recipe.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        os.replace(tmp, recipe_file)
     bases = recipe.bases()
     plan = [(b, r) for b in bases for r in recipe.runs_for(b)]
-    rows: dict[str, dict] = {}
-    bar = tqdm(total=len(plan), desc=f"study {recipe.name}", unit="run", disable=not progress)
-    for base in bases:
+    if rank == 0:
+        _remove_unfinished(out, bases, plan)
+        if not recipe_file.exists():
+            tmp = out / ".recipe.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            os.replace(tmp, recipe_file)
+    _barrier()  # nobody trains before the clean-up is done
+    if parallel == "runs" and world > 1:
+        _leave_launch_group()
+    else:
+        world = 1  # "data": every process runs every run, together
+    mine = [item for i, item in enumerate(plan) if i % world == rank]
+    bar = tqdm(total=len(mine), desc=f"study {recipe.name}", unit="run", disable=not progress or rank != 0)
+    if recipe.pretrain is not None:
+        for i, base in enumerate(bases):
+            if i % world == rank:
+                bar.set_postfix_str(f"training base {base.id}")
+                _train_base(recipe, base, out / "bases" / base.id)
+        _wait_for([out / "bases" / b.id / RUN_FILE for b in bases], "the other processes' base models")
+    for base, run in mine:
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
-        base_info = None
-        if base_dir is not None:
-            bar.set_postfix_str(f"training base {base.id}")
-            base_info = _train_base(recipe, base, base_dir)
-        for b, run in plan:
-            if b is not base:
-                continue
-            bar.set_postfix_str(run.id)
-            result = _run_one(recipe, run, base_dir, out / "runs" / run.id)
-            rows[run.id] = _row(recipe, run, result, base_info)
-            write_results(out / RESULTS, [rows[r.id] for _, r in plan if r.id in rows])
-            steps = result["steps_to_recover"]
-            bar.write(
-                f"{run.id}: {result['after_reset_eval_loss']:.4f} -> "
-                + (
-                    f"recovered in {steps} steps"
-                    if result["recovered"]
-                    else f"not recovered in {result['steps_trained']}"
-                )
-            )
-            bar.update(1)
+        bar.set_postfix_str(run.id)
+        result = _run_one(recipe, run, base_dir, out / "runs" / run.id)
+        if rank == 0 or world > 1:
+            write_results(out / RESULTS, _collect_rows(recipe, plan, out))
+        steps = result["steps_to_recover"]
+        outcome = (
+            f"recovered in {steps} steps" if result["recovered"] else f"not recovered in {result['steps_trained']}"
+        )
+        bar.write(f"{run.id}: {result['after_reset_eval_loss']:.4f} -> {outcome}")
+        bar.update(1)
     bar.close()
-    return [rows[r.id] for _, r in plan]
+    if world > 1:
+        _wait_for([out / "runs" / r.id / RESULT_FILE for _, r in plan], "the other processes' runs")
+    rows = _collect_rows(recipe, plan, out)
+    if rank == 0:
+        write_results(out / RESULTS, rows)
+    return rows

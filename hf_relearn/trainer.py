@@ -98,7 +98,9 @@ class RelearnArguments(TrainingArguments):
     restore_callback_states_from_checkpoint: bool = field(default=True, metadata={"help": "resume counters"})
 
     def __post_init__(self) -> None:
+        cpu_distributed_default(self)
         super().__post_init__()
+        check_world_size(self)
         if self.objective not in OBJECTIVES:
             raise RelearnError(f"objective {self.objective!r} unknown; choose one of {', '.join(OBJECTIVES)}")
         if self.trainable not in TRAINABLE:
@@ -123,6 +125,31 @@ class RelearnArguments(TrainingArguments):
         if self.greater_is_better is not None and self.metric_for_best_model == self.recovery_metric:
             return bool(self.greater_is_better)
         return not self.metric_key.endswith("loss")
+
+
+def cpu_distributed_default(args: TrainingArguments) -> None:
+    """Under a multi-process launch on a machine without GPUs, train on CPU (gloo) instead of silently alone.
+
+    Without ``use_cpu``, transformers 5.24 sets up no process group on a GPU-less machine even when launched with
+    ``accelerate launch --multi_gpu --num_processes 2``: every process would run the whole job by itself.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        args.use_cpu = True
+
+
+def check_world_size(args: TrainingArguments) -> None:
+    """Refuse a launch whose processes do not see each other (each would write the same results)."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise RelearnError(
+            f"launched {launched} processes but the Trainer sees a world of {args.world_size}: the processes would "
+            "each run alone. On CPU use `accelerate launch --multi_gpu --num_processes N` with use_cpu "
+            "(recipes/accelerate/cpu-2proc.yaml)."
+        )
 
 
 # ----------------------------------------------------------------------------------------------- original run
@@ -261,6 +288,9 @@ class RelearnResult:
     total_parameters: int
     steps_trained: int
     curve: list[list[float]]
+    train_curve: list[list[float]]
+    world_size: int
+    reset_identical_across_ranks: bool
     warnings: list[str]
     surgery: dict
     versions: dict
@@ -363,6 +393,9 @@ class RelearnTrainer(Trainer):
         )
         self._apply_trainable()
         self._frozen_before = _normalised_fingerprint(self.model)
+        self._reset_digest = _digest_int(
+            [self._frozen_before[n] for n in sorted(self.surgery.tensors) if n in self._frozen_before]
+        )
         self.measured["after_reset"] = self._measure("relearn: after reset")
         if args.objective == "distill":
             self.measured["baseline"] = {args.metric_key: 0.0, "eval_loss": 0.0}
@@ -528,6 +561,11 @@ class RelearnTrainer(Trainer):
             for n, h in _normalised_fingerprint(self.model).items()
             if n not in set(self._trainable_names) and self._frozen_before.get(n) != h
         )
+        # every rank checks its own copy; the verdicts (and the reset's digest) are gathered so that the result,
+        # written by the main process, speaks for all of them
+        device = self.args.device
+        moved_counts = self.accelerator.gather(torch.tensor([len(moved)], device=device)).tolist()
+        digests = self.accelerator.gather(torch.tensor([self._reset_digest], device=device)).tolist()
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return RelearnResult(
@@ -557,12 +595,15 @@ class RelearnTrainer(Trainer):
             fraction_of_original=step / orig_steps if step is not None and orig_steps else None,
             fraction_of_original_tokens=tokens_at / orig_tokens if tokens_at is not None and orig_tokens else None,
             original_steps_to_same_loss=orig_same,
-            frozen_unchanged=not moved,
+            frozen_unchanged=not any(moved_counts),
             frozen_changed=moved,
             trainable_parameters=trainable,
             total_parameters=total,
             steps_trained=self.state.global_step,
             curve=[[s, v] for s, v in curve],
+            train_curve=[[e["step"], e["loss"]] for e in self.state.log_history if "loss" in e],
+            world_size=self.args.world_size,
+            reset_identical_across_ranks=len(set(digests)) == 1,
             warnings=warnings,
             surgery=self.surgery.to_dict(),
             versions=versions(),
@@ -621,6 +662,13 @@ def build_compute_metrics(names: list[str], objective: str):
 
 class _Diverged(RuntimeError):
     pass
+
+
+def _digest_int(hexdigests: list[str]) -> int:
+    """A 60-bit integer summary of some tensor digests (gatherable as an int64 tensor)."""
+    import hashlib
+
+    return int(hashlib.blake2b("".join(hexdigests).encode(), digest_size=8).hexdigest(), 16) >> 4
 
 
 def _normalised_fingerprint(model) -> dict[str, str]:

@@ -131,7 +131,9 @@ def test_bad_input(run, tmp_path, capsys):
         load_relearned("gpt2", str(tmp_path))
 
 
-def test_trainer_push_to_hub_writes_our_card(run, hub, tmp_path):
+def test_trainer_push_to_hub_writes_our_card(run, hub, tmp_path, monkeypatch):
+    # transformers keeps one HfApi (with its endpoint) from its first Hub call: make it build a new one here
+    monkeypatch.setattr("transformers.utils.hub._hf_api", None)
     base = json.loads((run / "relearn_result.json").read_text())["model"]
     result = relearn_run(tmp_path / "r", Path(base), "decoder.2", push_to_hub=True, hub_model_id="me/trainer-push")
     files = hub.files("me/trainer-push")
