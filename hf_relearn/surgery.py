@@ -65,6 +65,8 @@ class SurgeryReport:
 # ------------------------------------------------------------------------------------------- fingerprints
 def tensor_digest(t: torch.Tensor) -> str:
     """A content hash of one tensor: dtype, shape and every byte."""
+    if hasattr(t, "full_tensor"):  # an FSDP2 DTensor shard: hash the whole tensor, the same on every rank
+        t = t.full_tensor()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
     data = t.detach().contiguous().cpu().reshape(-1)
@@ -115,6 +117,21 @@ def freeze_except(model: nn.Module, *blocks: Block | str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- reset
+@contextmanager
+def gathered(params: list[torch.Tensor]):
+    """DeepSpeed ZeRO-3 keeps only a shard of each parameter on a rank: gather the full tensors while we write
+    them (every rank computes the same reset from the same seed; rank 0's copy is what is kept). A no-op elsewhere.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
+
+
 @contextmanager
 def _seeded(seed: int, model: nn.Module):
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -244,6 +261,13 @@ def reset(
 
     targets = {id(params[n]): params[n] for n in block.params}
     names = sorted(block.params)
+    with gathered(list(params.values())):
+        return _reset_gathered(model, block, init, seed, verify, params, shared, zero_targets, donor, targets, names)
+
+
+def _reset_gathered(
+    model, block, init, seed, verify, params, shared, zero_targets, donor, targets, names
+) -> SurgeryReport:
     target_names = set(names)
     buffers = _block_buffers(model, target_names)
     all_targets = set(target_names) | {n for n, _ in buffers} | set(shared)
