@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
@@ -19,12 +19,11 @@ from .io import versions, write_json_atomic
 from .modeling import is_config_name, load_model, parse_overrides
 from .trainer import (
     OBJECTIVES,
+    HfRelearnTrainingArguments,
     RelearnArguments,
     RelearnResult,
     RelearnTrainer,
     base_run_warnings,
-    check_world_size,
-    cpu_distributed_default,
 )
 
 RUN_FILE = "hf_relearn_run.json"
@@ -44,32 +43,15 @@ class ModelArguments:
 
 
 @dataclass
-class PretrainArguments(TrainingArguments):
+class PretrainArguments(HfRelearnTrainingArguments):
     """``TrainingArguments`` for a base run whose budget and validation curve are recorded."""
 
     objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq"})
-    eval_strategy: str = field(default="steps", metadata={"help": "evaluation schedule (the curve is kept)"})
     eval_steps: float | None = field(default=50, metadata={"help": "evaluate every N steps"})
     logging_steps: float = field(default=50, metadata={"help": "log every N steps"})
-    save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
-    # transformers 5.24 multiplies the loss by the number of processes when this is on, also for models whose loss
-    # ignores num_items_in_batch (BERT, T5, BART): their loss and gradients doubled in a 2-process run
-    average_tokens_across_devices: bool = field(
-        default=False, metadata={"help": "sum-then-divide the loss over all processes' tokens (off: see README)"}
-    )
-    # only the block has gradients; frozen parameters are not DDP-tracked, so no unused-parameter search is needed
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP unused-parameter search"})
-    dataloader_pin_memory: bool = field(
-        default_factory=lambda: __import__("torch").cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
-    )
-    include_num_input_tokens_seen: str = field(
-        default="non_padding", metadata={"help": "count tokens: no | all | non_padding"}
-    )
 
     def __post_init__(self) -> None:
-        cpu_distributed_default(self)
         super().__post_init__()
-        check_world_size(self)
         if self.objective not in OBJECTIVES or self.objective == "distill":
             raise RelearnError(f"pretrain objective {self.objective!r}: choose clm, mlm or seq2seq")
 

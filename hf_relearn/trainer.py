@@ -37,7 +37,33 @@ RESULT_FILE = "relearn_result.json"
 
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
-class RelearnArguments(TrainingArguments):
+class HfRelearnTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the defaults every hf-relearn run needs (base training and re-learning alike)."""
+
+    eval_strategy: str = field(default="steps", metadata={"help": "evaluation schedule"})
+    save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
+    # transformers 5.24 multiplies the loss by the number of processes when this is on, also for models whose loss
+    # ignores num_items_in_batch (BERT, T5, BART): their loss and gradients doubled in a 2-process run
+    average_tokens_across_devices: bool = field(
+        default=False, metadata={"help": "sum-then-divide the loss over all processes' tokens (off: see README)"}
+    )
+    # only the block has gradients; frozen parameters are not DDP-tracked, so no unused-parameter search is needed
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP unused-parameter search"})
+    dataloader_pin_memory: bool = field(
+        default_factory=lambda: torch.cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
+    )
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "count tokens: no | all | non_padding"}
+    )
+
+    def __post_init__(self) -> None:
+        cpu_distributed_default(self)
+        super().__post_init__()
+        check_world_size(self)
+
+
+@dataclass
+class RelearnArguments(HfRelearnTrainingArguments):
     """``TrainingArguments`` plus what a re-learn run needs. Every Trainer flag still works."""
 
     block: str = field(default="decoder.-1", metadata={"help": "block to reset, e.g. decoder.3, encoder.-1.mlp"})
@@ -73,34 +99,15 @@ class RelearnArguments(TrainingArguments):
         default=True, metadata={"help": "save the re-learned model (safetensors) in output_dir at the end"}
     )
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distill KL"})
-    # Trainer defaults that suit a re-learn run
-    eval_strategy: str = field(
-        default="steps", metadata={"help": "evaluation schedule (recovery is checked at evals)"}
-    )
+    # Trainer defaults that suit a re-learn run (recovery is checked at evaluations)
     # constant, so that where recovery happens does not depend on an arbitrary max_steps cap (a decay would)
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (default constant)"})
     eval_steps: float | None = field(default=10, metadata={"help": "evaluate every N steps"})
     logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
-    save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
-    # transformers 5.24 multiplies the loss by the number of processes when this is on, also for models whose loss
-    # ignores num_items_in_batch (BERT, T5, BART): their loss and gradients doubled in a 2-process run
-    average_tokens_across_devices: bool = field(
-        default=False, metadata={"help": "sum-then-divide the loss over all processes' tokens (off: see README)"}
-    )
-    # only the block has gradients; frozen parameters are not DDP-tracked, so no unused-parameter search is needed
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP unused-parameter search"})
-    dataloader_pin_memory: bool = field(
-        default_factory=lambda: __import__("torch").cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
-    )
-    include_num_input_tokens_seen: str = field(
-        default="non_padding", metadata={"help": "count tokens: no | all | non_padding"}
-    )
     restore_callback_states_from_checkpoint: bool = field(default=True, metadata={"help": "resume counters"})
 
     def __post_init__(self) -> None:
-        cpu_distributed_default(self)
         super().__post_init__()
-        check_world_size(self)
         if self.objective not in OBJECTIVES:
             raise RelearnError(f"objective {self.objective!r} unknown; choose one of {', '.join(OBJECTIVES)}")
         if self.trainable not in TRAINABLE:
