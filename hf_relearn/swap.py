@@ -1,0 +1,185 @@
+"""Encoder swap: install another encoder (any width) in an encoder-decoder model and wipe the cross-attention.
+
+Two ways to make the decoder read an encoder of another width, each where the model has it:
+
+* ``EncoderDecoderModel`` already projects encoder states with ``enc_to_dec_proj`` (a Linear from the encoder's to
+  the decoder's width) whenever the widths differ: we (re)build that projection and leave the cross-attention shapes
+  alone, as the model itself would for this pair;
+* native encoder-decoders (T5, BART, Marian-style) have no such hook: their cross-attention key and value
+  projections read the encoder states directly, so those two matrices per layer are rebuilt with the new input
+  width. They are reset anyway, so nothing trained is lost by the change of shape.
+
+Then every cross-attention (and the projection) is reset with the model's own init (``surgery.reset``), and the
+requested parts are frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from transformers import EncoderDecoderModel, PreTrainedModel
+
+from .blocks import BlockMap
+from .errors import RelearnError
+from .surgery import freeze_except, reset
+
+_KV_NAMES = ("k", "v", "k_proj", "v_proj", "key", "value")
+FREEZE_MODES = ("decoder-except-cross", "encoder-trainable", "all-trainable")
+
+
+@dataclass
+class SwapReport:
+    """What a swap did: widths, how the decoder was adapted, what was reset and what is trainable."""
+
+    old_width: int
+    new_width: int
+    adapter: str  # "enc_to_dec_proj" | "resized-kv" | "none"
+    resized: list[str] = field(default_factory=list)
+    reset_tensors: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
+    cross_attention: str = "reset"
+    freeze: str = "decoder-except-cross"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _width(config) -> int:
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise RelearnError(f"cannot tell the hidden width of {type(config).__name__}")
+
+
+def _check_is_encoder(encoder: nn.Module) -> None:
+    cfg = getattr(encoder, "config", None)
+    if cfg is None:
+        raise RelearnError(f"new encoder {type(encoder).__name__} is not a transformers model (no config)")
+    # an encoder stack of an enc-dec (T5Stack) shares its parent's config, is_encoder_decoder included: judge the module
+    inner = getattr(encoder, "model", None)
+    whole = getattr(encoder, "decoder", None) is not None or getattr(inner, "decoder", None) is not None
+    if getattr(cfg, "is_decoder", False) or whole:
+        raise RelearnError(
+            f"new encoder {type(encoder).__name__} is not an encoder (it is a decoder or a whole encoder-decoder; "
+            "pass model.get_encoder() or an encoder-only model)"
+        )
+    if hasattr(encoder, "get_output_embeddings") and encoder.get_output_embeddings() is not None:
+        raise RelearnError(
+            f"new encoder {type(encoder).__name__} has an LM head; pass the bare encoder (e.g. AutoModel)"
+        )
+
+
+def _cross_parts(model: PreTrainedModel) -> list[str]:
+    bmap = BlockMap(model)
+    if "decoder" not in bmap.stacks:
+        raise RelearnError(f"{type(model).__name__} has no decoder stack")
+    layers = bmap.stacks["decoder"].layers
+    if not all("cross_attention" in layer.parts for layer in layers):
+        raise RelearnError(
+            f"the decoder of {type(model).__name__} has no cross-attention (for a GPT-2/BERT decoder in an "
+            "EncoderDecoderModel, build it with add_cross_attention=True, is_decoder=True)"
+        )
+    return [n for layer in layers for n in layer.parts["cross_attention"]]
+
+
+def _resize_kv(model: PreTrainedModel, cross_params: list[str], old: int, new: int) -> list[str]:
+    """Rebuild the key/value projections of every cross-attention to read ``new``-wide encoder states."""
+    resized = []
+    modules = sorted({n.rsplit(".", 1)[0] for n in cross_params})
+    for path in modules:
+        parent_path, name = path.rsplit(".", 1)
+        module = model.get_submodule(path)
+        if name not in _KV_NAMES or not isinstance(module, nn.Linear) or module.in_features != old:
+            continue
+        fresh = nn.Linear(new, module.out_features, bias=module.bias is not None, dtype=module.weight.dtype)
+        setattr(model.get_submodule(parent_path), name, fresh.to(module.weight.device))
+        resized.append(path)
+    if not resized:
+        raise RelearnError(
+            f"found no cross-attention key/value projection reading {old}-wide encoder states to resize"
+        )
+    return resized
+
+
+def swap_encoder(
+    model: PreTrainedModel,
+    new_encoder: nn.Module,
+    cross_attention: str = "reset",
+    freeze: str = "decoder-except-cross",
+    seed: int = 0,
+) -> SwapReport:
+    """Install ``new_encoder`` in ``model`` (in place), adapt the decoder to its width, reset the cross-attention.
+
+    ``cross_attention``: ``reset`` (the model's own init) or ``zero`` (reset, then output projections zeroed: the
+    decoder starts as if cross-attention were absent, Flamingo-style). ``freeze``: ``decoder-except-cross`` (only
+    cross-attention and the projection train; the new encoder is frozen), ``encoder-trainable`` (plus the new
+    encoder), ``all-trainable``. Raises ``RelearnError`` for a model that is not an encoder-decoder, a decoder
+    without cross-attention, a new encoder that is not an encoder, or mismatched vocabularies (native models, whose
+    encoder reads the same token ids as the decoder).
+    """
+    if cross_attention not in ("reset", "zero"):
+        raise RelearnError(f"cross_attention must be 'reset' or 'zero', got {cross_attention!r}")
+    if freeze not in FREEZE_MODES:
+        raise RelearnError(f"freeze must be one of {', '.join(FREEZE_MODES)}, got {freeze!r}")
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise RelearnError(f"{type(model).__name__} is not an encoder-decoder model; there is no encoder to swap")
+    _check_is_encoder(new_encoder)
+    old_encoder = model.get_encoder()
+    old_width, new_width = _width(old_encoder.config), _width(new_encoder.config)
+    cross = _cross_parts(model)
+    resized: list[str] = []
+    if isinstance(model, EncoderDecoderModel):
+        model.encoder = new_encoder
+        model.config.encoder = new_encoder.config
+        dec_width = _width(model.decoder.config)
+        if new_width != dec_width and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
+            model.enc_to_dec_proj = nn.Linear(new_width, dec_width).to(next(model.decoder.parameters()).device)
+            adapter = "enc_to_dec_proj"
+        else:
+            if hasattr(model, "enc_to_dec_proj"):
+                del model.enc_to_dec_proj
+            adapter = "none"
+    else:
+        old_vocab = getattr(old_encoder.config, "vocab_size", None)
+        new_vocab = getattr(new_encoder.config, "vocab_size", None)
+        if old_vocab is not None and new_vocab is not None and old_vocab != new_vocab:
+            raise RelearnError(
+                f"vocabularies differ: the model's encoder reads {old_vocab} token ids, the new one {new_vocab}; a "
+                "native encoder-decoder feeds both the same ids"
+            )
+        if type(new_encoder) is not type(old_encoder):
+            raise RelearnError(
+                f"a {type(model).__name__} needs an encoder of its own kind ({type(old_encoder).__name__}), got "
+                f"{type(new_encoder).__name__}; for mixed pairs use EncoderDecoderModel"
+            )
+        model.set_encoder(new_encoder)
+        adapter = "none"
+        if new_width != old_width:
+            resized = _resize_kv(model, cross, old_width, new_width)
+            adapter = "resized-kv"
+    # reset every cross-attention (and the projection) with the model's own init
+    targets = ["decoder.*.cross_attention"] + (["enc_to_dec_proj"] if adapter == "enc_to_dec_proj" else [])
+    reset_names: list[str] = []
+    for name in targets:
+        report = reset(
+            model, name, init="zero" if cross_attention == "zero" and "cross" in name else "scratch", seed=seed
+        )
+        reset_names += report.tensors
+    blocks = targets + (["encoder"] if freeze == "encoder-trainable" else [])
+    if freeze == "all-trainable":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable = [n for n, _ in model.named_parameters()]
+    else:
+        trainable = freeze_except(model, *blocks)
+    return SwapReport(old_width, new_width, adapter, resized, reset_names, trainable, cross_attention, freeze)
+
+
+def check_forward_backward(model: PreTrainedModel, vocab: int, seq: int = 8) -> torch.Tensor:
+    """One forward and backward pass on random ids: the swapped model's shapes fit. Returns the loss."""
+    ids = torch.randint(3, vocab, (2, seq))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach()
