@@ -159,12 +159,22 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     recipe = Recipe.load(args.recipe, args.set)
     out = Path(args.output_dir or f"studies/{recipe.name}")
+    _quiet_libraries()  # one study progress bar, not one per tokenisation, load and save
     print(f"study {recipe.name}: {args.recipe} -> {out}")
     rank = int(os.environ.get("RANK", "0"))  # read before run_study, which may hide the launch from Trainers
     run_study(recipe, out, progress=not args.no_progress, parallel=args.parallel)
     if rank != 0:
         return 0  # the main process reports
     return _print_report(build_report(out))
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _print_report(rep: dict) -> int:

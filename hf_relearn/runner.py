@@ -82,7 +82,17 @@ def _check_positions(model, block_size: int, objective: str) -> None:
             )
 
 
-def pretrain(model_args: ModelArguments, data_args: DataArguments, args: PretrainArguments) -> dict:
+def _quiet(trainer: Trainer) -> None:
+    """No per-step log lines on the console (a study shows one progress bar and one line per run instead)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def pretrain(
+    model_args: ModelArguments, data_args: DataArguments, args: PretrainArguments, quiet: bool = False
+) -> dict:
     """Train a base model from config with a known budget; save model, tokenizer, trainer_state.json, run info.
 
     Returns the run info (also written to ``OUTPUT_DIR/hf_relearn_run.json``): final validation loss, steps,
@@ -103,6 +113,8 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, args: Pretrai
         data_collator=collator,
         processing_class=tokenizer,
     )
+    if quiet:
+        _quiet(trainer)
     trainer.train()
     if not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history):
         trainer.evaluate()
@@ -151,7 +163,7 @@ def inherit_data_args(data_args: DataArguments, original_run: str | None) -> Dat
 
 
 def relearn(
-    model_args: ModelArguments, data_args: DataArguments, args: RelearnArguments, callbacks=None
+    model_args: ModelArguments, data_args: DataArguments, args: RelearnArguments, callbacks=None, quiet: bool = False
 ) -> RelearnResult:
     """Run one re-learn: load, reset ``args.block``, train until recovered; returns (and writes) the result."""
     data_args = inherit_data_args(data_args, args.original_run)
@@ -170,6 +182,8 @@ def relearn(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if quiet:
+        _quiet(trainer)
     if trainer.is_world_process_zero():
         write_json_atomic(Path(args.output_dir) / DATA_FILE, dataclasses.asdict(data_args))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

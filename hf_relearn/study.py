@@ -253,7 +253,7 @@ def _train_base(recipe: Recipe, base: BaseSpec, folder: Path) -> dict:
     )
     settings = {"disable_tqdm": True, "seed": base.seed, **recipe.pretrain, "output_dir": str(folder)}
     args = PretrainArguments(objective=recipe.base.get("objective", "clm"), **settings)
-    return pretrain(model_args, DataArguments(**recipe.data), args)
+    return pretrain(model_args, DataArguments(**recipe.data), args, quiet=True)
 
 
 def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path) -> dict:
@@ -273,9 +273,8 @@ def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path) 
         settings["original_run"] = str(base_dir)
     model = str(base_dir) if base_dir is not None else run.base.model
     data_args = DataArguments(**recipe.data)
-    return relearn(
-        ModelArguments(model=model, head=recipe.base.get("head")), data_args, RelearnArguments(**settings)
-    ).to_dict()
+    model_args = ModelArguments(model=model, head=recipe.base.get("head"))
+    return relearn(model_args, data_args, RelearnArguments(**settings), quiet=True).to_dict()
 
 
 def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> dict:
