@@ -126,8 +126,8 @@ def load_model(
         config = build_config(spec, config_overrides)
     except OSError as err:
         raise RelearnError(
-            f"model {spec!r} is not a local folder, not a model type ({', '.join(sorted(CONFIG_MAPPING_NAMES)[:8])}, "
-            f"...) and could not be fetched from the Hub: {err}"
+            f"model {spec!r} is not a local folder, not a model type (such as gpt2, llama, qwen2, bert, roberta, t5, "
+            f"bart: {len(CONFIG_MAPPING_NAMES)} in all) and could not be fetched from the Hub: {str(err).splitlines()[0]}"
         ) from err
     cls = HEADS[head] if head else (_model_class_from_architectures(config) or HEADS[default_head(config)])
     return cls.from_pretrained(spec, config=config)
