@@ -302,7 +302,7 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
     layer_sum = [
         s
         for s in summary
-        if s["layer"] is not None and s["init"] == "scratch" and s["fraction"][0] == s["fraction"][0]
+        if s["layer"] is not None and s["init"] == "scratch" and s["cost_fraction"] == s["cost_fraction"]
     ]
     if layer_sum:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -314,10 +314,16 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
             label = (
                 f"{_grid_label(json.loads(key[0]))} · {key[1]}" if len(grids) > 1 else ARM_LABELS.get(key[1], key[1])
             )
-            ax.errorbar(
-                [s["layer"] for s in ss], [100 * s["fraction"][0] for s in ss], yerr=[100 * s["fraction"][1] for s in ss],
+            # a layer none of whose runs recovered is drawn at its lower bound (steps trained) with a hollow triangle
+            ys = [100 * (s["fraction"][0] if s["recovered"] else s["cost_fraction"]) for s in ss]
+            line = ax.errorbar(
+                [s["layer"] for s in ss], ys, yerr=[100 * (s["fraction"][1] if s["recovered"] else 0) for s in ss],
                 marker="o", capsize=3, label=label,
             )  # fmt: skip
+            censored = [(s["layer"], y) for s, y in zip(ss, ys, strict=True) if s["censored"]]
+            if censored:
+                ax.scatter(*zip(*censored, strict=True), marker="^", s=90, facecolors="none",
+                           edgecolors=line[0].get_color(), zorder=5)  # fmt: skip
             for s in ss:
                 ax.scatter(
                     [s["layer"]] * len(s["fraction_list"]),
@@ -329,7 +335,9 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
         ax.set_xlabel("reset layer L")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("steps to recover, % of original budget")
-        ax.set_title("Cost of re-learning one layer, by position (mean ± sd over seeds)")
+        ax.set_title("Cost of re-learning one layer, by position (mean ± sd over seeds)", fontsize=10)
+        if any(s["censored"] for s in layer_sum):
+            ax.scatter([], [], marker="^", facecolors="none", edgecolors="k", label="not all recovered: at least this")
         ax.legend(fontsize=8)
         fig.tight_layout()
         made.append(_save(fig, plots_dir / "cost_vs_layer.png"))
@@ -341,7 +349,7 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(blocks) * len(arms) / 2), 4.5))
         width = 0.8 / len(arms)
         for j, arm in enumerate(arms):
-            vals = []
+            vals, hatches = [], []
             for b in blocks:
                 s = next(
                     (
@@ -351,10 +359,13 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
                     ),
                     None,
                 )
-                vals.append(s["steps"][0] if s and not math.isnan(s["steps"][0]) else 0)
-            ax.bar([i + j * width for i in range(len(blocks))], vals, width, label=ARM_LABELS.get(arm, arm))
+                vals.append(s["cost"] if s else 0)  # unrecovered runs count with the steps they trained
+                hatches.append("//" if s and s["censored"] else "")
+            bars = ax.bar([i + j * width for i in range(len(blocks))], vals, width, label=ARM_LABELS.get(arm, arm))
+            for bar, hatch in zip(bars, hatches, strict=True):
+                bar.set_hatch(hatch)
         ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(blocks))], blocks, rotation=30, ha="right")
-        ax.set_ylabel("steps to recover (mean over seeds)")
+        ax.set_ylabel("steps to recover (mean; hatched = lower bound)")
         ax.set_title(f"Trainable arms side by side ({_grid_label(json.loads(grids[0]))})")
         ax.legend(fontsize=8)
         fig.tight_layout()
