@@ -452,15 +452,16 @@ def run_study(
             tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
             os.replace(tmp, recipe_file)
     _barrier()  # nobody trains before the clean-up is done
+    share, shares = rank, world  # this process's share of the bases and runs
     if parallel == "runs" and world > 1:
         _leave_launch_group()
     else:
-        world = 1  # "data": every process runs every run, together
-    mine = [item for i, item in enumerate(plan) if i % world == rank]
+        share, shares = 0, 1  # "data": every process runs every run, together
+    mine = [item for i, item in enumerate(plan) if i % shares == share]
     bar = tqdm(total=len(mine), desc=f"study {recipe.name}", unit="run", disable=not progress or rank != 0)
     if recipe.pretrain is not None:
         for i, base in enumerate(bases):
-            if i % world == rank:
+            if i % shares == share:
                 bar.set_postfix_str(f"training base {base.id}")
                 _train_base(recipe, base, out / "bases" / base.id)
         _wait_for([out / "bases" / b.id / RUN_FILE for b in bases], "the other processes' base models")
@@ -468,7 +469,7 @@ def run_study(
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
         bar.set_postfix_str(run.id)
         result = _run_one(recipe, run, base_dir, out / "runs" / run.id)
-        if rank == 0 or world > 1:
+        if rank == 0 or shares > 1:
             write_results(out / RESULTS, _collect_rows(recipe, plan, out))
         steps = result["steps_to_recover"]
         outcome = (
@@ -477,7 +478,7 @@ def run_study(
         bar.write(f"{run.id}: {result['after_reset_eval_loss']:.4f} -> {outcome}")
         bar.update(1)
     bar.close()
-    if world > 1:
+    if shares > 1:
         _wait_for([out / "runs" / r.id / RESULT_FILE for _, r in plan], "the other processes' runs")
     rows = _collect_rows(recipe, plan, out)
     if rank == 0:

@@ -74,7 +74,8 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, model, overrides, objec
     assert not list((tmp_path / "two").glob(".*.tmp"))
 
 
-def test_parallel_runs_spreads_a_study_over_two_processes_with_the_same_table(tmp_path):
+@pytest.mark.parametrize("parallel", ["runs", "data"])
+def test_a_study_on_two_processes_ends_with_the_table_of_one(tmp_path, parallel):
     import yaml
     from test_study import TINY_RECIPE, _table
 
@@ -83,11 +84,18 @@ def test_parallel_runs_spreads_a_study_over_two_processes_with_the_same_table(tm
     run_study(Recipe.from_dict(TINY_RECIPE), tmp_path / "one", progress=False)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(TINY_RECIPE))
-    proc = launch(["study", str(recipe), "--output-dir", str(tmp_path / "two"), "--parallel", "runs", "--no-progress"])
+    proc = launch(
+        ["study", str(recipe), "--output-dir", str(tmp_path / "two"), "--parallel", parallel, "--no-progress"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("report: ") == 1  # the main process reports, once
-    assert proc.stdout.count("-scratch-block-r0: ") == 5  # every run done once, by one of the two processes
-    assert _table(tmp_path / "two") == _table(tmp_path / "one")
     rows = read_results(tmp_path / "two" / "results.csv")
-    assert all(r["world_size"] == 1 for r in rows)  # each run trained alone, in its own process
+    if parallel == "runs":
+        assert proc.stdout.count("-scratch-block-r0: ") == 5  # every run done once, by one of the two processes
+        assert _table(tmp_path / "two") == _table(tmp_path / "one")  # the very same runs, each alone
+        assert all(r["world_size"] == 1 for r in rows)
+    else:
+        assert all(r["world_size"] == 2 for r in rows)  # each run on both processes (DDP): other batches, same plan
+        assert [r["run_id"] for r in rows] == [r["run_id"] for r in read_results(tmp_path / "one" / "results.csv")]
+        assert all(r["frozen_unchanged"] and r["reset_identical_across_ranks"] for r in rows)
     assert len({r["run_id"] for r in rows}) == len(rows) == 5
