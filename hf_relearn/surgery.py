@@ -261,43 +261,38 @@ def reset(
 
     targets = {id(params[n]): params[n] for n in block.params}
     names = sorted(block.params)
+    # under ZeRO-3 the block's tensors exist whole only inside this context
     with gathered(list(params.values())):
-        return _reset_gathered(model, block, init, seed, verify, params, shared, zero_targets, donor, targets, names)
-
-
-def _reset_gathered(
-    model, block, init, seed, verify, params, shared, zero_targets, donor, targets, names
-) -> SurgeryReport:
-    target_names = set(names)
-    buffers = _block_buffers(model, target_names)
-    all_targets = set(target_names) | {n for n, _ in buffers} | set(shared)
-    backup = {n: params[n].detach().clone() for n in names}
-    before = fingerprint(model) if verify else None
-    fallback: list[str] = []
-    try:
-        with torch.no_grad():
-            if donor is not None:
-                for n in names:
-                    params[n].copy_(donor[n].to(device=params[n].device, dtype=params[n].dtype))
-            else:
-                for p in targets.values():
-                    p.fill_(float("nan"))
-                target_ids = set(targets) | {id(b) for _, b in buffers}
-                _reinit_with_model_init(model, target_ids, seed)
-                fallback = _fallback_reset_parameters(model, names, params, seed)
-                for n in zero_targets:
-                    params[n].zero_()
-        if verify:
-            moved = [n for n in changed_tensors(before, fingerprint(model)) if n not in all_targets]
-            if moved:
-                raise RelearnError(
-                    f"internal check failed: reset of {block.name!r} also changed {', '.join(moved[:10])}"
-                )
-    except BaseException:
-        with torch.no_grad():
-            for n, saved in backup.items():
-                params[n].copy_(saved)
-        raise
+        target_names = set(names)
+        buffers = _block_buffers(model, target_names)
+        all_targets = set(target_names) | {n for n, _ in buffers} | set(shared)
+        backup = {n: params[n].detach().clone() for n in names}
+        before = fingerprint(model) if verify else None
+        fallback: list[str] = []
+        try:
+            with torch.no_grad():
+                if donor is not None:
+                    for n in names:
+                        params[n].copy_(donor[n].to(device=params[n].device, dtype=params[n].dtype))
+                else:
+                    for p in targets.values():
+                        p.fill_(float("nan"))
+                    target_ids = set(targets) | {id(b) for _, b in buffers}
+                    _reinit_with_model_init(model, target_ids, seed)
+                    fallback = _fallback_reset_parameters(model, names, params, seed)
+                    for n in zero_targets:
+                        params[n].zero_()
+            if verify:
+                moved = [n for n in changed_tensors(before, fingerprint(model)) if n not in all_targets]
+                if moved:
+                    raise RelearnError(
+                        f"internal check failed: reset of {block.name!r} also changed {', '.join(moved[:10])}"
+                    )
+        except BaseException:
+            with torch.no_grad():
+                for n, saved in backup.items():
+                    params[n].copy_(saved)
+            raise
     notes = list(block.notes)
     if shared:
         notes.append(f"tied tensors reset too, since they are the same storage: {', '.join(shared)}")
