@@ -41,9 +41,19 @@ class SwapReport:
     trainable: list[str] = field(default_factory=list)
     cross_attention: str = "reset"
     freeze: str = "decoder-except-cross"
+    num_parameters: int = 0
+
+    @property
+    def tensors(self) -> list[str]:
+        """The tensors the swap wrote (as ``SurgeryReport.tensors``)."""
+        return self.reset_tensors
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.reset_tensors)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "num_tensors": self.num_tensors}
 
 
 def _width(config) -> int:
@@ -174,7 +184,9 @@ def swap_encoder(
         trainable = [n for n, _ in model.named_parameters()]
     else:
         trainable = freeze_except(model, *blocks)
-    return SwapReport(old_width, new_width, adapter, resized, reset_names, trainable, cross_attention, freeze)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    size = sum(params[n].numel() for n in set(reset_names) if n in params)
+    return SwapReport(old_width, new_width, adapter, resized, reset_names, trainable, cross_attention, freeze, size)
 
 
 def check_forward_backward(model: PreTrainedModel, vocab: int, seq: int = 8) -> torch.Tensor:

@@ -88,6 +88,20 @@ class RelearnArguments(HfRelearnTrainingArguments):
     )
     trainable: str = field(default="block", metadata={"help": "block | all | lora-rest | block+lora-rest"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank for the lora-rest arms"})
+    swap_encoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "instead of resetting a block: install this encoder (model type, folder or Hub id) in the "
+            "encoder-decoder and reset its cross-attention (see swap.py)"
+        },
+    )
+    swap_encoder_overrides: str | None = field(
+        default=None, metadata={"help": "config overrides of the new encoder, e.g. d_model=128,num_layers=4"}
+    )
+    swap_cross_attention: str = field(default="reset", metadata={"help": "reset | zero (start as if absent)"})
+    swap_freeze: str = field(
+        default="decoder-except-cross", metadata={"help": "decoder-except-cross | encoder-trainable | all-trainable"}
+    )
     metrics: list[str] = field(
         default_factory=list,
         metadata={
@@ -395,10 +409,13 @@ class RelearnTrainer(Trainer):
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         if args.objective != "distill":
             self.measured["baseline"] = self._measure("relearn: baseline (intact model)")
-        self.surgery = reset(
-            self.model, self.block, init=args.init, seed=args.reset_seed, allow_shared=args.allow_shared
-        )
-        self._apply_trainable()
+        if args.swap_encoder:
+            self._swap_encoder()
+        else:
+            self.surgery = reset(
+                self.model, self.block, init=args.init, seed=args.reset_seed, allow_shared=args.allow_shared
+            )
+            self._apply_trainable()
         self._frozen_before = _normalised_fingerprint(self.model)
         self._reset_digest = _digest_int(
             [self._frozen_before[n] for n in sorted(self.surgery.tensors) if n in self._frozen_before]
@@ -414,6 +431,22 @@ class RelearnTrainer(Trainer):
             args.metric_key, self.threshold, args.higher_is_better, args.patience, args.stop_at_recovery
         )
         self.add_callback(self.recovery)
+
+    def _swap_encoder(self) -> None:
+        """The encoder-swap surgery: a new encoder, the decoder adapted to its width, cross-attention reset."""
+        from .blocks import Block
+        from .modeling import load_model
+        from .swap import swap_encoder
+
+        args = self.args
+        new = load_model(args.swap_encoder, args.swap_encoder_overrides, head="base", seed=args.reset_seed)
+        encoder = new.get_encoder() if getattr(new.config, "is_encoder_decoder", False) else new
+        report = swap_encoder(
+            self.model, encoder.to(self.model.device), args.swap_cross_attention, args.swap_freeze, args.reset_seed
+        )
+        self.surgery = report
+        self.block = Block(f"encoder-swap:{args.swap_encoder}", "swap", tuple(report.reset_tensors))
+        self._trainable_names = report.trainable
 
     def _unigram_warning(self, baseline: float) -> list[str]:
         """A base no better than a unigram model of its data learned nothing a reset could remove."""
