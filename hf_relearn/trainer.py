@@ -360,8 +360,7 @@ class RelearnTrainer(Trainer):
         if args.metrics and kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = build_compute_metrics(args.metrics, args.objective)
             kwargs.setdefault("preprocess_logits_for_metrics", _argmax_logits)
-        self.examples_counter = ExamplesSeen()
-        callbacks.append(self.examples_counter)
+        callbacks.append(ExamplesSeen())
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         if args.objective == "distill":
             self.label_names = []
@@ -394,9 +393,12 @@ class RelearnTrainer(Trainer):
             out.metrics["relearn_examples_seen"] = self._examples_seen()
         return out
 
+    def _counter(self) -> ExamplesSeen:
+        """The live example counter (a resumed run replaces the instance with one restored from the checkpoint)."""
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, ExamplesSeen))
+
     def _examples_seen(self) -> int:
-        counters = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ExamplesSeen)]
-        return counters[0].examples_seen if counters else 0
+        return self._counter().examples_seen
 
     # ---------------------------------------------------------------- surgery
     def prepare_relearn(self) -> None:
@@ -521,8 +523,7 @@ class RelearnTrainer(Trainer):
         if not torch.isfinite(loss).all():
             raise _Diverged(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
         batch = inputs.get("input_ids", next(iter(inputs.values())))
-        counters = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ExamplesSeen)]
-        counters[0].examples_seen += int(batch.shape[0]) * self.args.world_size
+        self._counter().examples_seen += int(batch.shape[0]) * self.args.world_size
         return loss
 
     # ---------------------------------------------------------------- the run
