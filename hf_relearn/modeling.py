@@ -111,12 +111,20 @@ def load_model(
 
     ``head`` is one of ``causal-lm``, ``masked-lm``, ``seq2seq-lm``, ``base``; by default the model type's usual one.
     """
+    config, cls = resolve_architecture(spec, config_overrides, head)
+    if is_config_name(spec):
+        transformers.set_seed(seed)
+        return cls.from_config(config)
+    return cls.from_pretrained(spec, config=config)
+
+
+def resolve_architecture(spec: str, config_overrides: str | dict | None = None, head: str | None = None):
+    """``(config, model class)`` for what ``spec`` names, without loading any weights (see ``load_model``)."""
     if head is not None and head not in HEADS:
         raise RelearnError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if is_config_name(spec):
         config = build_config(spec, config_overrides)
-        transformers.set_seed(seed)
-        return HEADS[head or default_head(config)].from_config(config)
+        return config, HEADS[head or default_head(config)]
     path = Path(spec)
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise RelearnError(f"model {spec!r}: no such folder")
@@ -129,5 +137,4 @@ def load_model(
             f"model {spec!r} is not a local folder, not a model type (such as gpt2, llama, qwen2, bert, roberta, t5, "
             f"bart: {len(CONFIG_MAPPING_NAMES)} in all) and could not be fetched from the Hub: {str(err).splitlines()[0]}"
         ) from err
-    cls = HEADS[head] if head else (_model_class_from_architectures(config) or HEADS[default_head(config)])
-    return cls.from_pretrained(spec, config=config)
+    return config, HEADS[head] if head else (_model_class_from_architectures(config) or HEADS[default_head(config)])

@@ -224,17 +224,11 @@ def _meta_model(recipe: Recipe, base: BaseSpec):
     """The base's architecture without weights (meta device): enough to list its blocks."""
     import torch
 
-    from .modeling import build_config, default_head, is_config_name
+    from .modeling import resolve_architecture
 
-    if not is_config_name(base.model):
-        from .modeling import load_model
-
-        return load_model(base.model, dict(base.overrides) or None, head=recipe.base.get("head"))
-    from .modeling import HEADS
-
-    config = build_config(base.model, dict(base.overrides))
+    config, cls = resolve_architecture(base.model, dict(base.overrides) or None, recipe.base.get("head"))
     with torch.device("meta"):
-        return HEADS[recipe.base.get("head") or default_head(config)].from_config(config)
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
 
 # ------------------------------------------------------------------------------------------------ running
