@@ -17,6 +17,7 @@ from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
 from .io import versions, write_json_atomic
 from .modeling import is_config_name, load_model, parse_overrides
+from .prefix_cache import PrefixCache
 from .trainer import (
     OBJECTIVES,
     HfRelearnTrainingArguments,
@@ -163,9 +164,18 @@ def inherit_data_args(data_args: DataArguments, original_run: str | None) -> Dat
 
 
 def relearn(
-    model_args: ModelArguments, data_args: DataArguments, args: RelearnArguments, callbacks=None, quiet: bool = False
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: RelearnArguments,
+    callbacks=None,
+    quiet: bool = False,
+    prefix_cache: PrefixCache | None = None,
 ) -> RelearnResult:
-    """Run one re-learn: load, reset ``args.block``, train until recovered; returns (and writes) the result."""
+    """Run one re-learn: load, reset ``args.block``, train until recovered; returns (and writes) the result.
+
+    ``prefix_cache``: a cache shared with other runs over the same base and data (a study); by default the run
+    makes its own where ``args.prefix_cache`` allows one.
+    """
     data_args = inherit_data_args(data_args, args.original_run)
     tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
     model = load_model(model_args.model, model_args.config_overrides, head=model_args.head, seed=model_args.model_seed)
@@ -181,6 +191,7 @@ def relearn(
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        prefix_cache=prefix_cache,
     )
     if quiet:
         _quiet(trainer)

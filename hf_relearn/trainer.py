@@ -28,6 +28,8 @@ from transformers.trainer_callback import ExportableState
 from .blocks import BlockMap
 from .errors import RelearnError
 from .io import versions, write_json_atomic
+from .prefix_cache import MODES as PREFIX_MODES
+from .prefix_cache import ROW_COLUMN, PrefixCache, RowCollator, active_dropout, plan_prefix, with_row_index
 from .surgery import SurgeryReport, fingerprint, freeze_except, reset
 
 OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
@@ -102,6 +104,13 @@ class RelearnArguments(HfRelearnTrainingArguments):
     swap_freeze: str = field(
         default="decoder-except-cross", metadata={"help": "decoder-except-cross | encoder-trainable | all-trainable"}
     )
+    swap_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "after a swap, train only the cross-attention (and enc_to_dec_proj) for this many steps, then "
+            "also what swap_freeze makes trainable (needs swap_freeze encoder-trainable or all-trainable; one process)"
+        },
+    )
     metrics: list[str] = field(
         default_factory=list,
         metadata={
@@ -113,6 +122,20 @@ class RelearnArguments(HfRelearnTrainingArguments):
         default=True, metadata={"help": "save the re-learned model (safetensors) in output_dir at the end"}
     )
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distill KL"})
+    prefix_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "skip the frozen layers below the block by caching their outputs per example (prefix_cache.py): "
+            "auto = on where exact (nothing below trains, no dropout there, fixed inputs), true = on with frozen "
+            "layers in eval mode (refused where it cannot be exact), false = off"
+        },
+    )
+    prefix_cache_memory_gb: float | None = field(
+        default=None, metadata={"help": "prefix cache memory budget; above it the cache is memory-mapped on disk"}
+    )
+    prefix_cache_dir: str | None = field(
+        default=None, metadata={"help": "folder for an on-disk prefix cache (default: a temporary folder)"}
+    )
     # Trainer defaults that suit a re-learn run (recovery is checked at evaluations)
     # constant, so that where recovery happens does not depend on an arbitrary max_steps cap (a decay would)
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (default constant)"})
@@ -132,10 +155,14 @@ class RelearnArguments(HfRelearnTrainingArguments):
             raise RelearnError(f"tolerance_abs must be > 0, got {self.tolerance_abs}")
         if self.patience < 1:
             raise RelearnError(f"patience must be >= 1, got {self.patience}")
+        self.prefix_cache = str(self.prefix_cache).lower()
+        if self.prefix_cache not in PREFIX_MODES:
+            raise RelearnError(f"prefix_cache must be one of {', '.join(PREFIX_MODES)}, got {self.prefix_cache!r}")
         if self.eval_strategy == "no":
             raise RelearnError("eval_strategy 'no' cannot measure recovery: use steps (and eval_steps)")
         if self.original_run is not None:
             read_original_run(self.original_run)  # fail now, not after training
+        check_swap_warmup(self)
 
     @property
     def metric_key(self) -> str:
@@ -170,6 +197,30 @@ def check_world_size(args: TrainingArguments) -> None:
             f"launched {launched} processes but the Trainer sees a world of {args.world_size}: the processes would "
             "each run alone. On CPU use `accelerate launch --multi_gpu --num_processes N` with use_cpu "
             "(recipes/accelerate/cpu-2proc.yaml)."
+        )
+
+
+def check_swap_warmup(args: RelearnArguments) -> None:
+    """Refuse a swap warm-up that cannot do what it says (see ``RelearnArguments.swap_warmup_steps``)."""
+    steps = args.swap_warmup_steps
+    if steps == 0:
+        return
+    if steps < 0:
+        raise RelearnError(f"swap_warmup_steps must be >= 0, got {steps}")
+    if not args.swap_encoder:
+        raise RelearnError(
+            "swap_warmup_steps needs swap_encoder (it warms up the cross-attention of a swapped encoder)"
+        )
+    if args.swap_freeze == "decoder-except-cross":
+        raise RelearnError(
+            "swap_warmup_steps with swap_freeze decoder-except-cross changes nothing (only the cross-attention trains "
+            "anyway): use swap_freeze encoder-trainable or all-trainable"
+        )
+    if args.world_size > 1:
+        # DDP (and FSDP, DeepSpeed) register the trainable parameters when they wrap the model, before step 0
+        raise RelearnError(
+            f"swap_warmup_steps is not supported under a {args.world_size}-process launch (the distributed wrapper "
+            "fixes which parameters train when it wraps the model); run it in one process"
         )
 
 
@@ -272,6 +323,25 @@ class RecoveryCallback(TrainerCallback):
         return control
 
 
+class SwapWarmupCallback(TrainerCallback):
+    """Unfreezes ``params`` at the start of the first optimizer step after ``steps`` (the end of a swap warm-up).
+
+    Steps 1..``steps`` train only what was trainable before; from step ``steps + 1`` on, ``params`` train too. It
+    reads ``state.global_step``, so a run resumed past the warm-up unfreezes them before its first step.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], steps: int):
+        self.params, self.steps = params, steps
+        self.unfrozen_at: int | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.unfrozen_at is None and state.global_step >= self.steps:
+            for p in self.params:
+                p.requires_grad_(True)
+            self.unfrozen_at = state.global_step
+        return control
+
+
 # ----------------------------------------------------------------------------------------------- result
 @dataclass
 class RelearnResult:
@@ -316,6 +386,7 @@ class RelearnResult:
     surgery: dict
     versions: dict
     stopped: str = "recovered"
+    prefix_cache: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -351,7 +422,14 @@ class RelearnTrainer(Trainer):
 
     args: RelearnArguments
 
-    def __init__(self, model=None, args: RelearnArguments | None = None, model_name: str | None = None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: RelearnArguments | None = None,
+        model_name: str | None = None,
+        prefix_cache: PrefixCache | None = None,
+        **kwargs,
+    ):
         if not isinstance(args, RelearnArguments):
             raise RelearnError("RelearnTrainer needs RelearnArguments (a TrainingArguments subclass)")
         self.model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
@@ -371,6 +449,11 @@ class RelearnTrainer(Trainer):
         self.recovery: RecoveryCallback | None = None
         self._frozen_before: dict[str, str] | None = None
         self._trainable_names: list[str] = []
+        # a cache handed in (a study's, shared by the runs over one base) outlives this trainer; our own does not
+        self._shared_prefix_cache = prefix_cache
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_cache_info: dict = {"enabled": False, "reason": "not planned yet"}
+        self._prefix_splits: set[str] = set()
 
     # ---------------------------------------------------------------- measuring
     def _measure(self, description: str) -> dict[str, float]:
@@ -418,6 +501,7 @@ class RelearnTrainer(Trainer):
                 self.model, self.block, init=args.init, seed=args.reset_seed, allow_shared=args.allow_shared
             )
             self._apply_trainable()
+        self._setup_prefix_cache()
         self._frozen_before = _normalised_fingerprint(self.model)
         self._reset_digest = _digest_int(
             [self._frozen_before[n] for n in sorted(self.surgery.tensors) if n in self._frozen_before]
@@ -448,7 +532,98 @@ class RelearnTrainer(Trainer):
         )
         self.surgery = report
         self.block = Block(f"encoder-swap:{args.swap_encoder}", "swap", tuple(report.reset_tensors))
-        self._trainable_names = report.trainable
+        self._trainable_names = report.trainable  # the warm-up's later ones included: they may change
+        self._warmup_params = []
+        if args.swap_warmup_steps:
+            check_swap_warmup(args)
+            first = set(report.reset_tensors)
+            self._warmup_params = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in first]
+            for p in self._warmup_params:
+                p.requires_grad_(False)
+            self.add_callback(SwapWarmupCallback(self._warmup_params, args.swap_warmup_steps))
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with a swap warm-up's later-unfrozen parameters in it from the start.
+
+        The Trainer takes only parameters with ``requires_grad`` into its optimizer; those a warm-up unfreezes later
+        are added now and skipped by the optimizer (no gradient) until they are unfrozen.
+        """
+        later = [p for p in getattr(self, "_warmup_params", []) if not p.requires_grad]
+        for p in later:
+            p.requires_grad_(True)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            for p in later:
+                p.requires_grad_(False)
+
+    # ---------------------------------------------------------------- frozen-prefix cache
+    def _prefix_cache_refusal(self) -> tuple[str | None, set[str]]:
+        """Why no prefix cache can serve this run (None if one can), and the splits it may serve."""
+        args = self.args
+        if args.swap_encoder:
+            return "an encoder swap changes the encoder itself", set()
+        if args.trainable != "block":
+            return f"trainable={args.trainable}: layers below the block train too", set()
+        if args.objective == "distill":
+            return "the distill objective runs a full teacher anyway", set()
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return "FSDP / DeepSpeed shard the frozen layers, so they cannot be run alone to fill the cache", set()
+        if args.gradient_checkpointing:
+            return "gradient checkpointing re-runs layers in backward; use one or the other", set()
+        # training batches of the mlm objective are masked at random each time: only evaluation rows repeat
+        splits = {"eval"} if args.objective == "mlm" else {"train", "eval"}
+        return None, splits
+
+    def _setup_prefix_cache(self) -> None:
+        """Plan the frozen-prefix cache after surgery and freezing; attach it, or record why not (see README)."""
+        args = self.args
+        if args.prefix_cache == "false":
+            self.prefix_cache_info = {"enabled": False, "reason": "prefix_cache=false"}
+            return
+        reason, splits = self._prefix_cache_refusal()
+        plan = None
+        if reason is None:
+            plan, reason = plan_prefix(self.model, self._trainable_names)
+            reason = reason or None
+        if reason is None and args.prefix_cache == "auto":
+            dropout = active_dropout(self.model, plan.skipped)
+            if dropout:
+                reason = (
+                    f"dropout is active in the frozen layers ({', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''}"
+                    "): the cache would run them in eval mode; set prefix_cache=true to accept that"
+                )
+        if reason is not None:
+            if args.prefix_cache == "true":
+                raise RelearnError(f"prefix_cache=true, but the cache cannot be exact here: {reason}")
+            self.prefix_cache_info = {"enabled": False, "reason": reason}
+            return
+        cache = self._shared_prefix_cache
+        if cache is None:
+            budget = None if args.prefix_cache_memory_gb is None else int(args.prefix_cache_memory_gb * (1 << 30))
+            cache = PrefixCache(budget, args.prefix_cache_dir)
+        cache.attach(self.model, plan)
+        self.prefix_cache, self._prefix_splits = cache, splits
+        if "train" in splits:
+            self.train_dataset = with_row_index(self.train_dataset)
+        self.eval_dataset = with_row_index(self.eval_dataset)
+        self.data_collator = RowCollator(self.data_collator)
+        self.prefix_cache_info = {"enabled": True, "splits": sorted(splits), "skipped": plan.describe()}
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if ROW_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW_COLUMN]
+
+    def _release_prefix_cache(self) -> None:
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache_info.update(self.prefix_cache.summary())
+        if self.prefix_cache is self._shared_prefix_cache:
+            self.prefix_cache.detach()
+        else:
+            self.prefix_cache.close()
+        self.prefix_cache = None
 
     def _unigram_warning(self, baseline: float) -> list[str]:
         """A base no better than a unigram model of its data learned nothing a reset could remove."""
@@ -503,6 +678,14 @@ class RelearnTrainer(Trainer):
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs.pop(ROW_COLUMN, None)
+        split = "train" if model.training else "eval"
+        if rows is not None and self.prefix_cache is not None and split in self._prefix_splits:
+            dataset = self.train_dataset if split == "train" else self.eval_dataset
+            with self.prefix_cache.serving(inputs, rows, split, len(dataset)):
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
         if self.args.objective == "distill":
             loss = self._distill_loss(model, inputs)
             return (loss, None) if return_outputs else loss
@@ -534,6 +717,7 @@ class RelearnTrainer(Trainer):
         try:
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         except _Diverged as err:
+            self._release_prefix_cache()
             self.result = self._build_result(stopped="nan")
             self._write_result()
             last = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
@@ -542,6 +726,8 @@ class RelearnTrainer(Trainer):
                 f"{err}: training stopped ({keep}; relearn_result.json records the run). "
                 "Lower the learning rate or raise max_grad_norm clipping."
             ) from None
+        finally:
+            self._release_prefix_cache()
         if self.recovery.recovered_step is None:
             stopped = "max_steps"
         self.result = self._build_result(stopped=stopped)
@@ -649,6 +835,7 @@ class RelearnTrainer(Trainer):
             surgery=self.surgery.to_dict(),
             versions=versions(),
             stopped=stopped,
+            prefix_cache=dict(self.prefix_cache_info),
         )
 
 

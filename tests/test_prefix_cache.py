@@ -1,0 +1,217 @@
+"""Frozen-prefix cache: exact losses and gradients, refusals, on-disk stores, sharing, and a relearn run with it."""
+
+import json
+
+import pytest
+import torch
+from test_relearn import base_run, relearn_run
+from test_swap import _pair
+from tiny import TINY
+
+from hf_relearn.blocks import BlockMap
+from hf_relearn.errors import RelearnError
+from hf_relearn.modeling import load_model
+from hf_relearn.prefix_cache import PrefixCache, active_dropout, plan_prefix
+from hf_relearn.surgery import freeze_except
+
+ENC_DEC = dict(decoder_start_token_id=0, pad_token_id=0)
+
+
+def _model(kind: str):
+    if kind == "bert-gpt2":
+        return _pair(32)  # EncoderDecoderModel: a 32-wide BERT encoder, a 64-wide GPT-2 decoder (enc_to_dec_proj)
+    return load_model(kind, {**TINY[kind], **(ENC_DEC if kind in ("t5", "bart") else {})})
+
+
+def _loss_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _batch(seed: int = 0, rows: int = 4, length: int = 16):
+    ids = torch.randint(3, 200, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+@pytest.mark.parametrize(
+    "kind, block, skipped",
+    [
+        ("gpt2", "decoder.2", "decoder layers 0-1"),  # a decoder
+        ("llama", "decoder.-1", "decoder layers 0-2"),  # rotary position embeddings recomputed live
+        ("bert", "encoder.2.mlp", "encoder layers 0-1"),  # an encoder, one part of a layer
+        ("t5", "decoder.2", "the encoder (encoder) and decoder layers 0-1"),  # enc-dec, decoder layer
+        ("t5", "encoder.3", "encoder layers 0-2"),  # enc-dec, encoder layer (position bias passed between layers)
+        ("bart", "decoder.1.cross_attention", "the encoder (model.encoder) and decoder layer 0"),
+        ("bert-gpt2", "decoder.3", "the encoder (encoder) and decoder layers 0-2"),
+    ],
+)
+def test_loss_and_gradients_with_the_cache_equal_those_without(kind, block, skipped):
+    model = _model(kind).eval()  # eval-mode semantics: the cache runs frozen layers without dropout
+    trainable = freeze_except(model, BlockMap(model).resolve(block))
+    inputs = _batch()
+    loss, grads = _loss_and_grads(model, inputs)
+    plan, why = plan_prefix(model, trainable)
+    assert why == "" and plan.describe() == skipped
+    cache = PrefixCache()
+    cache.attach(model, plan)
+    rows = torch.tensor([5, 1, 7, 2])
+    for _ in range(2):  # the first serving fills the rows, the second reads them back
+        with cache.serving(inputs, rows, "train", n_rows=10):
+            cached_loss, cached_grads = _loss_and_grads(model, inputs)
+        assert cached_loss == pytest.approx(loss.item(), abs=1e-5)
+        assert grads.keys() == cached_grads.keys() and grads
+        for name in grads:
+            torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+    assert cache.filled_rows == 4  # computed once
+    # outside `serving` the model runs its own forward; after close() nothing of the cache is left on it
+    assert _loss_and_grads(model, inputs)[0] == loss
+    cache.close()
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert _loss_and_grads(model, inputs)[0] == loss
+
+
+def test_the_cache_actually_skips_the_prefix():
+    model = _model("gpt2").eval()
+    trainable = freeze_except(model, BlockMap(model).resolve("decoder.3"))
+    calls = {i: 0 for i in range(4)}
+    for i, layer in enumerate(model.transformer.h):
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    cache = PrefixCache()
+    cache.attach(model, plan_prefix(model, trainable)[0])
+    inputs, rows = _batch(), torch.arange(4)
+    with cache.serving(inputs, rows, "eval", n_rows=4):  # fills: layers 0-2 run once, in eval mode
+        model(**inputs)
+    with cache.serving(inputs, rows, "eval", n_rows=4):
+        model(**inputs)
+    assert calls == {0: 1, 1: 1, 2: 1, 3: 2}
+
+
+@pytest.mark.parametrize(
+    "kind, block, reason",
+    [
+        ("gpt2", "decoder.0", "nothing below it"),
+        ("bert", "embeddings", "embeddings"),
+        ("albert", "encoder.0", "share weights"),
+    ],
+)
+def test_plans_that_cannot_skip_anything_say_why(kind, block, reason):
+    overrides = dict(TINY.get(kind, {}))
+    if kind == "albert":
+        overrides = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                         embedding_size=32, vocab_size=256)  # fmt: skip
+    model = load_model(kind, overrides)
+    names = freeze_except(model, block)
+    plan, why = plan_prefix(model, names)
+    assert plan is None and reason in why
+
+
+def test_changed_inputs_and_lengths_are_refused():
+    model = _model("gpt2").eval()
+    cache = PrefixCache()
+    cache.attach(model, plan_prefix(model, freeze_except(model, "decoder.2"))[0])
+    rows = torch.arange(4)
+    with cache.serving(_batch(0), rows, "train", n_rows=8):
+        pass
+    with pytest.raises(RelearnError, match="random masking, crops or augmentation"):
+        with cache.serving(_batch(1), rows, "train", n_rows=8):  # same rows, other tokens (a random collator)
+            pass
+    with pytest.raises(RelearnError, match="one length"):
+        with cache.serving(_batch(0, length=12), torch.arange(4, 8), "train", n_rows=8):
+            pass
+    with pytest.raises(RelearnError, match="built for 8"):
+        with cache.serving(_batch(0), rows, "train", n_rows=9):
+            pass
+
+
+def test_over_the_memory_budget_the_cache_is_memory_mapped_on_disk(tmp_path):
+    model = _model("t5").eval()
+    trainable = freeze_except(model, BlockMap(model).resolve("decoder.3"))
+    inputs = _batch()
+    loss, grads = _loss_and_grads(model, inputs)
+    cache = PrefixCache(max_memory_bytes=0, directory=tmp_path / "cache")
+    cache.attach(model, plan_prefix(model, trainable)[0])
+    for _ in range(2):
+        with cache.serving(inputs, torch.arange(4), "train", n_rows=4):
+            cached_loss, cached_grads = _loss_and_grads(model, inputs)
+        assert cached_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+        for name in grads:
+            torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+    files = list((tmp_path / "cache").iterdir())
+    # the encoder output and the decoder's hidden states per row on disk; T5's position biases (shaped [1, ...],
+    # the same for every example) are stored once, in memory
+    assert len(files) == 2 and cache.disk_bytes == sum(f.stat().st_size for f in files)
+    assert cache.summary()["disk_bytes"] > 0 and cache.memory_bytes == 2 * 2 * 16 * 16 * 4  # two [1, 2, 16, 16] biases
+
+
+def test_one_fill_serves_every_lower_boundary_when_shared():
+    model = _model("gpt2").eval()
+    inputs, rows = _batch(), torch.arange(4)
+    shared = PrefixCache(capture_all=True)
+    shared.attach(model, plan_prefix(model, freeze_except(model, "decoder.3"))[0])
+    with shared.serving(inputs, rows, "train", n_rows=4):
+        model(**inputs)
+    assert shared.filled_rows == 4
+    for block in ("decoder.2", "decoder.1"):  # other runs over the same base: no prefix forward at all
+        trainable = freeze_except(model, block)
+        loss, grads = _loss_and_grads(model, inputs)
+        shared.attach(model, plan_prefix(model, trainable)[0])
+        with shared.serving(inputs, rows, "train", n_rows=4):
+            cached_loss, cached_grads = _loss_and_grads(model, inputs)
+        shared.detach()
+        assert cached_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+        for name in grads:
+            torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+    assert shared.filled_rows == 4
+
+
+def test_dropout_in_the_prefix_is_found():
+    model = _model("gpt2")
+    assert any("attn_dropout" in d for d in active_dropout(model, ["transformer.h.0"]))
+    quiet = load_model("gpt2", {**TINY["gpt2"], "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0})
+    assert active_dropout(quiet, ["transformer.h.0", "transformer.h.1"]) == []
+
+
+NO_DROPOUT = "n_layer=4,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
+
+
+@pytest.fixture(scope="module")
+def quiet_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt2-no-dropout")
+    base_run(out, "gpt2", NO_DROPOUT, steps=150, generated_chars=60_000)
+    return out
+
+
+def test_a_relearn_with_the_cache_gives_the_same_curve(quiet_base, tmp_path):
+    runs = {}
+    for mode in ("false", "auto"):
+        # 60 steps x 16 rows is more than the ~800 training rows: the second epoch is served from the cache
+        runs[mode] = relearn_run(
+            tmp_path / mode, quiet_base, "decoder.2", prefix_cache=mode, max_steps=60, stop_at_recovery=False
+        )
+    off, on = runs["false"], runs["auto"]
+    assert off.prefix_cache == {"enabled": False, "reason": "prefix_cache=false"}
+    info = on.prefix_cache
+    assert info["enabled"] and info["skipped"] == "decoder layers 0-1" and info["splits"] == ["eval", "train"]
+    n_train = info["rows_filled"]["train"]
+    assert 0 < n_train < 60 * 16 and info["prefix_forwards"] == n_train + info["rows_filled"]["eval"]
+    assert len(on.curve) == len(off.curve) == 7
+    for (s1, v1), (s2, v2) in zip(on.curve, off.curve, strict=True):
+        assert s1 == s2 and v1 == pytest.approx(v2, abs=1e-4)
+    assert on.frozen_unchanged and on.steps_to_recover == off.steps_to_recover
+    saved = json.loads((tmp_path / "auto" / "relearn_result.json").read_text())
+    assert saved["prefix_cache"]["enabled"] is True
+
+
+def test_auto_stays_off_where_it_would_not_be_exact_and_true_refuses(gpt2_base, tmp_path):
+    # the default GPT-2 has dropout 0.1 in its layers: auto leaves the cache off and says why
+    result = relearn_run(tmp_path / "auto", gpt2_base, "decoder.2", max_steps=10)
+    assert not result.prefix_cache["enabled"] and "dropout" in result.prefix_cache["reason"]
+    # true accepts eval-mode frozen layers
+    result = relearn_run(tmp_path / "true", gpt2_base, "decoder.2", max_steps=10, prefix_cache="true")
+    assert result.prefix_cache["enabled"]
+    with pytest.raises(RelearnError, match="cannot be exact here: trainable=all"):
+        relearn_run(tmp_path / "all", gpt2_base, "decoder.2", max_steps=10, prefix_cache="true", trainable="all")
+    with pytest.raises(RelearnError, match="prefix_cache must be one of"):
+        relearn_run(tmp_path / "bad", gpt2_base, "decoder.2", max_steps=10, prefix_cache="yes please")
