@@ -44,6 +44,9 @@ _TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
 )
 _MLM_PROBABILITY = 0.15
+SEQ2SEQ_TASKS = ("continue", "denoise")
+DENOISE_RATIO = 0.3  # share of source tokens masked by the denoise task
+DENOISE_MEAN_SPAN = 3.0  # mean length of a masked span (1 + Poisson(2))
 
 
 # --------------------------------------------------------------------------------------------------- tokenizers
@@ -200,6 +203,22 @@ class DataArguments:
     corpus_seed: int = field(
         default=0, metadata={"help": "Seed of the generated corpus and of the one-time masking of the MLM eval set."}
     )
+    seq2seq_task: str = field(
+        default="continue",
+        metadata={
+            "help": "What the seq2seq objective asks: 'continue' (source = first half of a block, target = the rest) "
+            "or 'denoise' (source = the whole block with random spans masked, target = the block; BART-style: the "
+            "decoder needs the encoder to predict well)."
+        },
+    )
+    seq2seq_target_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "For seq2seq_task 'continue': the target is the last this many tokens of a block and the source "
+            "the rest (default: half the block). A short target leaves the decoder little context of its own, so it "
+            "must read the encoder."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -216,6 +235,14 @@ class DataArguments:
             raise RelearnError(f"builtin_corpus must be 'generated' or 'stdlib', got {self.builtin_corpus!r}")
         if self.generated_chars < 1:
             raise RelearnError(f"generated_chars must be at least 1, got {self.generated_chars}")
+        if self.seq2seq_task not in SEQ2SEQ_TASKS:
+            raise RelearnError(f"seq2seq_task must be one of {', '.join(SEQ2SEQ_TASKS)}, got {self.seq2seq_task!r}")
+        target = self.seq2seq_target_tokens
+        if target is not None:
+            if self.seq2seq_task != "continue":
+                raise RelearnError("seq2seq_target_tokens applies to seq2seq_task 'continue' only")
+            if not 1 <= target < self.block_size:
+                raise RelearnError(f"seq2seq_target_tokens must be in [1, block_size), got {target}")
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
             if path is None:
@@ -579,12 +606,58 @@ def _dataset(columns: dict[str, np.ndarray]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({name: array.astype(np.int64) for name, array in columns.items()}, features)
 
 
-def _objective_columns(blocks: np.ndarray, objective: str) -> dict[str, np.ndarray]:
+def denoise_source(blocks: np.ndarray, mask_id: int, seed: int) -> np.ndarray:
+    """``blocks`` with random spans replaced by ``mask_id`` (the source of the ``denoise`` seq2seq task).
+
+    Guarantees: same shape and dtype as ``blocks`` (one mask id per masked token, so source and target stay aligned
+    and the same length); span starts are drawn with probability ``DENOISE_RATIO / DENOISE_MEAN_SPAN`` per token and
+    span lengths are ``1 + Poisson(DENOISE_MEAN_SPAN - 1)``, so about ``DENOISE_RATIO`` of the tokens (a little less
+    where spans overlap or run off the end) are masked; every row keeps its first token; the result depends only on
+    ``(blocks, mask_id, seed)`` (its own generator; the global RNG is not touched), so every build of a data set
+    corrupts each example the same way.
+    """
+    rng = np.random.default_rng(seed)
+    rows, width = blocks.shape
+    starts = rng.random((rows, width)) < DENOISE_RATIO / DENOISE_MEAN_SPAN
+    starts[:, 0] = False
+    lengths = 1 + rng.poisson(DENOISE_MEAN_SPAN - 1, size=(rows, width))
+    masked = np.zeros((rows, width), dtype=bool)
+    r, c = np.nonzero(starts)
+    span = lengths[r, c]
+    for k in range(int(span.max()) if len(span) else 0):
+        keep = (span > k) & (c + k < width)
+        masked[r[keep], c[keep] + k] = True
+    out = blocks.copy()
+    out[masked] = mask_id
+    return out
+
+
+def _mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for token_id in (tokenizer.mask_token_id, tokenizer.unk_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise RelearnError(
+        f"seq2seq_task 'denoise' needs a tokenizer with a mask (or unk) token; {type(tokenizer).__name__} has none "
+        "(use --tokenizer bytes)"
+    )
+
+
+def _objective_columns(
+    blocks: np.ndarray,
+    objective: str,
+    task: str = "continue",
+    mask_id: int | None = None,
+    seed: int = 0,
+    target_tokens: int | None = None,
+) -> dict[str, np.ndarray]:
     ones = np.ones_like(blocks)
     if objective == "clm":
         return {"input_ids": blocks, "attention_mask": ones, "labels": blocks.copy()}
+    if objective == "seq2seq" and task == "denoise":
+        assert mask_id is not None
+        return {"input_ids": denoise_source(blocks, mask_id, seed), "attention_mask": ones, "labels": blocks.copy()}
     if objective == "seq2seq":
-        half = blocks.shape[1] // 2
+        half = blocks.shape[1] // 2 if target_tokens is None else blocks.shape[1] - target_tokens
         return {"input_ids": blocks[:, :half], "attention_mask": ones[:, :half], "labels": blocks[:, half:]}
     return {"input_ids": blocks, "attention_mask": ones}  # distill, and mlm before masking
 
@@ -608,8 +681,11 @@ def build_datasets(
     * ``mlm``: train input_ids, attention_mask, masked (15%) afresh in every batch by the collator; the eval set is
       masked once, from ``args.corpus_seed``, and stored with its labels (-100 where not masked), so an evaluation
       gives the same loss every time; the collator passes such pre-masked examples through unchanged.
-    * ``seq2seq``: input_ids/attention_mask = the first ``block_size // 2`` tokens of a block, labels = the rest
-      (continue the text); ``default_data_collator``.
+    * ``seq2seq``: with ``args.seq2seq_task == "continue"`` (default) input_ids/attention_mask = the first
+      ``block_size // 2`` tokens of a block (``block_size - seq2seq_target_tokens`` when that is set), labels = the
+      rest (continue the text); with ``"denoise"`` input_ids = the
+      whole block with random spans masked (:func:`denoise_source`, fixed per example: train from
+      ``args.corpus_seed``, eval from ``args.corpus_seed + 1``), labels = the block; ``default_data_collator``.
     * ``distill``: input_ids, attention_mask (targets come from a teacher); ``default_data_collator``.
 
     Raises :class:`RelearnError` for an unknown objective, ``mlm`` with a tokenizer without a mask token, an empty
@@ -626,9 +702,14 @@ def build_datasets(
     train_blocks = _blocks(train_stream, args.block_size)[: args.max_train_samples]
     eval_blocks = _blocks(eval_stream, args.block_size)[: args.max_eval_samples]
 
-    train_dataset = _dataset(_objective_columns(train_blocks, objective))
+    task, mask_id = args.seq2seq_task, None
+    if objective == "seq2seq" and task == "denoise":
+        mask_id = _mask_token_id(tokenizer)
+    target = args.seq2seq_target_tokens
+    train_dataset = _dataset(_objective_columns(train_blocks, objective, task, mask_id, args.corpus_seed, target))
     if objective != "mlm":
-        return train_dataset, _dataset(_objective_columns(eval_blocks, objective)), default_data_collator
+        evals = _dataset(_objective_columns(eval_blocks, objective, task, mask_id, args.corpus_seed + 1, target))
+        return train_dataset, evals, default_data_collator
     masked, labels = _mask_once(eval_blocks, tokenizer, args.corpus_seed)
     eval_dataset = _dataset({"input_ids": masked, "attention_mask": np.ones_like(masked), "labels": labels})
     return train_dataset, eval_dataset, _MaskedLMCollator(tokenizer)

@@ -444,3 +444,26 @@ def test_unigram_loss_by_hand():
 def test_unigram_loss_of_generated_text(tok, objective):
     train, evaluation, _ = build_datasets(_args(), tok, objective)
     assert 1.0 < unigram_loss(train, evaluation, len(tok)) < math.log(259)
+
+
+def test_seq2seq_denoise_masks_spans_of_the_source_and_keeps_the_block_as_target(tok):
+    clm, clm_eval, _ = build_datasets(_args(), tok, "clm")
+    train, evaluation, _ = build_datasets(_args(seq2seq_task="denoise"), tok, "seq2seq")
+    again, _, _ = build_datasets(_args(seq2seq_task="denoise"), tok, "seq2seq")
+    mask = tok.mask_token_id
+    for blocks, noisy in ((clm, train), (clm_eval, evaluation)):
+        source, target = np.array(_rows(noisy)), np.array(_rows(noisy, "labels"))
+        assert source.shape == target.shape == np.array(_rows(blocks)).shape  # whole block in, whole block out
+        assert (target == np.array(_rows(blocks))).all()
+        masked = source == mask
+        assert (source[~masked] == target[~masked]).all()  # only masking, nothing else changed
+        assert 0.2 < masked.mean() < 0.32 and not masked[:, 0].any()
+        runs = np.diff(
+            np.concatenate([np.zeros((len(masked), 1)), masked, np.zeros((len(masked), 1))], axis=1), axis=1
+        )
+        assert masked.sum() / (runs == 1).sum() > 2.0  # spans, not single tokens
+    assert _rows(train) == _rows(again)  # the same corruption every build
+    assert _rows(train)[0] != _rows(evaluation)[0]
+    assert build_datasets(_args(), tok, "seq2seq")[0].column_names == train.column_names  # continue stays default
+    with pytest.raises(RelearnError, match="seq2seq_task must be one of continue, denoise"):
+        DataArguments(seq2seq_task="shuffle")
