@@ -103,6 +103,100 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_tokenizer(model: str):
+    """The tokenizer saved with a model folder, or None (a model type, a Hub id, a folder without tokenizer files:
+    ``AutoTokenizer`` would "load" an empty one from such a folder)."""
+    from .data import _has_tokenizer_files
+
+    if not Path(model).is_dir() or not _has_tokenizer_files(Path(model)):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, TypeError):
+        return None  # a folder without tokenizer files
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    """Swap the encoder, check a forward/backward, save model + tokenizer + swap_report.json (all or nothing)."""
+    import torch
+    from transformers import EncoderDecoderModel
+
+    from .io import check_output_dir, versions, write_dir_atomic, write_json_atomic
+    from .modeling import load_model
+    from .swap import check_forward_backward, swap_encoder, unsaveable_reason
+
+    out = check_output_dir(args.output_dir, args.overwrite)
+    model = _load(args)
+    new = load_model(args.encoder, args.encoder_overrides, head="base", seed=args.encoder_seed)
+    encoder = new.get_encoder() if getattr(new.config, "is_encoder_decoder", False) else new
+    report = swap_encoder(model, encoder, args.cross_attention, args.freeze, args.seed)
+    reason = unsaveable_reason(model, report)
+    if reason:
+        raise RelearnError(reason)
+    if isinstance(model, EncoderDecoderModel):
+        vocab = min(model.config.encoder.vocab_size, model.config.decoder.vocab_size)
+    else:
+        vocab = model.config.vocab_size
+    torch.manual_seed(args.seed)
+    try:
+        loss = float(check_forward_backward(model, vocab))
+    except (RuntimeError, ValueError) as err:
+        raise RelearnError(f"the swapped model failed a forward/backward pass: {err}") from err
+    model.zero_grad(set_to_none=True)
+    tokenizer = _folder_tokenizer(args.model)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _check_reloads(model, tmp, vocab)
+        write_json_atomic(
+            tmp / "swap_report.json",
+            {
+                "model": args.model,
+                "config_overrides": args.config_overrides,
+                "encoder": args.encoder,
+                "encoder_overrides": args.encoder_overrides,
+                "encoder_seed": args.encoder_seed,
+                "seed": args.seed,
+                **report.to_dict(),
+                "check_loss": loss,
+                "versions": versions(),
+            },
+        )
+
+    write_dir_atomic(out, fill)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(report.trainable))
+    print(
+        f"swapped the encoder of {args.model} for {args.encoder} (width {report.old_width} -> {report.new_width}, "
+        f"adapter {report.adapter}); cross-attention {report.cross_attention}: {report.num_tensors} tensors, "
+        f"{report.num_parameters:,} parameters reset; freeze {report.freeze}: {trainable:,} parameters trainable; "
+        f"forward/backward loss {loss:.4f} -> {out}"
+    )
+    return 0
+
+
+def _check_reloads(model, folder: Path, vocab: int) -> None:
+    """Reload what was saved and demand identical logits (else the save would silently be another model)."""
+    import torch
+
+    from .modeling import load_model
+
+    reloaded = load_model(str(folder)).eval()
+    model.eval()
+    ids = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(input_ids=ids, decoder_input_ids=ids).logits
+        b = reloaded(input_ids=ids, decoder_input_ids=ids).logits
+    if not torch.equal(a, b):
+        raise RelearnError(
+            f"the saved model does not load back as the swapped one (logits differ by up to {(a - b).abs().max():.3g}); "
+            "nothing was written. Measure the swap in memory with `hf-relearn relearn --swap_encoder ...`"
+        )
+
+
 def _hf_parse(dataclass_types, argv: list[str], prog: str):
     from transformers import HfArgumentParser
 
@@ -256,6 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-shared", action="store_true", help="reset tied/shared tensors everywhere they are used")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.set_defaults(func=cmd_reset)
+
+    p = sub.add_parser(
+        "swap", help="install a new encoder (any width) in an encoder-decoder, reset its cross-attention, save it"
+    )
+    _add_model_args(p)
+    p.add_argument("--encoder", required=True, help="the new encoder: model type (t5, bert, ...), folder or Hub id")
+    p.add_argument("--encoder-overrides", default=None, help="config overrides of the new encoder, e.g. d_model=128")
+    p.add_argument("--encoder-seed", type=int, default=0, help="init seed of a new encoder built from config")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--cross-attention", default="reset", choices=["reset", "zero"], help="zero: start as if absent")
+    p.add_argument(
+        "--freeze",
+        default="decoder-except-cross",
+        choices=["decoder-except-cross", "encoder-trainable", "all-trainable"],
+        help="what stays trainable (recorded in swap_report.json)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-attention reset")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.set_defaults(func=cmd_swap)
 
     for name, helptext in (
         ("study", "run a study recipe: base training, a sweep of relearns, results.csv, report and plots"),

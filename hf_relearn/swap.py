@@ -189,8 +189,44 @@ def swap_encoder(
     return SwapReport(old_width, new_width, adapter, resized, reset_names, trainable, cross_attention, freeze, size)
 
 
+def unsaveable_reason(model: PreTrainedModel, report: SwapReport) -> str | None:
+    """Why ``save_pretrained`` of this swapped model would not load back as the same model, or None if it may.
+
+    ``from_pretrained`` rebuilds a native encoder-decoder (T5, BART) from its one config: one ``d_model`` and one set
+    of layer counts and sizes for both stacks. So the architecture that config describes is built on the meta device
+    and its parameter names and shapes compared with the swapped model's; any difference (a new encoder of another
+    width, depth or feed-forward size, resized cross-attention key/value) means it cannot be saved faithfully. A
+    same-shape native swap may be saved (transformers 5.24 stores the new encoder's own embedding and does not re-tie
+    it on load, its values differing from the decoder's), as may an ``EncoderDecoderModel``, which keeps both configs
+    and its ``enc_to_dec_proj``. ``hf-relearn swap`` still reloads what it saved and compares logits before keeping
+    anything (that also catches config differences that change no shape).
+    """
+    if isinstance(model, EncoderDecoderModel):
+        return None
+    import copy
+
+    with torch.device("meta"):
+        described = type(model)(copy.deepcopy(model.config))
+    want = {n: tuple(p.shape) for n, p in described.named_parameters(remove_duplicate=False)}
+    have = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    diffs = [f"{n} {have[n]} where the config builds {want[n]}" for n in have if n in want and have[n] != want[n]]
+    diffs += [f"{n} is not in the architecture the config describes" for n in have if n not in want]
+    diffs += [f"{n} is missing (the config describes it)" for n in want if n not in have]
+    if not diffs:
+        return None
+    return (
+        f"a swapped {type(model).__name__} cannot be saved so that it loads back as the same model: transformers "
+        f"rebuilds it from one config (d_model={report.old_width} for both stacks), which does not describe the new "
+        f"encoder ({len(diffs)} differences, e.g. {'; '.join(diffs[:2])}). Measure the swap in memory with "
+        "`hf-relearn relearn --swap_encoder ...` (or a study's sweep.swaps), or use an EncoderDecoderModel pair, whose "
+        "two configs and enc_to_dec_proj are saved and reloaded. Nothing was written."
+    )
+
+
 def check_forward_backward(model: PreTrainedModel, vocab: int, seq: int = 8) -> torch.Tensor:
-    """One forward and backward pass on random ids: the swapped model's shapes fit. Returns the loss."""
+    """One forward and backward pass on random ids below ``vocab``: the swapped model's shapes fit. Returns the loss.
+
+    Gradients are left in the parameters' ``.grad`` (the caller may inspect or clear them)."""
     ids = torch.randint(3, vocab, (2, seq))
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()

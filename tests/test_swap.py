@@ -119,3 +119,202 @@ def test_relearn_after_an_encoder_swap(tmp_path):
     with pytest.raises(RelearnError, match="vocabularies differ"):
         relearn_run(tmp_path / "bad", tmp_path / "base", "decoder.0", objective="seq2seq", swap_encoder="t5",
                     swap_encoder_overrides="num_layers=2,d_model=32,vocab_size=300", max_steps=1)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- real text: swap, relearn
+TINY_T5 = "num_layers=2,num_decoder_layers=2,d_model=32,d_ff=128,num_heads=2,d_kv=16"
+
+
+def _real_data(shared_data, **kw):
+    from hf_relearn.data import DataArguments
+
+    return DataArguments(
+        train_file=str(shared_data / "tinyshakespeare.txt"), block_size=32, max_eval_samples=32,
+        seq2seq_task="denoise", **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def t5_real_base(tmp_path_factory):
+    """A tiny T5 trained briefly (120 steps) on Tiny Shakespeare, denoise task (needs ../shared/data)."""
+    from conftest import SHARED_DATA
+
+    from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain
+
+    if not (SHARED_DATA / "tinyshakespeare.txt").exists():
+        pytest.skip("../shared/data is absent")
+    out = tmp_path_factory.mktemp("t5-real")
+    args = PretrainArguments(
+        output_dir=str(out), max_steps=120, per_device_train_batch_size=16, learning_rate=5e-3, eval_steps=40,
+        objective="seq2seq", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    pretrain(ModelArguments(model="t5", config_overrides=TINY_T5), _real_data(SHARED_DATA), args)
+    return out
+
+
+def _relearn(out, base, data, **kw):
+    from hf_relearn.runner import ModelArguments, relearn
+    from hf_relearn.trainer import RelearnArguments
+
+    callbacks = kw.pop("callbacks", None)
+    defaults = dict(
+        max_steps=200, per_device_train_batch_size=16, learning_rate=5e-3, eval_steps=10, disable_tqdm=True, seed=0,
+        objective="seq2seq", save_final_model=False, block="decoder.0",
+    )  # fmt: skip
+    args = RelearnArguments(output_dir=str(out), original_run=str(base), **{**defaults, **kw})
+    return relearn(ModelArguments(model=str(base)), data, args, callbacks=callbacks)
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_t5_swap_recovers_on_real_text(t5_real_base, shared_data, tmp_path, width):
+    enc = f"num_layers=2,d_model={width},d_ff={4 * width},num_heads=2,d_kv=16,vocab_size=259"
+    result = _relearn(tmp_path, t5_real_base, _real_data(shared_data), swap_encoder="t5", swap_encoder_overrides=enc)
+    assert result.surgery["adapter"] == "resized-kv" and result.surgery["new_width"] == width
+    assert result.after_reset_eval_loss > result.recovery_threshold  # the swap hurt beyond the tolerance
+    assert result.recovered and 0 < result.steps_to_recover <= 200
+    assert result.frozen_unchanged and result.frozen_changed == []
+    assert result.trainable_parameters == result.surgery["num_parameters"]  # only cross-attention trained
+    assert result.original_steps == 120 and result.original_steps_to_same_loss is not None
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_encoder_decoder_model_swap_recovers_on_real_text(shared_data, tmp_path, width):
+    """BERT encoder + GPT-2 decoder (32 wide) built from configs, trained briefly, then a BERT of another width."""
+    from hf_relearn.data import byte_tokenizer
+    from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain
+
+    bert = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=128, vocab_size=259)
+    gpt2 = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=259, n_positions=64)
+    enc = BertModel(AutoConfig.for_model("bert", **bert), add_pooling_layer=False)
+    dec = GPT2LMHeadModel(AutoConfig.for_model("gpt2", **gpt2, is_decoder=True, add_cross_attention=True))
+    pair = EncoderDecoderModel(encoder=enc, decoder=dec)
+    pair.config.decoder_start_token_id, pair.config.pad_token_id = 258, 256
+    folder = tmp_path / "pair"
+    pair.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    base = tmp_path / "base"
+    args = PretrainArguments(
+        output_dir=str(base), max_steps=120, per_device_train_batch_size=16, learning_rate=5e-3, eval_steps=40,
+        objective="seq2seq", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    pretrain(ModelArguments(model=str(folder)), _real_data(shared_data), args)
+    new = f"num_hidden_layers=2,hidden_size={width},num_attention_heads=2,intermediate_size={4 * width},vocab_size=259"
+    result = _relearn(tmp_path / "rl", base, _real_data(shared_data), swap_encoder="bert", swap_encoder_overrides=new)
+    assert result.surgery["adapter"] == "enc_to_dec_proj" and result.surgery["new_width"] == width
+    assert "enc_to_dec_proj.weight" in result.surgery["reset_tensors"]
+    assert result.after_reset_eval_loss > result.recovery_threshold
+    assert result.recovered and result.frozen_unchanged
+
+
+def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data, tmp_path):
+    from transformers import TrainerCallback
+
+    from hf_relearn.trainer import RelearnArguments
+
+    snaps = {}
+
+    class Snap(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            snaps[0] = fingerprint(model)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snaps[state.global_step] = fingerprint(model)
+
+    enc = "num_layers=2,d_model=32,d_ff=128,num_heads=2,d_kv=16,vocab_size=259"
+    result = _relearn(
+        tmp_path, t5_real_base, _real_data(shared_data), swap_encoder="t5", swap_encoder_overrides=enc,
+        swap_freeze="encoder-trainable", swap_warmup_steps=3, max_steps=6, stop_at_recovery=False,
+        callbacks=[Snap()],
+    )  # fmt: skip
+    cross = set(result.surgery["reset_tensors"])
+    for step in (1, 3):
+        moved = changed_tensors(snaps[0], snaps[step])
+        assert moved and set(moved) <= cross, step  # the warm-up: only cross-attention moves
+    moved = changed_tensors(snaps[3], snaps[6])
+    assert any(n.startswith("encoder.") for n in moved) and cross & set(moved)  # then the new encoder trains too
+    assert not [n for n in changed_tensors(snaps[0], snaps[6]) if n.startswith("decoder.") and n not in cross]
+    assert result.frozen_unchanged and result.steps_trained == 6
+    assert result.trainable_parameters > result.surgery["num_parameters"]  # the encoder counts as trainable
+    for bad, message in (
+        (dict(swap_freeze="decoder-except-cross"), "changes nothing"),
+        (dict(swap_encoder=None), "needs swap_encoder"),
+        (dict(swap_warmup_steps=-1), "must be >= 0"),
+    ):
+        kw = dict(swap_encoder="t5", swap_freeze="encoder-trainable", swap_warmup_steps=3) | bad
+        with pytest.raises(RelearnError, match=message):
+            RelearnArguments(output_dir=str(tmp_path / "x"), **kw)
+    from types import SimpleNamespace
+
+    from hf_relearn.trainer import check_swap_warmup
+
+    launched = SimpleNamespace(swap_warmup_steps=3, swap_encoder="t5", swap_freeze="encoder-trainable", world_size=2)
+    with pytest.raises(RelearnError, match="not supported under a 2-process launch"):
+        check_swap_warmup(launched)
+
+
+# ------------------------------------------------------------------------------------------------- CLI swap
+def _reloads_identically(model, folder):
+    model.eval()
+    reloaded = load_model(str(folder)).eval()
+    ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = model(input_ids=ids, decoder_input_ids=ids).logits
+        b = reloaded(input_ids=ids, decoder_input_ids=ids).logits
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("width", [32, 128])
+def test_cli_swap_saves_an_encoder_decoder_model_that_reloads(tmp_path, capsys, width):
+    import json
+
+    from hf_relearn.cli import main
+    from hf_relearn.data import byte_tokenizer
+
+    src = tmp_path / "pair"
+    pair = _pair(64)
+    pair.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    out = tmp_path / "out"
+    overrides = f"num_hidden_layers=2,hidden_size={width},num_attention_heads=2,intermediate_size=128,vocab_size=256"
+    code = main(["swap", str(src), "--encoder", "bert", "--encoder-overrides", overrides, "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "adapter enc_to_dec_proj" in capsys.readouterr().out
+    report = json.loads((out / "swap_report.json").read_text())
+    assert report["adapter"] == "enc_to_dec_proj" and report["new_width"] == width and report["old_width"] == 64
+    saved = load_model(str(out))
+    assert isinstance(saved, EncoderDecoderModel) and saved.enc_to_dec_proj.in_features == width
+    assert _reloads_identically(saved, out) and (out / "tokenizer.json").exists()
+    # the decoder outside its cross-attention is the trained one, bit for bit
+    before, after = fingerprint(pair), fingerprint(saved)
+    kept = [n for n in before if n.startswith("decoder.") and "crossattention" not in n and "ln_cross_attn" not in n]
+    assert kept and all(before[n] == after[n] for n in kept)
+
+
+def test_cli_swap_native_same_width_saves_and_other_widths_are_refused(tmp_path, capsys):
+    from hf_relearn.cli import main
+
+    src = tmp_path / "t5"
+    model = _native("t5", 64)
+    model.save_pretrained(src)
+    enc = "num_layers=4,d_model=64,d_ff=256,num_heads=2,d_kv=32,vocab_size=256"
+    out = tmp_path / "same"
+    assert main(["swap", str(src), "--encoder", "t5", "--encoder-overrides", enc, "--output-dir", str(out)]) == 0
+    assert _reloads_identically(load_model(str(out)), out)
+    assert (out / "swap_report.json").exists() and not (out / "tokenizer.json").exists()  # the source had none
+    capsys.readouterr()
+    bad = [
+        (["--encoder-overrides", enc.replace("d_model=64", "d_model=32")], "cannot be saved so that it loads back"),
+        (["--encoder-overrides", enc.replace("num_layers=4", "num_layers=2")], "is missing (the config describes it)"),
+        (["--encoder-overrides", enc.replace("vocab_size=256", "vocab_size=300")], "vocabularies differ"),
+        (["--encoder-overrides", "no_such_field=1"], "has no such field"),
+        (["--encoder", "gpt2", "--encoder-overrides", "n_layer=2,vocab_size=256"], "needs an encoder of its own kind"),
+    ]
+    for extra, message in bad:
+        args = ["swap", str(src), "--encoder", "t5", "--output-dir", str(tmp_path / "bad"), *extra]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))  # nothing written
+    assert main(["swap", "gpt2", "--encoder", "bert", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "not an encoder-decoder" in capsys.readouterr().err
+    assert main(["swap", str(src), "--encoder", "t5", "--encoder-overrides", enc, "--output-dir", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
