@@ -43,11 +43,39 @@ def _grid_label(grid: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in grid.items()) or "base"
 
 
+def scratch_loss_at(curve: list, step: float) -> float | None:
+    """The base run's validation loss at ``step`` of its own training from scratch (linear between its evaluations),
+    or None when ``step`` lies outside the evaluated range."""
+    points = sorted((float(s), float(v)) for s, v in curve)
+    for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0) if s1 > s0 else v0
+    return points[0][1] if points and step == points[0][0] else None
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def run_label(row: dict) -> str:
+    """What a row's surgery was: its block name, or ``swap:NAME`` for an encoder swap (sweep.swaps)."""
+    return f"swap:{row['swap']}" if row.get("swap") else row["block"]
+
+
+def run_arm(row: dict) -> str:
+    """A row's arm: its trainable arm, or for an encoder swap its options (cross-attention, freeze, warm-up)."""
+    if not row.get("swap"):
+        return row["trainable"]
+    warmup = row.get("swap_warmup_steps") or 0
+    return f"{row['swap_cross_attention']}, {row['swap_freeze']}" + (f", warm-up {warmup}" if warmup else "")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """One summary per (grid point, block, init, arm), aggregated over seeds, in the rows' order."""
+    """One summary per (grid point, block or swap, init, arm), aggregated over seeds, in the rows' order."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(json.dumps(r["grid"], sort_keys=True), r["block"], r["init"], r["trainable"])].append(r)
+        groups[(json.dumps(r["grid"], sort_keys=True), run_label(r), r["init"], run_arm(r))].append(r)
     out = []
     for (grid, block, init, arm), rs in groups.items():
         rec = [r for r in rs if r["recovered"]]
@@ -83,6 +111,17 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "cost_fraction": statistics.fmean(cost) / budget if budget else math.nan,
                 "censored": len(rec) < len(rs),
                 "tolerance": rs[0]["tolerance"],
+                "swap": rs[0].get("swap"),
+                "swap_width": rs[0].get("swap_width"),
+                "old_width": (rs[0].get("surgery") or {}).get("old_width"),
+                "part": rs[0].get("part"),
+                "baseline": statistics.fmean(r["baseline_eval_loss"] for r in rs),
+                "after": statistics.fmean(r["after_reset_eval_loss"] for r in rs),
+                "steps_trained": statistics.fmean(r["steps_trained"] for r in rs),
+                "final_loss": statistics.fmean(r["final_eval_loss"] for r in rs),
+                "scratch_at_end": _mean_or_none(
+                    [scratch_loss_at(r.get("base_curve") or [], r["steps_trained"]) for r in rs]
+                ),
             }
         )
     return out
@@ -120,11 +159,11 @@ def _frac_cell(s: dict) -> str:
 
 def table_text(summary: list[dict]) -> str:
     """A compact plain-text table for the terminal."""
-    head = f"{'base':<18} {'block':<22} {'arm':<16} {'jump':>7} {'steps':>12} {'% orig':>12} {'rec':>5}"
+    head = f"{'base':<18} {'block':<22} {'arm':<42} {'jump':>7} {'steps':>12} {'% orig':>12} {'rec':>5}"
     lines = [head, "-" * len(head)]
     for s in summary:
         lines.append(
-            f"{_grid_label(s['grid'])[:18]:<18} {s['block'][:22]:<22} {s['arm'][:16]:<16} "
+            f"{_grid_label(s['grid'])[:18]:<18} {s['block'][:22]:<22} {s['arm'][:42]:<42} "
             f"{100 * s['jump'][0]:6.2f}% {_steps_cell(s):>12} {_frac_cell(s):>12} "
             f"{s['recovered']:>2}/{s['runs']:<2}"
         )
@@ -227,6 +266,127 @@ def answer_in_words(rows: list[dict], summary: list[dict]) -> list[str]:
                 if fr:
                     parts.append(f"{key}={v}: mean {_pct(statistics.fmean(fr))}")
             out.append(f"{name.capitalize()}: " + "; ".join(parts) + " of the original budget per reset layer.")
+    return out + swap_answer(summary)
+
+
+DEFAULT_SWAP_ARM = "reset, decoder-except-cross"
+
+
+def _recovery(s: dict) -> str:
+    """'recovered in N steps (F% of the budget)' or the lower bound when not every seed recovered."""
+    seeds = f"{s['recovered']}/{s['runs']} seeds"
+    if s["recovered"] == 0:
+        return f"had not recovered when it stopped at {s['cost']:.0f} steps (≥{_pct(s['cost_fraction'])} of the budget; {seeds})"
+    bound = "≥" if s["censored"] else ""
+    return f"recovered in {bound}{s['cost']:.0f} steps ({bound}{_pct(s['cost_fraction'])} of the budget; {seeds})"
+
+
+def _same_steps(s: dict) -> str:
+    """'; after its N steps its loss was X, where the same model from scratch for N steps was at Y'."""
+    if s["scratch_at_end"] is None:
+        return ""
+    gap = s["after"] - s["baseline"]
+    closed = f" (it closed {100 * (s['after'] - s['final_loss']) / gap:.0f}% of the gap)" if gap > 0 else ""
+    return (
+        f"; after its {s['steps_trained']:.0f} steps its loss was {s['final_loss']:.3f}{closed}, where the same model "
+        f"trained from scratch for {s['steps_trained']:.0f} steps was at {s['scratch_at_end']:.3f}"
+    )
+
+
+def swap_answer(summary: list[dict]) -> list[str]:
+    """The encoder-swap question in words: after a swap with wiped cross-attention, how does recovery compare with
+    wiping one layer's cross-attention, with wiping all of it, and with training the same model from scratch?
+
+    Empty when the study has no swap runs. Costs count an unrecovered run at the steps it trained (a lower bound,
+    marked ≥). "From scratch" is the base run's own validation curve: the step at which training the base model
+    from its random init first reached the same threshold (``original_steps_to_same_loss``).
+    """
+    swaps = [s for s in summary if s["swap"]]
+    if not swaps:
+        return []
+    out = []
+    blocks = [s for s in summary if not s["swap"] and s["block"].endswith(".cross_attention") and s["arm"] == "block"]
+    one = next((s for s in blocks if s["layer"] is not None), None)
+    every = next((s for s in blocks if s["layer"] is None), None)
+    budget = swaps[0]["original_steps"]
+    scratch = [s["scratch_steps"][0] for s in summary if not math.isnan(s["scratch_steps"][0])]
+    scratch_steps = statistics.fmean(scratch) if scratch else None
+    out.append(
+        f"**Encoder swaps** (original budget {budget} steps; recovered = validation loss back within "
+        f"{100 * swaps[0]['tolerance']:g}% of the intact model's):"
+    )
+    for s in swaps:
+        width = f"encoder width {s['old_width']} → {s['swap_width']}" if s["swap_width"] else "encoder swapped"
+        out.append(
+            f"  {s['block']} ({width}; {s['arm']}): loss {s['baseline']:.3f} → {s['after']:.3f} "
+            f"(+{100 * s['jump'][0]:.1f}%), {_recovery(s)}{_same_steps(s)}."
+        )
+    for name, s in (("one decoder layer's cross-attention wiped", one), ("all cross-attention wiped", every)):
+        if s is not None:
+            out.append(
+                f"  {name} ({s['block']}, same encoder): loss +{100 * s['jump'][0]:.1f}%, {_recovery(s)}"
+                f"{_same_steps(s)}."
+            )
+    heads = [s for s in swaps if s["arm"] == DEFAULT_SWAP_ARM] or swaps
+    parts = []
+    for s in heads:
+        bits = []
+        at_least = "≥" if s["censored"] else ""
+        if one is not None and one["cost"]:
+            bits.append(f"{at_least}{s['cost'] / one['cost']:.1f}x the steps of the one-layer wipe")
+        if scratch_steps:
+            bits.append(
+                f"{at_least}{s['cost'] / scratch_steps:.2f}x the {scratch_steps:.0f} steps training from scratch needed"
+            )
+        if bits:
+            parts.append(f"{s['block']}: " + " and ".join(bits))
+    if parts:
+        out.append(
+            f"  Compared ({heads[0]['arm']}): "
+            + "; ".join(parts)
+            + ". From scratch = the base run's own validation curve (the same base architecture from its random "
+            "init reaching the same loss), not a from-scratch run of the swapped architecture."
+        )
+    if scratch_steps:
+        like = [s for s in swaps if s["cost"] >= scratch_steps]  # a lower bound already past it counts too
+        faster = [s for s in swaps if s["cost"] < scratch_steps and not s["censored"]]
+        open_ = [s for s in swaps if s["cost"] < scratch_steps and s["censored"]]
+
+        def names(ss: list[dict]) -> str:
+            return ", ".join(f"{s['block']} [{s['arm']}]" for s in ss)
+
+        verdict = [f"  Verdict, against the {scratch_steps:.0f} steps from scratch:"]
+        if like:
+            verdict.append(f"{len(like)}/{len(swaps)} swap arms needed at least as many ({names(like)});")
+        if faster:
+            verdict.append(f"{len(faster)}/{len(swaps)} recovered in fewer ({names(faster)});")
+        if open_:
+            verdict.append(
+                f"{len(open_)}/{len(swaps)} stopped unrecovered before that many steps, so undecided ({names(open_)});"
+            )
+        out.append(" ".join(verdict).rstrip(";") + ".")
+    equal = [s for s in swaps if s["scratch_at_end"] is not None]
+    if equal:
+        ahead = [s for s in equal if s["final_loss"] < s["scratch_at_end"]]
+        margins = [s["scratch_at_end"] - s["final_loss"] for s in ahead]
+        line = (
+            f"  Same number of steps: {len(ahead)}/{len(equal)} swap arms ended below the loss the same model had "
+            "reached from scratch after as many steps"
+        )
+        if ahead:
+            line += f" (by {min(margins):.3f} to {max(margins):.3f})"
+        behind = [s for s in equal if s not in ahead]
+        if behind:
+            line += "; at or above it: " + ", ".join(f"{s['block']} [{s['arm']}]" for s in behind)
+        out.append(
+            line
+            + (
+                ". By that measure no swap acted like a full reset, even where it had not yet recovered to within "
+                "the tolerance."
+                if not behind
+                else "."
+            )
+        )
     return out
 
 
@@ -285,7 +445,7 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
                 "-",
                 color=cmap(i / max(1, len(mine) - 1)),
                 lw=1.5,
-                label=f"relearn {r['block']}",
+                label=f"relearn {run_label(r)}",
             )
         ax.axhline(
             rs[0]["recovery_threshold"], color="grey", ls="--", lw=1, label=f"baseline + {100 * rs[0]['tolerance']:g}%"
@@ -399,7 +559,55 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
         ax.legend(fontsize=8)
         fig.tight_layout()
         made.append(_save(fig, plots_dir / f"cost_vs_{'depth' if 'depth' in label else 'width'}.png"))
+    if any(r.get("swap") for r in rows):
+        made.append(_swap_plot(rows, plots_dir / "swap_recovery.png"))
     return made
+
+
+def _swap_plot(rows: list[dict], path: Path) -> Path:
+    """Swap runs' eval-loss curves against the base's own from-scratch curve, on linear steps (first seed).
+
+    Left: each swap in its default arm, with the one-layer and all-layers cross-attention wipes. Right: every arm of
+    each swap. The black line is the same model trained from its random init (the base run).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed0 = rows[0]["base_seed"]
+    mine = [r for r in rows if r["base_seed"] == seed0]
+    swaps = [r for r in mine if r.get("swap")]
+    defaults = [r for r in swaps if run_arm(r) == DEFAULT_SWAP_ARM] or swaps
+    wipes = [r for r in mine if not r.get("swap") and r["block"].endswith(".cross_attention")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, group, title in (
+        (axes[0], defaults + wipes, "encoder swaps vs cross-attention wipes vs from scratch"),
+        (axes[1], swaps, "every swap arm"),
+    ):
+        base_curve = mine[0]["base_curve"] or []
+        if base_curve:
+            ax.plot(*zip(*base_curve, strict=True), "k-", lw=2.5, label="same model from scratch (base run)")
+        cmap = plt.get_cmap("tab10")
+        seen = set()
+        for i, r in enumerate(group):
+            key = (run_label(r), run_arm(r))
+            if key in seen:
+                continue  # first seed only
+            seen.add(key)
+            steps, values = zip(*r["curve"], strict=True)
+            label = run_label(r) if ax is axes[0] else f"{run_label(r)} [{run_arm(r)}]"
+            ax.plot(steps, values, "-" if r.get("swap") else "--", color=cmap(i % 10), lw=1.4, label=label)
+        ax.axhline(rows[0]["recovery_threshold"], color="grey", ls=":", lw=1,
+                   label=f"baseline + {100 * rows[0]['tolerance']:g}%")  # fmt: skip
+        ax.set_xlabel("optimizer steps")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6.5)
+    axes[0].set_ylabel(rows[0]["recovery_metric"])
+    lows = [v for r in mine for _, v in r["curve"]] + [rows[0]["recovery_threshold"]]
+    axes[0].set_ylim(min(lows) - 0.05, max(lows) + 0.1)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -450,6 +658,17 @@ def build_report(study_dir: str | os.PathLike) -> dict:
         "- Each run: the intact base model's validation loss (baseline), the block reset to its from-scratch "
         "distribution, everything else frozen (proven bit-identical after training: "
         f"{sum(bool(r['frozen_unchanged']) for r in rows)}/{len(rows)} runs), then training until recovered.",
+        *(
+            [
+                "- Encoder swaps (rows with a `swap` name): a new encoder built from config (fresh weights, the width in "
+                "`swap_width`), the decoder's cross-attention reset (or zeroed) and every cross-attention key/value "
+                "resized to the new width where the model has no projection (see README, encoder swaps); the "
+                "decoder's other tensors frozen and proven unchanged; arms in `swap_cross_attention`, `swap_freeze`, "
+                "`swap_warmup_steps`. From scratch = the base run's own validation curve (`base_curve`)."
+            ]
+            if any(r.get("swap") for r in rows)
+            else []
+        ),
         f"- versions: {json.dumps(first['versions'])}",
         "",
         "Rebuild with `hf-relearn report` on this folder; raw numbers in `results.csv`, each run's curve in "

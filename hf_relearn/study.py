@@ -34,14 +34,21 @@ from typing import Any
 import yaml
 
 from .errors import RelearnError
+from .prefix_cache import PrefixCache
 
 RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
-SWEEP_KEYS = {"blocks", "parts", "inits", "trainable", "seeds", "grid"}
+SWEEP_KEYS = {
+    "blocks", "parts", "inits", "trainable", "seeds", "grid",
+    "swaps", "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
+}  # fmt: skip
+SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
+SWAP_KEYS = {"name", "encoder", "overrides", *SWAP_OPTIONS}
 RESULTS = "results.csv"
 # columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
 STUDY_COLUMNS = [
     "study", "base_model", "run_id", "base_id", "base_seed", "grid", "n_layers", "stack", "layer", "relative_depth", "part", "base_steps",
-    "base_final_eval_loss", "base_curve", "base_warnings",
+    "base_final_eval_loss", "base_curve", "base_warnings", "swap", "swap_encoder", "swap_overrides", "swap_width",
+    "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
 ]  # fmt: skip
 
 
@@ -66,6 +73,52 @@ class RunSpec:
     layer: int | None
     n_layers: int
     part: str | None
+    # an encoder swap instead of a block reset (sweep.swaps): its name, the encoder, its config overrides, options
+    swap: str | None = None
+    swap_encoder: str | None = None
+    swap_overrides: tuple[tuple[str, Any], ...] = ()
+    swap_cross_attention: str | None = None
+    swap_freeze: str | None = None
+    swap_warmup_steps: int = 0
+
+
+def _swap_entries(sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's ``sweep.swaps``, checked: each ``{name, encoder, overrides}`` with a unique name, and optionally
+    its own ``swap_cross_attention`` / ``swap_freeze`` / ``swap_warmup_steps`` lists (else the sweep's)."""
+    swaps = sweep.get("swaps") or []
+    if not isinstance(swaps, list):
+        raise RelearnError("sweep.swaps must be a list of {name, encoder, overrides} entries")
+    names = set()
+    for entry in swaps:
+        if not isinstance(entry, dict) or "name" not in entry or "encoder" not in entry:
+            raise RelearnError(f"sweep.swaps entry {entry!r}: needs name and encoder (and optional overrides)")
+        unknown = set(entry) - SWAP_KEYS
+        if unknown:
+            raise RelearnError(f"sweep.swaps entry {entry['name']!r}: unknown key(s) {sorted(unknown)}")
+        if entry["name"] in names:
+            raise RelearnError(f"sweep.swaps: the name {entry['name']!r} is used twice")
+        names.add(entry["name"])
+    return swaps
+
+
+def _swap_arms(sweep: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(cross_attention, freeze, warm-up steps) arms of every swap; a warm-up only where something unfreezes later."""
+    from .swap import FREEZE_MODES
+
+    arms = []
+    for cross in sweep.get("swap_cross_attention", ["reset"]):
+        if cross not in ("reset", "zero"):
+            raise RelearnError(f"sweep.swap_cross_attention: {cross!r} is not reset or zero")
+        for freeze in sweep.get("swap_freeze", ["decoder-except-cross"]):
+            if freeze not in FREEZE_MODES:
+                raise RelearnError(f"sweep.swap_freeze: {freeze!r} is not one of {', '.join(FREEZE_MODES)}")
+            for warmup in sweep.get("swap_warmup_steps", [0]):
+                if not isinstance(warmup, int) or warmup < 0:
+                    raise RelearnError(f"sweep.swap_warmup_steps: {warmup!r} is not a step count >= 0")
+                if warmup and freeze == "decoder-except-cross":
+                    continue  # nothing to unfreeze after the warm-up: the arm would repeat warm-up 0
+                arms.append((cross, freeze, warmup))
+    return arms
 
 
 def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -171,12 +224,19 @@ class Recipe:
         return out
 
     def runs_for(self, base: BaseSpec) -> list[RunSpec]:
-        """The relearn runs of one base: blocks (and parts) x inits x trainable arms x seeds."""
-        from .blocks import BlockMap
+        """The relearn runs of one base: blocks (and parts) x inits x trainable arms x seeds, then the encoder swaps
+        (``sweep.swaps``) x cross-attention options x freeze modes x warm-ups x seeds.
 
-        bmap = BlockMap(_meta_model(self, base))
+        Without ``sweep.swaps`` the plan is what it always was; with swaps, ``sweep.blocks`` defaults to none.
+        """
+        from .blocks import BlockMap
+        from .modeling import parse_overrides
+
+        meta = _meta_model(self, base)
+        bmap = BlockMap(meta)
         stacks = list(bmap.stacks.values())
-        blocks = self.sweep.get("blocks", "all_layers")
+        swaps = _swap_entries(self.sweep)
+        blocks = self.sweep.get("blocks", [] if swaps else "all_layers")
         names = list(blocks) if isinstance(blocks, list) else []
         if blocks == "all_layers":
             names = [f"{s.name}.{layer.index}" for s in stacks for layer in s.layers]
@@ -199,6 +259,22 @@ class Recipe:
                         runs.append(
                             RunSpec(run_id, base, block.name, init, trainable, seed, layer[0], layer[1], n, part)
                         )
+        if swaps:
+            if not getattr(meta.config, "is_encoder_decoder", False):
+                raise RelearnError(f"sweep.swaps: the base {base.model} is not an encoder-decoder model")
+            n = max(len(s.layers) for s in stacks)
+            for entry in swaps:
+                overrides = tuple(parse_overrides(entry.get("overrides")).items())
+                own = {k: entry[k] for k in SWAP_OPTIONS if k in entry}
+                for cross, freeze, warmup in _swap_arms({**self.sweep, **own}):
+                    arm = f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else "")
+                    for seed in seeds:
+                        run_id = f"{base.id}/swap-{_slug(str(entry['name']))}-{arm}-r{seed}"
+                        runs.append(
+                            RunSpec(run_id, base, "decoder.*.cross_attention", "scratch", "block", seed, None, None,
+                                    n, None, str(entry["name"]), str(entry["encoder"]), overrides, cross, freeze,
+                                    warmup)
+                        )  # fmt: skip
         return runs
 
 
@@ -250,7 +326,7 @@ def _train_base(recipe: Recipe, base: BaseSpec, folder: Path) -> dict:
     return pretrain(model_args, DataArguments(**recipe.data), args, quiet=True)
 
 
-def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path) -> dict:
+def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, prefix_cache=None) -> dict:
     from .data import DataArguments
     from .runner import ModelArguments, relearn
     from .trainer import RESULT_FILE, RelearnArguments
@@ -265,10 +341,30 @@ def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path) 
     settings.setdefault("objective", recipe.base.get("objective", "clm"))
     if base_dir is not None:
         settings["original_run"] = str(base_dir)
+    if run.swap is not None:
+        settings.update(
+            swap_encoder=run.swap_encoder,
+            swap_encoder_overrides=_swap_overrides(run, base_dir),
+            swap_cross_attention=run.swap_cross_attention,
+            swap_freeze=run.swap_freeze,
+            swap_warmup_steps=run.swap_warmup_steps,
+        )
     model = str(base_dir) if base_dir is not None else run.base.model
     data_args = DataArguments(**recipe.data)
     model_args = ModelArguments(model=model, head=recipe.base.get("head"))
-    return relearn(model_args, data_args, RelearnArguments(**settings), quiet=True).to_dict()
+    args = RelearnArguments(**settings)
+    return relearn(model_args, data_args, args, quiet=True, prefix_cache=prefix_cache).to_dict()
+
+
+def _swap_overrides(run: RunSpec, base_dir: Path | None) -> str | None:
+    """The new encoder's config overrides as ``k=v,...``; a model type built from config gets the base's vocab size
+    (a native encoder-decoder feeds its encoder the decoder's token ids) unless the recipe sets one."""
+    from .modeling import is_config_name
+
+    overrides = dict(run.swap_overrides)
+    if base_dir is not None and is_config_name(str(run.swap_encoder)) and "vocab_size" not in overrides:
+        overrides["vocab_size"] = json.loads((base_dir / "config.json").read_text())["vocab_size"]
+    return ",".join(f"{k}={v}" for k, v in overrides.items()) or None
 
 
 def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> dict:
@@ -292,6 +388,13 @@ def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> 
         "base_final_eval_loss": (base_info or {}).get("final_eval_loss"),
         "base_curve": json.dumps((base_info or {}).get("curve", [])),
         "base_warnings": json.dumps((base_info or {}).get("warnings", [])),
+        "swap": run.swap,
+        "swap_encoder": run.swap_encoder,
+        "swap_overrides": json.dumps(dict(run.swap_overrides)) if run.swap else None,
+        "swap_width": (result.get("surgery") or {}).get("new_width") if run.swap else None,
+        "swap_cross_attention": run.swap_cross_attention,
+        "swap_freeze": run.swap_freeze,
+        "swap_warmup_steps": run.swap_warmup_steps if run.swap else None,
     }
     for key, value in result.items():
         row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
@@ -459,10 +562,18 @@ def run_study(
                 bar.set_postfix_str(f"training base {base.id}")
                 _train_base(recipe, base, out / "bases" / base.id)
         _wait_for([out / "bases" / b.id / RUN_FILE for b in bases], "the other processes' base models")
+    # one frozen-prefix cache per base, shared by its runs (same frozen weights, same data); top layers first, as a
+    # fill computes every lower layer boundary on its way and stores them all (prefix_cache.py)
+    mine.sort(key=lambda item: (bases.index(item[0]), -(item[1].layer if item[1].layer is not None else -1)))
+    cache, cache_base = None, None
     for base, run in mine:
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
         bar.set_postfix_str(run.id)
-        result = _run_one(recipe, run, base_dir, out / "runs" / run.id)
+        if cache_base != base.id:
+            if cache is not None:
+                cache.close()
+            cache, cache_base = PrefixCache(capture_all=True), base.id
+        result = _run_one(recipe, run, base_dir, out / "runs" / run.id, prefix_cache=cache)
         if rank == 0 or shares > 1:
             write_results(out / RESULTS, _collect_rows(recipe, plan, out))
         steps = result["steps_to_recover"]
@@ -472,6 +583,8 @@ def run_study(
         bar.write(f"{run.id}: {result['after_reset_eval_loss']:.4f} -> {outcome}")
         bar.update(1)
     bar.close()
+    if cache is not None:
+        cache.close()
     if shares > 1:
         _wait_for([out / "runs" / r.id / RESULT_FILE for _, r in plan], "the other processes' runs")
     rows = _collect_rows(recipe, plan, out)

@@ -1,6 +1,7 @@
 """Study: recipes, resumable sweeps (SIGKILL and restart), the report, the demo's wiring."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,3 +152,96 @@ def test_demo_is_wired_to_its_recipe_and_the_stdlib_corpus(tmp_path, capsys):
     assert "study demo:" in out and "decoder.3" in out and "report: " in out and "plot:   " in out
     recipe = yaml.safe_load((tmp_path / "demo" / "recipe.yaml").read_text())
     assert recipe["data"]["builtin_corpus"] == "stdlib" and recipe["pretrain"]["max_steps"] == 40
+
+
+SWAP_RECIPE = {
+    "name": "tiny-swap",
+    "base": {
+        "model": "t5",
+        "config_overrides": {
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "d_model": 32,
+            "d_ff": 64,
+            "num_heads": 2,
+            "d_kv": 16,
+        },
+        "objective": "seq2seq",
+    },
+    "data": {"block_size": 32, "generated_chars": 40000, "max_eval_samples": 16, "seq2seq_task": "denoise"},
+    "pretrain": {"max_steps": 60, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_steps": 20},
+    "sweep": {
+        "blocks": ["decoder.-1.cross_attention", "decoder.*.cross_attention"],
+        "swaps": [
+            {
+                "name": "same-width",
+                "encoder": "t5",
+                "overrides": {"num_layers": 2, "d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16},
+                "swap_freeze": ["decoder-except-cross", "encoder-trainable"],
+                "swap_warmup_steps": [0, 5],
+            },
+            {
+                "name": "narrower",
+                "encoder": "t5",
+                "overrides": {"num_layers": 2, "d_model": 16, "d_ff": 32, "num_heads": 2, "d_kv": 8},
+            },
+        ],
+        "swap_cross_attention": ["reset"],
+        "seeds": [0],
+    },
+    "relearn": {"max_steps": 20, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_steps": 5},
+}
+
+
+def test_study_sweeps_encoder_swaps_and_reports_them(tmp_path):
+    recipe = Recipe.from_dict(SWAP_RECIPE)
+    rows = run_study(recipe, tmp_path, progress=False)
+    labels = [(r["block"], r["swap"], r["swap_freeze"], r["swap_warmup_steps"]) for r in rows]
+    assert labels == [
+        ("decoder.1.cross_attention", None, None, None),
+        ("decoder.*.cross_attention", None, None, None),
+        ("encoder-swap:t5", "same-width", "decoder-except-cross", 0),
+        ("encoder-swap:t5", "same-width", "encoder-trainable", 0),
+        ("encoder-swap:t5", "same-width", "encoder-trainable", 5),
+        ("encoder-swap:t5", "narrower", "decoder-except-cross", 0),
+    ]
+    csv_rows = read_results(tmp_path / "results.csv")
+    assert [r["swap_width"] for r in csv_rows] == [None, None, 32, 32, 32, 16]
+    assert [r["swap_cross_attention"] for r in csv_rows][2:] == ["reset"] * 4
+    assert all(r["frozen_unchanged"] and r["original_steps"] == 60 for r in csv_rows)
+    assert csv_rows[5]["surgery"]["adapter"] == "resized-kv" and csv_rows[2]["surgery"]["adapter"] == "none"
+    assert all(r["base_curve"] and "original_steps_to_same_loss" in r for r in csv_rows)
+    report = build_report(tmp_path)
+    text = report["report"].read_text()
+    assert "**Encoder swaps** (original budget 60 steps" in text
+    assert "swap:same-width (encoder width 32 → 32; reset, encoder-trainable, warm-up 5): loss" in text
+    assert "swap:narrower (encoder width 32 → 16; reset, decoder-except-cross)" in text
+    assert "one decoder layer's cross-attention wiped (decoder.1.cross_attention, same encoder)" in text
+    assert "all cross-attention wiped (decoder.*.cross_attention, same encoder)" in text
+    assert "Verdict, against the" in text and "From scratch = the base run's own validation curve" in text
+    assert "| swap:narrower | reset, decoder-except-cross |" in text
+    png = (tmp_path / "plots" / "swap_recovery.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "plots/swap_recovery.png" in text
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"base": TINY_RECIPE["base"], "sweep": {"swaps": [{"name": "x", "encoder": "t5"}]}},
+            "is not an encoder-decoder model",
+        ),
+        ({"sweep": {"swaps": [{"name": "x"}]}}, "needs name and encoder"),
+        ({"sweep": {"swaps": [{"name": "x", "encoder": "t5", "widht": 3}]}}, "unknown key(s) ['widht']"),
+        ({"sweep": {"swaps": [{"name": "x", "encoder": "t5"}] * 2}}, "the name 'x' is used twice"),
+        ({"sweep": {"swaps": [{"name": "x", "encoder": "t5"}], "swap_freeze": ["nothing"]}}, "is not one of"),
+        (
+            {"sweep": {"swaps": [{"name": "x", "encoder": "t5"}], "swap_cross_attention": ["gated"]}},
+            "not reset or zero",
+        ),
+    ],
+)
+def test_bad_swap_sweeps_fail_before_any_training(change, message):
+    recipe = {**SWAP_RECIPE, **change}
+    with pytest.raises(RelearnError, match=re.escape(message)):
+        Recipe.from_dict(recipe)
