@@ -215,3 +215,25 @@ def test_auto_stays_off_where_it_would_not_be_exact_and_true_refuses(gpt2_base, 
         relearn_run(tmp_path / "all", gpt2_base, "decoder.2", max_steps=10, prefix_cache="true", trainable="all")
     with pytest.raises(RelearnError, match="prefix_cache must be one of"):
         relearn_run(tmp_path / "bad", gpt2_base, "decoder.2", max_steps=10, prefix_cache="yes please")
+
+
+def test_a_study_shares_one_cache_per_base_and_fills_it_once(tmp_path):
+    from test_study import TINY_RECIPE
+
+    from hf_relearn.study import Recipe, read_results, run_study
+
+    recipe = {**TINY_RECIPE, "name": "cached"}
+    recipe["base"] = {**recipe["base"], "config_overrides": {**recipe["base"]["config_overrides"], "n_layer": 3,
+                      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}  # fmt: skip
+    recipe["sweep"] = {"blocks": "all_layers", "trainable": ["block"], "seeds": [0]}
+    # every run trains the full 40 steps (no early stop) on the same rows, so later runs meet only cached rows
+    recipe["relearn"] = {**recipe["relearn"], "max_steps": 40, "stop_at_recovery": False}
+    run_study(Recipe.from_dict(recipe), tmp_path, progress=False)
+    rows = {r["block"]: r for r in read_results(tmp_path / "results.csv")}
+    info = {block: r["prefix_cache"] for block, r in rows.items()}
+    assert not info["decoder.0"]["enabled"] and "nothing below it" in info["decoder.0"]["reason"]
+    top, middle = info["decoder.2"], info["decoder.1"]
+    assert top["enabled"] and middle["enabled"] and top["skipped"] == "decoder layers 0-1"
+    # the top layer ran first and its fills also stored layer 0's output: the middle run computed no prefix at all
+    assert top["prefix_forwards"] > 0 and middle["prefix_forwards"] == 0
+    assert all(r["frozen_unchanged"] for r in rows.values())
