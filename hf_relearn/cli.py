@@ -241,6 +241,11 @@ def cmd_relearn(argv: list[str]) -> int:
     if not args.should_log:
         return 0  # one summary per launch, from the main process
     print(result.summary())
+    cache = result.prefix_cache or {}
+    if cache.get("enabled"):
+        print(f"prefix cache: skipped {cache['skipped']}; computed it for {cache.get('prefix_forwards', 0)} rows")
+    elif cache:
+        print(f"prefix cache: off ({cache.get('reason')})")
     for w in result.warnings:
         print(f"warning: {w}")
     print(f"result: {Path(args.output_dir) / 'relearn_result.json'}")
@@ -411,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-relearn``; returns the exit code (2 for bad input, with one clear message)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _show_notes()
     if argv and argv[0] in HF_COMMANDS:
         command, run = argv[0], (lambda: HF_COMMANDS[argv[0]](argv[1:]))
     else:
@@ -423,6 +429,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _close_process_group()
+
+
+def _show_notes() -> None:
+    """hf-relearn's own log lines (e.g. the prefix cache's size before it is built) on stderr, from rank 0 only."""
+    import logging
+    import os
+
+    logger = logging.getLogger("hf_relearn")
+    if logger.handlers or os.environ.get("RANK", "0") != "0":
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _close_process_group() -> None:

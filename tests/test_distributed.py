@@ -37,12 +37,21 @@ def launch(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("model, overrides, objective", [("gpt2", GPT2, "clm"), ("t5", T5, "seq2seq")])
-def test_two_processes_give_the_numbers_of_one(tmp_path, model, overrides, objective):
+# T5 runs with the frozen-prefix cache (its encoder and decoder layer 0 skipped; each process fills its own rows)
+@pytest.mark.parametrize(
+    "model, overrides, objective, cache", [("gpt2", GPT2, "clm", "auto"), ("t5", T5, "seq2seq", "true")]
+)
+def test_two_processes_give_the_numbers_of_one(tmp_path, model, overrides, objective, cache):
     # 64 eval examples split evenly over 2 processes x 8: no padded duplicates in the last eval batch
     base_run(tmp_path / "base", model, overrides, objective=objective, steps=150, max_eval_samples=64)
     settings = dict(
-        objective=objective, max_steps=10, eval_steps=5, logging_steps=5, stop_at_recovery=False, learning_rate=1e-3
+        objective=objective,
+        max_steps=10,
+        eval_steps=5,
+        logging_steps=5,
+        stop_at_recovery=False,
+        learning_rate=1e-3,
+        prefix_cache=cache,
     )
     one = relearn_run(tmp_path / "one", tmp_path / "base", "decoder.1", per_device_train_batch_size=16, **settings)
     argv = [
@@ -69,6 +78,10 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, model, overrides, objec
     first_one, first_two = one.train_curve[0][1], two["train_curve"][0][1]
     assert 0.75 < first_two / first_one < 1.33, (first_one, first_two)
     assert two["frozen_unchanged"] and two["reset_identical_across_ranks"]
+    assert two["prefix_cache"]["enabled"] == one.prefix_cache["enabled"] == (cache == "true")
+    if cache == "true":  # the after-reset evaluation above was computed through each process's cache
+        assert two["prefix_cache"]["skipped"] == "the encoder (encoder) and decoder layer 0"
+        assert [s for s, _ in two["curve"]] == [s for s, _ in one.curve] == [0, 5, 10]
     assert two["examples_to_recover"] is None or two["examples_to_recover"] % 16 == 0
     assert sorted(p.name for p in (tmp_path / "two").glob("relearn_result*")) == ["relearn_result.json"]
     assert not list((tmp_path / "two").glob(".*.tmp"))

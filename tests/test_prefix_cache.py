@@ -237,3 +237,21 @@ def test_a_study_shares_one_cache_per_base_and_fills_it_once(tmp_path):
     # the top layer ran first and its fills also stored layer 0's output: the middle run computed no prefix at all
     assert top["prefix_forwards"] > 0 and middle["prefix_forwards"] == 0
     assert all(r["frozen_unchanged"] for r in rows.values())
+
+
+def test_the_cli_states_the_cache_size_first_and_reports_what_it_did(quiet_base, tmp_path, capsys, caplog):
+    import logging
+
+    from hf_relearn.cli import main
+
+    caplog.set_level(logging.INFO, logger="hf_relearn")
+    argv = ["relearn", "--model", str(quiet_base), "--original_run", str(quiet_base), "--block", "decoder.3",
+            "--max_steps", "10", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"]  # fmt: skip
+    assert main(argv) == 0
+    sizes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefix cache: output of")]
+    # one line per stored output and split, before any row is stored: hidden states of 64 tokens x 64 wide, float32
+    assert sizes and all("transformer.h.2 for " in m and "x 16.0 KiB = " in m and "in memory" in m for m in sizes)
+    out = capsys.readouterr().out
+    assert "prefix cache: skipped decoder layers 0-2; computed it for " in out
+    assert main([*argv[:-4], "--output_dir", str(tmp_path / "off"), "--prefix_cache", "false"]) == 0
+    assert "prefix cache: off (prefix_cache=false)" in capsys.readouterr().out
