@@ -255,3 +255,19 @@ def test_the_cli_states_the_cache_size_first_and_reports_what_it_did(quiet_base,
     assert "prefix cache: skipped decoder layers 0-2; computed it for " in out
     assert main([*argv[:-4], "--output_dir", str(tmp_path / "off"), "--prefix_cache", "false"]) == 0
     assert "prefix cache: off (prefix_cache=false)" in capsys.readouterr().out
+
+
+def test_row_indices_reach_the_batch_for_hf_and_torch_datasets():
+    import datasets
+    from transformers import default_data_collator
+
+    from hf_relearn.prefix_cache import ROW_COLUMN, RowCollator, with_row_index
+
+    rows = [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(5)]
+    collate = RowCollator(default_data_collator)
+    for dataset in (datasets.Dataset.from_list(rows), rows):  # a 🤗 dataset and a plain sequence of dicts
+        indexed = with_row_index(dataset)
+        batch = collate([indexed[i] for i in (3, 0, 4)])
+        assert batch[ROW_COLUMN].tolist() == [3, 0, 4]
+        assert batch["input_ids"].tolist() == [[3, 4], [0, 1], [4, 5]]
+    assert with_row_index(None) is None
