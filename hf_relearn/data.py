@@ -215,8 +215,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "For seq2seq_task 'continue': the target is the last this many tokens of a block and the source "
-            "the rest (default: half the block). A short target leaves the decoder little context of its own, so it "
-            "must read the encoder."
+            "the rest (default: half the block). A short target leaves the decoder little context of its own."
         },
     )
 

@@ -467,3 +467,15 @@ def test_seq2seq_denoise_masks_spans_of_the_source_and_keeps_the_block_as_target
     assert build_datasets(_args(), tok, "seq2seq")[0].column_names == train.column_names  # continue stays default
     with pytest.raises(RelearnError, match="seq2seq_task must be one of continue, denoise"):
         DataArguments(seq2seq_task="shuffle")
+
+
+def test_seq2seq_target_tokens_sets_the_split_of_a_continue_block(tok):
+    blocks, _, _ = build_datasets(_args(), tok, "clm")
+    short, _, _ = build_datasets(_args(seq2seq_target_tokens=8), tok, "seq2seq")
+    inputs, labels = _rows(short), _rows(short, "labels")
+    assert {len(r) for r in inputs} == {56} and {len(r) for r in labels} == {8}
+    assert [a + b for a, b in zip(inputs, labels, strict=True)] == _rows(blocks)
+    with pytest.raises(RelearnError, match="must be in \\[1, block_size\\)"):
+        DataArguments(seq2seq_target_tokens=64, block_size=64)
+    with pytest.raises(RelearnError, match="applies to seq2seq_task 'continue' only"):
+        DataArguments(seq2seq_target_tokens=8, seq2seq_task="denoise")
