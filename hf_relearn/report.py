@@ -228,7 +228,9 @@ def answer_in_words(rows: list[dict], summary: list[dict]) -> list[str]:
     if not_rec:
         out.append(
             "Not every run recovered within its step limit: "
-            + ", ".join(f"{s['block']} [{s['arm']}] {s['runs'] - s['recovered']}/{s['runs']}" for s in not_rec)
+            + ", ".join(
+                f"{s['block']} [{s['arm']}] {s['runs'] - s['recovered']} of {s['runs']} unrecovered" for s in not_rec
+            )
             + " (their cost is a lower bound)."
         )
     arms = sorted({s["arm"] for s in summary})
