@@ -193,21 +193,24 @@ def _human(n: float) -> str:
 
 @dataclass
 class _Rows:
-    """Per-row tensors (one slot per example, ``shared`` leaves stored once) and which rows are filled."""
+    """One stored output: per-row leaves (one slot per example met), shared leaves once, which rows are filled."""
 
     template: Any
     per_row: list[bool]
     tensors: list[torch.Tensor]
-    filled: torch.Tensor
-    nbytes: int
+    filled: torch.Tensor  # per dataset row
     on_disk: bool
 
 
 @dataclass
 class _Split:
+    """One dataset's rows: a slot per example met (``slot[row]``, -1 = none yet), the inputs each was computed from."""
+
     n_rows: int
+    capacity: int
+    slot: torch.Tensor
+    used: int = 0
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs_filled: torch.Tensor | None = None
     captures: dict[str, _Rows] = field(default_factory=dict)
 
 
@@ -234,6 +237,7 @@ class PrefixCache:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._serving: dict[str, Any] | None = None
         self._patched: dict[str, tuple[nn.Module, Any]] = {}
+        self._files = 0
 
     # ------------------------------------------------------------ patching the model
     def attach(self, model: nn.Module, plan: PrefixPlan) -> None:
@@ -264,23 +268,28 @@ class PrefixCache:
 
     # ------------------------------------------------------------ serving a batch
     @contextlib.contextmanager
-    def serving(self, inputs: dict[str, Any], rows: torch.Tensor, split: str, n_rows: int) -> Iterator[None]:
+    def serving(
+        self, inputs: dict[str, Any], rows: torch.Tensor, split: str, n_rows: int, capacity: int | None = None
+    ) -> Iterator[None]:
         """Within this context a forward of the attached model on ``inputs`` skips the prefix.
 
-        Rows of ``split`` not seen before are computed first (eval mode, no grad); rows seen before are checked to
-        come from identical inputs. Raises ``RelearnError`` where serving would not be exact.
+        ``rows``: the batch's example indices in ``split`` (``n_rows`` examples; ``capacity``: at most how many of them
+        this run can meet, which sizes the storage; it grows if more come). Rows not seen before are computed first
+        (eval mode, no grad); rows seen before are checked to come from identical inputs. Raises ``RelearnError``
+        where serving would not be exact.
         """
         rows = rows.detach().to("cpu", torch.long)
-        data = self._split(split, n_rows)
+        data = self._split(split, n_rows, capacity)
         self._fill(data, inputs, rows)
         self._check_inputs(data, inputs, rows)
         device = next(iter(v for v in inputs.values() if torch.is_tensor(v))).device
+        slots = data.slot[rows]
         served = {}
         for path in self.plan.captures:
             store = data.captures[path]
             # shared leaves are copied too: a model that edits its inputs in place must not edit the cache
             leaves = iter(
-                t[rows].to(device, non_blocking=True) if per_row else t.to(device, copy=True)
+                t[slots].to(device, non_blocking=True) if per_row else t.to(device, copy=True)
                 for t, per_row in zip(store.tensors, store.per_row, strict=True)
             )
             served[path] = _unflatten(store.template, leaves)
@@ -290,10 +299,11 @@ class PrefixCache:
         finally:
             self._serving = None
 
-    def _split(self, split: str, n_rows: int) -> _Split:
+    def _split(self, split: str, n_rows: int, capacity: int | None) -> _Split:
         data = self.splits.get(split)
         if data is None:
-            data = self.splits[split] = _Split(n_rows)
+            capacity = n_rows if capacity is None else max(1, min(n_rows, capacity))
+            data = self.splits[split] = _Split(n_rows, capacity, torch.full((n_rows,), -1, dtype=torch.long))
         elif data.n_rows != n_rows:
             raise RelearnError(
                 f"prefix cache: the {split} set has {n_rows} rows but the cache was built for {data.n_rows}; a "
@@ -349,38 +359,73 @@ class PrefixCache:
         if set(outputs) != set(wanted):
             raise RelearnError(f"prefix cache: the forward never reached {sorted(set(wanted) - set(outputs))}")
         fill_rows = rows[index]
-        self._store_inputs(data, sub, fill_rows)
+        fresh = fill_rows[data.slot[fill_rows] < 0]
+        if data.used + len(fresh) > data.capacity:
+            self._grow(data, data.used + len(fresh))
+        data.slot[fresh] = torch.arange(data.used, data.used + len(fresh))
+        data.used += len(fresh)
+        slots = data.slot[fill_rows]
+        self._store_inputs(data, sub, slots)
         for path in wanted:
-            self._store(data, path, outputs[path], fill_rows)
+            self._store(data, path, outputs[path], slots, fill_rows)
         self.filled_rows += len(fill_rows)
 
-    def _store_inputs(self, data: _Split, sub: dict[str, Any], rows: torch.Tensor) -> None:
-        if data.inputs_filled is None:
-            data.inputs_filled = torch.zeros(data.n_rows, dtype=torch.bool)
+    def _grow(self, data: _Split, needed: int) -> None:
+        """More rows than planned: every per-row store of ``data`` gets room for at least ``needed`` slots."""
+        new = min(data.n_rows, max(needed, 2 * data.capacity))
+        logger.info("prefix cache: growing from %d to %d rows", data.capacity, new)
+        data.inputs = {k: self._resized(t, new, False, f"inputs.{k}") for k, t in data.inputs.items()}
+        for path, store in data.captures.items():
+            store.tensors = [
+                self._resized(t, new, store.on_disk, f"{path}.{i}") if pr else t
+                for i, (t, pr) in enumerate(zip(store.tensors, store.per_row, strict=True))
+            ]
+        data.capacity = new
+
+    def _resized(self, t: torch.Tensor, capacity: int, on_disk: bool, name: str) -> torch.Tensor:
+        grown = self._empty((capacity, *t.shape[1:]), t.dtype, on_disk, name)
+        grown[: len(t)] = t
+        added = _nbytes(tuple(grown.shape), t.dtype) - _nbytes(tuple(t.shape), t.dtype)
+        if on_disk:
+            self.disk_bytes += added
+        else:
+            self.memory_bytes += added
+        return grown
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool, name: str) -> torch.Tensor:
+        if not on_disk:
+            return torch.empty(shape, dtype=dtype)  # pages are committed only when rows are written
+        self._files += 1
+        file = self._dir() / f"{name}.{os.getpid()}.{self._files}.bin"
+        return torch.from_file(str(file), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+
+    def _store_inputs(self, data: _Split, sub: dict[str, Any], slots: torch.Tensor) -> None:
+        if not data.inputs:
             for k, v in sub.items():
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(rows):
-                    data.inputs[k] = torch.empty((data.n_rows, *v.shape[1:]), dtype=v.dtype)
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(slots):
+                    data.inputs[k] = torch.empty((data.capacity, *v.shape[1:]), dtype=v.dtype)
+                    self.memory_bytes += _nbytes(tuple(data.inputs[k].shape), v.dtype)
         for k, store in data.inputs.items():
             value = sub.get(k)
             _check_shape(k, value, store)
-            store[rows] = value.detach().cpu()
-        data.inputs_filled[rows] = True
+            store[slots] = value.detach().cpu()
 
     def _check_inputs(self, data: _Split, inputs: dict[str, Any], rows: torch.Tensor) -> None:
+        slots = data.slot[rows]
         for k, store in data.inputs.items():
             value = inputs.get(k)
             _check_shape(k, value, store)
-            if not torch.equal(store[rows], value.detach().cpu()):
+            if not torch.equal(store[slots], value.detach().cpu()):
                 raise RelearnError(_changed_inputs(k))
 
-    def _store(self, data: _Split, path: str, out: Any, rows: torch.Tensor) -> None:
+    def _store(self, data: _Split, path: str, out: Any, slots: torch.Tensor, rows: torch.Tensor) -> None:
         try:
             template, leaves = _flatten(out)
         except _Uncacheable as err:
             raise RelearnError(f"prefix cache: {path} returns {err}") from None
         store = data.captures.get(path)
         if store is None:
-            store = data.captures[path] = self._allocate(data.n_rows, template, leaves, len(rows), path)
+            store = data.captures[path] = self._allocate(data, template, leaves, len(rows), path)
         if template != store.template or len(leaves) != len(store.tensors):
             raise RelearnError(f"prefix cache: {path} changed the structure of its output between batches")
         for leaf, tensor, per_row in zip(leaves, store.tensors, store.per_row, strict=True):
@@ -391,7 +436,7 @@ class PrefixCache:
                         f"prefix cache: {path} gave shape {tuple(leaf.shape)} for a batch after "
                         f"{tuple(tensor.shape[1:])}: sequences must keep one length (fixed-length blocks)"
                     )
-                tensor[rows] = leaf
+                tensor[slots] = leaf
             elif leaf.shape != tensor.shape or not torch.equal(leaf, tensor):
                 raise RelearnError(
                     f"prefix cache: a tensor that {path} passes to every example ({tuple(tensor.shape)}) changed "
@@ -399,41 +444,32 @@ class PrefixCache:
                 )
         store.filled[rows] = True
 
-    def _allocate(self, n_rows: int, template: Any, leaves: list[torch.Tensor], batch: int, path: str) -> _Rows:
+    def _allocate(self, data: _Split, template: Any, leaves: list[torch.Tensor], batch: int, path: str) -> _Rows:
         # a leaf with one entry per example is stored per row; one shaped [1, ...] (T5's position bias) once
         per_row = [leaf.dim() > 0 and leaf.shape[0] == batch for leaf in leaves]
-        row_bytes = sum(
-            _nbytes((n_rows, *leaf.shape[1:]), leaf.dtype) for leaf, pr in zip(leaves, per_row, strict=True) if pr
-        )
-        once_bytes = sum(
-            _nbytes(tuple(leaf.shape), leaf.dtype) for leaf, pr in zip(leaves, per_row, strict=True) if not pr
-        )
+        cap = data.capacity
+        pairs = list(zip(leaves, per_row, strict=True))
+        row_bytes = sum(_nbytes((cap, *leaf.shape[1:]), leaf.dtype) for leaf, pr in pairs if pr)
+        once_bytes = sum(_nbytes(tuple(leaf.shape), leaf.dtype) for leaf, pr in pairs if not pr)
         on_disk = self.memory_bytes + row_bytes + once_bytes > self.max_memory_bytes
-        tensors = []
-        for i, (leaf, pr) in enumerate(zip(leaves, per_row, strict=True)):
-            shape = (n_rows, *leaf.shape[1:]) if pr else tuple(leaf.shape)
-            if not pr:
-                tensors.append(leaf.detach().to("cpu").clone())
-            elif on_disk:
-                file = self._dir() / f"{path}.{i}.{os.getpid()}.{id(self)}.bin"
-                t = torch.from_file(str(file), shared=True, size=math.prod(shape), dtype=leaf.dtype)
-                tensors.append(t.view(shape))
-            else:
-                tensors.append(torch.empty(shape, dtype=leaf.dtype))  # pages are committed only when rows are written
+        tensors = [
+            self._empty((cap, *leaf.shape[1:]), leaf.dtype, on_disk, f"{path}.{i}")
+            if pr
+            else leaf.detach().to("cpu").clone()
+            for i, (leaf, pr) in enumerate(pairs)
+        ]
         logger.info(
             "prefix cache: output of %s for %d rows x %s = %s %s%s",
             path,
-            n_rows,
-            _human(row_bytes / max(n_rows, 1)),
+            cap,
+            _human(row_bytes / max(cap, 1)),
             _human(row_bytes),
             f"on disk in {self._dir()}" if on_disk else "in memory",
             f" (+ {_human(once_bytes)} shared by all rows)" if once_bytes else "",
         )
         self.memory_bytes += once_bytes + (0 if on_disk else row_bytes)
         self.disk_bytes += row_bytes if on_disk else 0
-        return _Rows(
-            template, per_row, tensors, torch.zeros(n_rows, dtype=torch.bool), row_bytes + once_bytes, on_disk
-        )
+        return _Rows(template, per_row, tensors, torch.zeros(data.n_rows, dtype=torch.bool), on_disk)
 
     def _dir(self) -> Path:
         if self.directory is not None:
@@ -447,9 +483,7 @@ class PrefixCache:
         """What the cache holds: plan, rows filled per split, bytes in memory and on disk."""
         return {
             "skipped": self.plan.describe() if getattr(self, "plan", None) else None,
-            "rows_filled": {
-                s: int(d.inputs_filled.sum()) if d.inputs_filled is not None else 0 for s, d in self.splits.items()
-            },
+            "rows_filled": {s: d.used for s, d in self.splits.items()},
             "prefix_forwards": self.filled_rows,
             "memory_bytes": self.memory_bytes,
             "disk_bytes": self.disk_bytes,

@@ -692,7 +692,11 @@ class RelearnTrainer(Trainer):
         split = "train" if model.training else "eval"
         if rows is not None and self.prefix_cache is not None and split in self._prefix_splits:
             dataset = self.train_dataset if split == "train" else self.eval_dataset
-            with self.prefix_cache.serving(inputs, rows, split, len(dataset)):
+            # a run with max_steps meets at most that many batches of training rows: size the cache for those
+            args = self.args
+            meets = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            capacity = meets if split == "train" and args.max_steps > 0 else None
+            with self.prefix_cache.serving(inputs, rows, split, len(dataset), capacity):
                 return super().compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
                 )

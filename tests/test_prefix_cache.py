@@ -142,7 +142,8 @@ def test_over_the_memory_budget_the_cache_is_memory_mapped_on_disk(tmp_path):
     # the encoder output and the decoder's hidden states per row on disk; T5's position biases (shaped [1, ...],
     # the same for every example) are stored once, in memory
     assert len(files) == 2 and cache.disk_bytes == sum(f.stat().st_size for f in files)
-    assert cache.summary()["disk_bytes"] > 0 and cache.memory_bytes == 2 * 2 * 16 * 16 * 4  # two [1, 2, 16, 16] biases
+    # in memory: two [1, 2, 16, 16] float biases and the inputs each row was computed from (ids, labels: 4 x 16 int64)
+    assert cache.summary()["disk_bytes"] > 0 and cache.memory_bytes == 2 * 2 * 16 * 16 * 4 + 2 * 4 * 16 * 8
 
 
 def test_one_fill_serves_every_lower_boundary_when_shared():
@@ -271,3 +272,28 @@ def test_row_indices_reach_the_batch_for_hf_and_torch_datasets():
         assert batch[ROW_COLUMN].tolist() == [3, 0, 4]
         assert batch["input_ids"].tolist() == [[3, 4], [0, 1], [4, 5]]
     assert with_row_index(None) is None
+
+
+@pytest.mark.parametrize("budget", [None, 0])  # in memory, and memory-mapped on disk
+def test_storage_is_sized_for_the_rows_a_run_can_meet_and_grows_if_more_come(budget, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="hf_relearn")
+    model = _model("gpt2").eval()
+    trainable = freeze_except(model, "decoder.3")
+    cache = PrefixCache(max_memory_bytes=budget)
+    cache.attach(model, plan_prefix(model, trainable)[0])
+    batches = [(_batch(seed, rows=2), torch.tensor([7 * seed, 7 * seed + 1])) for seed in range(4)]  # rows of 1000
+    expected = [_loss_and_grads(model, inputs) for inputs, _ in batches]
+    for _ in range(2):
+        for (inputs, rows), (loss, grads) in zip(batches, expected, strict=True):
+            with cache.serving(inputs, rows, "train", n_rows=1000, capacity=2):
+                cached_loss, cached_grads = _loss_and_grads(model, inputs)
+            assert cached_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+            for name in grads:
+                torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("for 2 rows x 4.0 KiB = 8.0 KiB" in m for m in messages)  # 16 tokens x 64 wide x 4 bytes per row
+    assert any("growing from 2 to 4 rows" in m for m in messages) and any("from 4 to 8 rows" in m for m in messages)
+    assert cache.summary()["rows_filled"] == {"train": 8} and cache.filled_rows == 8
+    cache.close()
