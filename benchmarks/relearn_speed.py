@@ -68,21 +68,21 @@ def _saved_bytes(trainer, batch) -> int:
     return sum(seen.values())
 
 
+def _config(args) -> tuple[dict, DataArguments]:
+    """The model's config overrides and the data, shared by the per-step arms and the sweep."""
+    overrides = dict(
+        n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(1, args.n_embd // 64), n_positions=args.seq,
+        vocab_size=VOCAB, **NO_DROPOUT,
+    )  # fmt: skip
+    if args.gpt2_small:
+        overrides.update(n_layer=12, n_embd=768, n_head=12, n_positions=max(1024, args.seq))
+    return overrides, DataArguments(block_size=args.seq, generated_chars=args.chars, max_eval_samples=args.eval_rows)
+
+
 def build(args) -> tuple[dict, list, dict]:
     torch.manual_seed(0)
-    n = args.n_layer
-    overrides = dict(
-        n_layer=n,
-        n_embd=args.n_embd,
-        n_head=max(1, args.n_embd // 64),
-        n_positions=args.seq,
-        vocab_size=VOCAB,
-        **NO_DROPOUT,
-    )
-    if args.gpt2_small:
-        overrides.update(n_layer=12, n_embd=768, n_head=12, n_positions=1024)
-        n = 12
-    data = DataArguments(block_size=args.seq, generated_chars=args.chars, max_eval_samples=args.eval_rows)
+    overrides, data = _config(args)
+    n = overrides["n_layer"]
     tokenizer = byte_tokenizer()
     train, evals, collator = build_datasets(data, tokenizer, "clm")
     layers = {"first": 0, "middle": n // 2, "last": n - 1}
@@ -267,16 +267,8 @@ def sweep(args) -> dict:
     from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain, relearn
 
     tmp = Path(tempfile.mkdtemp(prefix="relearn-sweep-"))
-    n = args.n_layer
-    overrides = dict(
-        n_layer=n,
-        n_embd=args.n_embd,
-        n_head=max(1, args.n_embd // 64),
-        n_positions=args.seq,
-        vocab_size=VOCAB,
-        **NO_DROPOUT,
-    )
-    data = DataArguments(block_size=args.seq, generated_chars=args.chars, max_eval_samples=args.eval_rows)
+    overrides, data = _config(args)
+    n = overrides["n_layer"]
     base_steps = args.sweep_base_steps
     pargs = _args(PretrainArguments, str(tmp / "base"), args.device, args.batch, max_steps=base_steps, eval_steps=50,
                   learning_rate=1e-3)  # fmt: skip
