@@ -6,6 +6,7 @@ and the study call these functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -182,6 +183,8 @@ def relearn(
     _check_positions(model, data_args.block_size, args.objective)
     objective = args.objective
     train, evals, collator = build_datasets(data_args, tokenizer, objective)
+    out = Path(args.output_dir)
+    fresh = not out.exists()  # the Trainer creates output_dir; a refused run removes it again if it made it
     trainer = RelearnTrainer(
         model=model,
         args=args,
@@ -195,8 +198,16 @@ def relearn(
     )
     if quiet:
         _quiet(trainer)
+    # surgery first (train() would do it anyway): a refused reset or prefix cache leaves no output folder behind
+    try:
+        trainer.prepare_relearn()
+    except RelearnError:
+        if fresh and out.is_dir() and not any(out.iterdir()):
+            with contextlib.suppress(OSError):  # another process of the launch may have removed it first
+                out.rmdir()
+        raise
     if trainer.is_world_process_zero():
-        write_json_atomic(Path(args.output_dir) / DATA_FILE, dataclasses.asdict(data_args))
+        write_json_atomic(out / DATA_FILE, dataclasses.asdict(data_args))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if args.save_final_model:
         trainer.save_final()

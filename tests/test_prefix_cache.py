@@ -214,6 +214,9 @@ def test_auto_stays_off_where_it_would_not_be_exact_and_true_refuses(gpt2_base, 
     assert result.prefix_cache["enabled"]
     with pytest.raises(RelearnError, match="cannot be exact here: trainable=all"):
         relearn_run(tmp_path / "all", gpt2_base, "decoder.2", max_steps=10, prefix_cache="true", trainable="all")
+    with pytest.raises(RelearnError, match="nothing below it to cache"):
+        relearn_run(tmp_path / "first", gpt2_base, "decoder.0", max_steps=10, prefix_cache="true")
+    assert not (tmp_path / "all").exists() and not (tmp_path / "first").exists()  # refused: nothing written
     with pytest.raises(RelearnError, match="prefix_cache must be one of"):
         relearn_run(tmp_path / "bad", gpt2_base, "decoder.2", max_steps=10, prefix_cache="yes please")
 
