@@ -173,7 +173,8 @@ def _check_resettable(
         why = [f"{n} is the same tensor as a tensor in the block (tied weights)" for n in shared] + list(block.notes)
         raise RelearnError(
             f"cannot reset {block.name!r} alone: " + "; ".join(why) + ". Resetting it would reset every place that "
-            "shares it. Pass allow_shared=True (CLI: --allow-shared) to reset it everywhere it is used."
+            "shares it. Pass allow_shared=True (`hf-relearn reset --allow-shared`, `relearn --allow_shared`) to reset it "
+            "everywhere it is used."
         )
     return shared
 
