@@ -12,6 +12,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .caveats import RESET_BARELY_MATTERED, UNIGRAM_LEVEL, codes_of
 from .errors import RelearnError
 from .study import RESULTS, read_results
 
@@ -683,6 +684,12 @@ def build_report(study_dir: str | os.PathLike) -> dict:
     return {"report": report, "plots": plots, "table": table_text(summary), "answer": words, "warnings": warnings}
 
 
+def _codes(row: dict, codes_column: str, warnings_column: str) -> list[str]:
+    """A row's warning codes (rows written before codes existed: from the warnings' sentences)."""
+    codes = row.get(codes_column)
+    return list(codes) if isinstance(codes, list) else codes_of(row.get(warnings_column) or [])
+
+
 def _warnings(rows: list[dict]) -> list[str]:
     out: list[str] = []
     for r in rows:
@@ -694,7 +701,7 @@ def _warnings(rows: list[dict]) -> list[str]:
         {
             f"{r['block']} ({r['base_id']})"
             for r in rows
-            if any("barely mattered" in w for w in r.get("warnings") or [])
+            if RESET_BARELY_MATTERED in _codes(r, "warning_codes", "warnings")
         }
     )
     if barely:
@@ -702,7 +709,7 @@ def _warnings(rows: list[dict]) -> list[str]:
             "resets that barely raised the loss (already within the tolerance right after the reset; these layers did "
             f"little, their 'recovery' is cheap by construction): {', '.join(barely)}"
         )
-    unigram = sorted({r["base_id"] for r in rows if any("unigram" in w for w in r.get("warnings") or [])})
+    unigram = sorted({r["base_id"] for r in rows if UNIGRAM_LEVEL in _codes(r, "warning_codes", "warnings")})
     if unigram:
         out.append(f"bases no better than a unigram model of their data: {', '.join(unigram)}")
     changed = [r["run_id"] for r in rows if not r["frozen_unchanged"]]

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import Trainer
 
+from .caveats import codes_of
 from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
 from .io import versions, write_json_atomic
@@ -21,6 +23,8 @@ from .modeling import is_config_name, load_model, parse_overrides
 from .prefix_cache import PrefixCache
 from .trainer import (
     OBJECTIVES,
+    RUN_FILE,
+    ConvergenceCallback,
     HfRelearnTrainingArguments,
     RelearnArguments,
     RelearnResult,
@@ -28,7 +32,6 @@ from .trainer import (
     base_run_warnings,
 )
 
-RUN_FILE = "hf_relearn_run.json"
 DATA_FILE = "hf_relearn_data.json"  # the data settings of a relearn run (the card names the dataset from it)
 
 
@@ -51,11 +54,53 @@ class PretrainArguments(HfRelearnTrainingArguments):
     objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq"})
     eval_steps: float | None = field(default=50, metadata={"help": "evaluate every N steps"})
     logging_steps: float = field(default=50, metadata={"help": "log every N steps"})
+    until_converged: bool = field(
+        default=False,
+        metadata={
+            "help": "train until the validation loss stops improving (max_steps is then a cap): keeps the best "
+            "checkpoint, whose step is the base's budget; the learning rate halves on each plateau (see README)"
+        },
+    )
+    convergence_patience: int = field(
+        default=8, metadata={"help": "convergence window: the last N evaluations (see convergence_threshold)"}
+    )
+    convergence_threshold: float = field(
+        default=0.005,
+        metadata={"help": "converged when the best eval loss improved by less than this share over the window"},
+    )
 
     def __post_init__(self) -> None:
+        if self.until_converged:
+            self._converge_settings()
         super().__post_init__()
         if self.objective not in OBJECTIVES or self.objective == "distill":
             raise RelearnError(f"pretrain objective {self.objective!r}: choose clm, mlm or seq2seq")
+
+    def _converge_settings(self) -> None:
+        """Trainer settings of a run to convergence: keep the best checkpoint, a plateau-driven schedule."""
+        if self.convergence_patience < 2:
+            raise RelearnError(f"convergence_patience must be >= 2 evaluations, got {self.convergence_patience}")
+        if not 0 <= self.convergence_threshold < 0.5:
+            raise RelearnError(f"convergence_threshold must be in [0, 0.5), got {self.convergence_threshold}")
+        if str(self.eval_strategy) not in ("steps", "IntervalStrategy.STEPS"):
+            raise RelearnError("until_converged judges the eval curve: use eval_strategy steps (and eval_steps)")
+        self.load_best_model_at_end = True
+        self.restore_callback_states_from_checkpoint = True  # a resumed run judges the same convergence window
+        self.metric_for_best_model = "eval_loss"
+        self.greater_is_better = False
+        self.save_strategy = "steps"
+        self.save_steps = self.eval_steps
+        self.save_total_limit = self.save_total_limit or 1  # with load_best the Trainer keeps best + latest
+        if str(self.lr_scheduler_type) in ("linear", "SchedulerType.LINEAR"):
+            # the default linear decay would end at max_steps, a cap here: halve the rate on each plateau instead,
+            # so that by the time the stop rule fires the rate has been cut several times ("ends low")
+            self.lr_scheduler_type = "reduce_lr_on_plateau"
+            self.lr_scheduler_kwargs = self.lr_scheduler_kwargs or {
+                "factor": 0.5,
+                "patience": 1,
+                "threshold": 0.002,
+                "threshold_mode": "rel",
+            }
 
 
 def _tokenizer_overrides(tokenizer, model_spec: str, objective: str) -> dict:
@@ -107,6 +152,9 @@ def pretrain(
     model = load_model(model_args.model, overrides, head=model_args.head, seed=model_args.model_seed)
     _check_positions(model, data_args.block_size, args.objective)
     train, evals, collator = build_datasets(data_args, tokenizer, args.objective)
+    convergence = (
+        ConvergenceCallback(args.convergence_patience, args.convergence_threshold) if args.until_converged else None
+    )
     trainer = Trainer(
         model=model,
         args=args,
@@ -114,36 +162,66 @@ def pretrain(
         eval_dataset=evals,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=[convergence] if convergence else None,
     )
     if quiet:
         _quiet(trainer)
-    trainer.train()
-    if not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history):
-        trainer.evaluate()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if not args.until_converged and not any(
+        e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history
+    ):
+        trainer.evaluate()  # (a converged run ends on an evaluation; its kept model is the best one evaluated)
     out = Path(args.output_dir)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
     trainer.save_state()
-    curve = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
-    info = {
+    info = _run_info(trainer, model_args, data_args, args, len(train), len(evals), convergence)
+    if trainer.is_world_process_zero():
+        write_json_atomic(out / RUN_FILE, info)
+        if args.until_converged:  # the checkpoints only served to keep the best model; it is saved in out now
+            for checkpoint in out.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return info
+
+
+def _run_info(trainer, model_args, data_args, args, train_examples, eval_examples, convergence) -> dict:
+    """What a base run leaves for the runs measured against it: budget, curve, stop reason, warnings."""
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    curve = [(e["step"], e["eval_loss"]) for e in evals]
+    kept = trainer.state.best_global_step if args.until_converged else trainer.state.global_step
+    kept_eval = next((e for e in evals if e["step"] == kept), evals[-1])
+    converged = bool(convergence and convergence.converged)
+    if args.until_converged:
+        stopped = "converged" if converged else "max_steps"
+    else:
+        stopped = "max_steps"
+    warnings = base_run_warnings(curve, trainer.state.global_step, converged=converged, kept_best=args.until_converged)
+    return {
         "kind": "pretrain",
         "model_args": dataclasses.asdict(model_args),
         "data_args": dataclasses.asdict(data_args),
         "objective": args.objective,
         "steps": trainer.state.global_step,
         "tokens": trainer.state.num_input_tokens_seen,
-        "train_examples": len(train),
-        "eval_examples": len(evals),
-        "final_eval_loss": curve[-1][1],
+        "budget_steps": kept,
+        "budget_tokens": kept_eval.get("num_input_tokens_seen") or trainer.state.num_input_tokens_seen,
+        "stopped": stopped,
+        "until_converged": args.until_converged,
+        "convergence_rule": (
+            {"patience": args.convergence_patience, "threshold": args.convergence_threshold}
+            if args.until_converged
+            else None
+        ),
+        "train_examples": train_examples,
+        "eval_examples": eval_examples,
+        "final_eval_loss": kept_eval["eval_loss"],
         "best_eval_loss": min(v for _, v in curve),
         "curve": curve,
-        "warnings": base_run_warnings(curve, trainer.state.global_step),
+        "warnings": warnings,
+        "warning_codes": codes_of(warnings),
         "versions": versions(),
     }
-    if trainer.is_world_process_zero():
-        write_json_atomic(out / RUN_FILE, info)
-    trainer.accelerator.wait_for_everyone()
-    return info
 
 
 def inherit_data_args(data_args: DataArguments, original_run: str | None) -> DataArguments:

@@ -33,12 +33,13 @@ from typing import Any
 
 import yaml
 
+from .caveats import codes_of
 from .errors import RelearnError
 from .prefix_cache import PrefixCache
 
 RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
 SWEEP_KEYS = {
-    "blocks", "parts", "inits", "trainable", "seeds", "grid",
+    "blocks", "parts", "inits", "trainable", "arms_at", "seeds", "grid",
     "swaps", "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
 }  # fmt: skip
 SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
@@ -46,8 +47,8 @@ SWAP_KEYS = {"name", "encoder", "overrides", *SWAP_OPTIONS}
 RESULTS = "results.csv"
 # columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
 STUDY_COLUMNS = [
-    "study", "base_model", "run_id", "base_id", "base_seed", "grid", "n_layers", "stack", "layer", "relative_depth", "part", "base_steps",
-    "base_final_eval_loss", "base_curve", "base_warnings", "swap", "swap_encoder", "swap_overrides", "swap_width",
+    "study", "base_model", "run_id", "base_id", "base_seed", "grid", "n_layers", "stack", "layer", "relative_depth", "part", "base_steps", "base_stopped",
+    "base_final_eval_loss", "base_curve", "base_warnings", "base_warning_codes", "swap", "swap_encoder", "swap_overrides", "swap_width",
     "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
 ]  # fmt: skip
 
@@ -119,6 +120,24 @@ def _swap_arms(sweep: dict[str, Any]) -> list[tuple[str, str, int]]:
                     continue  # nothing to unfreeze after the warm-up: the arm would repeat warm-up 0
                 arms.append((cross, freeze, warmup))
     return arms
+
+
+def _arms_here(sweep: dict[str, Any], base: BaseSpec) -> list[str]:
+    """The ``sweep.trainable`` arms that run on this base: ``sweep.arms_at`` limits an arm to the grid points that
+    match it (e.g. ``{all: {n_layer: 4, n_embd: 64}}``: the ``all`` arm only where n_layer=4 and n_embd=64)."""
+    arms = sweep.get("trainable", ["block"])
+    limits = sweep.get("arms_at") or {}
+    if not isinstance(limits, dict):
+        raise RelearnError("sweep.arms_at must map an arm to grid values, e.g. {all: {n_layer: 4}}")
+    grid = dict(base.grid)
+    for arm, where in limits.items():
+        if arm not in arms:
+            raise RelearnError(f"sweep.arms_at names {arm!r}, which is not in sweep.trainable {arms}")
+        if not isinstance(where, dict) or not set(where) <= set(sweep.get("grid") or {}):
+            raise RelearnError(
+                f"sweep.arms_at.{arm}: give grid keys and values (grid keys: {list(sweep.get('grid') or {})})"
+            )
+    return [a for a in arms if all(grid.get(k) == v for k, v in (limits.get(a) or {}).items())]
 
 
 def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -252,7 +271,7 @@ class Recipe:
             stack = bmap.stacks[layer[0]] if layer[0] else None
             part = block.name.split(".")[2] if block.kind == "part" else None
             for init in self.sweep.get("inits", ["scratch"]):
-                for trainable in self.sweep.get("trainable", ["block"]):
+                for trainable in _arms_here(self.sweep, base):
                     for seed in seeds:
                         run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{trainable}-r{seed}"
                         n = len(stack.layers) if stack else max(len(s.layers) for s in stacks)
@@ -322,6 +341,12 @@ def _train_base(recipe: Recipe, base: BaseSpec, folder: Path) -> dict:
         model_seed=base.seed,
     )
     settings = {"disable_tqdm": True, "seed": base.seed, **recipe.pretrain, "output_dir": str(folder)}
+    # a checkpoint is complete once its trainer_state.json is written (the Trainer writes it last)
+    checkpoints = sorted(
+        (c.parent for c in folder.glob("checkpoint-*/trainer_state.json")), key=lambda c: int(c.name.split("-")[-1])
+    )
+    if checkpoints:  # a killed base run that saved checkpoints goes on from its last one
+        settings["resume_from_checkpoint"] = str(checkpoints[-1])
     args = PretrainArguments(objective=recipe.base.get("objective", "clm"), **settings)
     return pretrain(model_args, DataArguments(**recipe.data), args, quiet=True)
 
@@ -384,10 +409,12 @@ def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> 
         "layer": run.layer,
         "relative_depth": depth,
         "part": run.part,
-        "base_steps": (base_info or {}).get("steps"),
+        "base_steps": (base_info or {}).get("budget_steps") or (base_info or {}).get("steps"),
+        "base_stopped": (base_info or {}).get("stopped"),
         "base_final_eval_loss": (base_info or {}).get("final_eval_loss"),
         "base_curve": json.dumps((base_info or {}).get("curve", [])),
         "base_warnings": json.dumps((base_info or {}).get("warnings", [])),
+        "base_warning_codes": json.dumps(codes_of((base_info or {}).get("warnings", []))),
         "swap": run.swap,
         "swap_encoder": run.swap_encoder,
         "swap_overrides": json.dumps(dict(run.swap_overrides)) if run.swap else None,
@@ -477,7 +504,7 @@ def _remove_unfinished(out: Path, bases: list[BaseSpec], plan: list[tuple[BaseSp
         stale.unlink(missing_ok=True)  # left by a write that a kill interrupted; the file it replaced is intact
     for base in bases:
         folder = out / "bases" / base.id
-        if folder.exists() and not (folder / RUN_FILE).exists():
+        if folder.exists() and not (folder / RUN_FILE).exists() and not any(folder.glob("checkpoint-*")):
             shutil.rmtree(folder)
     for _, run in plan:
         folder = out / "runs" / run.id

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from .blocks import BlockMap
+from .caveats import OVERFIT, RESET_BARELY_MATTERED, UNDER_TRAINED, UNIGRAM_LEVEL, Caveat, attach_codes, codes_of
 from .errors import RelearnError
 from .io import versions, write_json_atomic
 from .prefix_cache import MODES as PREFIX_MODES
@@ -35,6 +36,7 @@ from .surgery import SurgeryReport, fingerprint, freeze_except, reset
 OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
 TRAINABLE = ("block", "all", "lora-rest", "block+lora-rest")
 RESULT_FILE = "relearn_result.json"
+RUN_FILE = "hf_relearn_run.json"  # written by pretrain: the base's budget, curve and warnings
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -226,7 +228,12 @@ def check_swap_warmup(args: RelearnArguments) -> None:
 
 # ----------------------------------------------------------------------------------------------- original run
 def read_original_run(path: str | Path) -> dict[str, Any]:
-    """Steps, tokens and validation curve of a base run folder (from its ``trainer_state.json``)."""
+    """Budget (steps, tokens), validation curve and warnings of a base run folder.
+
+    The curve comes from its ``trainer_state.json``. The budget is the step (and tokens) of the model that was kept:
+    for a base trained until converged (``pretrain --until_converged``) the best checkpoint, recorded in
+    ``hf_relearn_run.json``; otherwise the run's last step.
+    """
     state_file = Path(path) / "trainer_state.json"
     if not state_file.exists():
         raise RelearnError(
@@ -235,16 +242,30 @@ def read_original_run(path: str | Path) -> dict[str, Any]:
         )
     state = json.loads(state_file.read_text())
     curve = [(e["step"], e["eval_loss"]) for e in state.get("log_history", []) if "eval_loss" in e]
+    run_file = Path(path) / RUN_FILE
+    info = json.loads(run_file.read_text()) if run_file.exists() else {}
     return {
-        "steps": state.get("global_step") or None,
-        "tokens": state.get("num_input_tokens_seen") or None,
+        "steps": info.get("budget_steps") or state.get("global_step") or None,
+        "tokens": info.get("budget_tokens") or state.get("num_input_tokens_seen") or None,
         "curve": curve,
-        "warnings": base_run_warnings(curve, state.get("global_step") or 0),
+        "warnings": attach_codes(info["warnings"], info.get("warning_codes"))
+        if "warnings" in info
+        else base_run_warnings(curve, state.get("global_step") or 0),
     }
 
 
-def base_run_warnings(curve: list[tuple[int, float]], total_steps: int, tol: float = 0.01) -> list[str]:
-    """Flag an under-trained base (val loss still falling at the end) or an overfit one (best well before the end)."""
+def base_run_warnings(
+    curve: list[tuple[int, float]],
+    total_steps: int,
+    tol: float = 0.01,
+    converged: bool = False,
+    kept_best: bool = False,
+) -> list[str]:
+    """Flag an under-trained base (val loss still falling at the end) or an overfit one (kept past its best).
+
+    ``converged``: the run stopped because its plateau rule fired (no under-trained warning then); ``kept_best``: the
+    model kept is the best checkpoint (so it cannot be past its best).
+    """
     if len(curve) < 3 or not total_steps:
         return []
     steps, losses = zip(*curve, strict=True)
@@ -252,16 +273,22 @@ def base_run_warnings(curve: list[tuple[int, float]], total_steps: int, tol: flo
     best_step = steps[losses.index(best)]
     late = [loss for s, loss in curve if s <= 0.75 * total_steps]
     out = []
-    if late and final < late[-1] * (1 - tol):
+    if not converged and late and final < late[-1] * (1 - tol):
         out.append(
-            f"base model under-trained: its validation loss still fell from {late[-1]:.4f} (step "
-            f"{max(s for s in steps if s <= 0.75 * total_steps)}) to {final:.4f} in the last quarter of training; "
-            "recovery numbers measured against it mislead"
+            Caveat(
+                UNDER_TRAINED,
+                f"base model under-trained: its validation loss still fell from {late[-1]:.4f} (step "
+                f"{max(s for s in steps if s <= 0.75 * total_steps)}) to {final:.4f} in the last quarter of training; "
+                "recovery numbers measured against it mislead",
+            )
         )
-    if best_step < 0.75 * total_steps and final > best * (1 + tol):
+    if not kept_best and best_step < 0.75 * total_steps and final > best * (1 + tol):
         out.append(
-            f"base model overfit: its best validation loss {best:.4f} came at step {best_step} of {total_steps} and "
-            f"ended at {final:.4f}; a reset can look cheap or even help"
+            Caveat(
+                OVERFIT,
+                f"base model overfit: its best validation loss {best:.4f} came at step {best_step} of {total_steps} and "
+                f"ended at {final:.4f}; a reset can look cheap or even help",
+            )
         )
     return out
 
@@ -290,6 +317,46 @@ def recovery_threshold(baseline: float, after_reset: float, args: RelearnArgumen
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
+class ConvergenceCallback(EarlyStoppingCallback):
+    """Stop a base run once it has converged: over the last ``patience`` evaluations its best validation loss
+    improved by less than ``threshold`` (relative), i.e. best_now > best_then x (1 - threshold).
+
+    ``converged`` says whether that rule (not the ``max_steps`` cap) ended the run. The best-so-far history is part
+    of the callback's state, so a resumed run judges the same window.
+    """
+
+    def __init__(self, patience: int = 8, threshold: float = 0.005, best_history: list[float] | None = None):
+        super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
+        self.best_history = list(best_history or [])
+
+    def check_metric_value(self, args, state, control, metric_value):
+        sign = -1 if args.greater_is_better else 1  # compare as a loss
+        value = sign * metric_value
+        self.best_history.append(min(value, self.best_history[-1]) if self.best_history else value)
+        window = self.early_stopping_patience
+        if len(self.best_history) > window:
+            then, now = self.best_history[-1 - window], self.best_history[-1]
+            stalled = now > then - abs(then) * self.early_stopping_threshold
+            self.early_stopping_patience_counter = window if stalled else 0
+
+    @property
+    def converged(self) -> bool:
+        return self.early_stopping_patience_counter >= self.early_stopping_patience
+
+    def state(self) -> dict:
+        out = super().state()
+        out["args"]["best_history"] = self.best_history
+        return out
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(
+            state["args"]["early_stopping_patience"],
+            state["args"]["early_stopping_threshold"],
+            state["args"].get("best_history"),
+        )
+
+
 class ExamplesSeen(TrainerCallback, ExportableState):
     """Counts training examples; saved in checkpoints so a resumed run keeps counting from where it was."""
 
@@ -383,6 +450,7 @@ class RelearnResult:
     world_size: int
     reset_identical_across_ranks: bool
     warnings: list[str]
+    warning_codes: list[str]
     surgery: dict
     versions: dict
     stopped: str = "recovered"
@@ -645,8 +713,11 @@ class RelearnTrainer(Trainer):
         uni = unigram_loss(self.train_dataset, self.eval_dataset, vocab)
         if baseline >= 0.98 * uni:
             return [
-                f"the base model is no better than a unigram model of its data (eval loss {baseline:.4f} vs unigram "
-                f"{uni:.4f} nats/token): it has learned little that a reset could remove"
+                Caveat(
+                    UNIGRAM_LEVEL,
+                    f"the base model is no better than a unigram model of its data (eval loss {baseline:.4f} vs unigram "
+                    f"{uni:.4f} nats/token): it has learned little that a reset could remove",
+                )
             ]
         return []
 
@@ -791,8 +862,11 @@ class RelearnTrainer(Trainer):
         warnings = list(original.get("warnings", [])) + list(self.data_warnings)
         if first_reach([(0, after[key])], self.threshold, args.higher_is_better) == 0:
             warnings.append(
-                f"the reset barely mattered: right after it {key} was {after[key]:.4f}, already within the tolerance of "
-                f"the baseline {base[key]:.4f}; this block did little, so its cheap 'recovery' says nothing"
+                Caveat(
+                    RESET_BARELY_MATTERED,
+                    f"the reset barely mattered: right after it {key} was {after[key]:.4f}, already within the tolerance of "
+                    f"the baseline {base[key]:.4f}; this block did little, so its cheap 'recovery' says nothing",
+                )
             )
         orig_same = None
         if original.get("curve") and key == "eval_loss":
@@ -846,6 +920,7 @@ class RelearnTrainer(Trainer):
             world_size=self.args.world_size,
             reset_identical_across_ranks=len(set(digests)) == 1,
             warnings=warnings,
+            warning_codes=codes_of(warnings),
             surgery=self.surgery.to_dict(),
             versions=versions(),
             stopped=stopped,
