@@ -30,8 +30,8 @@ from transformers import (
 )
 
 from .errors import RelearnError
+from .files import OBJECTIVES as _OBJECTIVES
 
-_OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _TOKENIZER_FILES = (
     "tokenizer.json",

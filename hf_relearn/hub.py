@@ -10,208 +10,23 @@ card: a few MB instead of the whole model, rebuilt on top of the base with :func
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from .cards import relearn_card, study_card  # noqa: F401  (re-exported: hf_relearn.hub.relearn_card, study_card)
 from .errors import RelearnError
-from .io import write_dir_atomic
-from .trainer import RESULT_FILE
+from .files import BLOCK_FILE, CURVE_FILE, RESULT_FILE
+from .io import read_result, write_dir_atomic
+from .plots import plot_curve
 
-CARDS = Path(__file__).resolve().parent / "cards"
-BLOCK_FILE = "block.safetensors"
-CURVE_FILE = "relearn_curve.png"
-TASKS = {
-    "clm": "text-generation",
-    "mlm": "fill-mask",
-    "seq2seq": "text2text-generation",
-    "distill": "feature-extraction",
-}
 _MODEL_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
     "spiece.model", "tokenizer.model", "added_tokens.json",
 )  # fmt: skip
-
-
-def read_result(run_dir: str | os.PathLike) -> dict:
-    """The run's relearn_result.json (a clear error when the folder is not a finished relearn run)."""
-    path = Path(run_dir) / RESULT_FILE
-    if not path.exists():
-        raise RelearnError(f"{run_dir}: no {RESULT_FILE} here; push needs the output dir of a finished relearn run")
-    return json.loads(path.read_text())
-
-
-def _num(x, digits: int = 4) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _ppl(loss) -> str:
-    return "n/a" if loss is None else f"{math.exp(min(loss, 50)):.3f}"
-
-
-def _source_card_data(model: str) -> dict:
-    """license / language / datasets from the base model's own card, when it is a local folder with one."""
-    readme = Path(str(model)) / "README.md"
-    if not readme.exists():
-        return {}
-    from huggingface_hub import ModelCard
-
-    try:
-        data = ModelCard.load(readme).data.to_dict()
-    except Exception:  # a README without (valid) YAML metadata: nothing to carry over
-        return {}
-    return {k: data[k] for k in ("license", "language", "datasets") if data.get(k)}
-
-
-def _dataset_name(run_dir: Path, result: dict) -> str:
-    args_file = run_dir / "hf_relearn_data.json"
-    if args_file.exists():
-        data = json.loads(args_file.read_text())
-        for key in ("dataset_name", "train_file"):
-            if data.get(key):
-                return Path(data[key]).name if key == "train_file" else data[key]
-        return f"the built-in {data.get('builtin_corpus', 'generated')} corpus"
-    return "its training data"
-
-
-def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_block: bool = False):
-    """A ``huggingface_hub.ModelCard`` for a relearn run, rendered from ``cards/relearn.md``.
-
-    Its model-index (``eval_results``) carries baseline, after-reset and recovered eval loss, perplexity, steps and
-    tokens to recover and the fraction of the original budget, with the values of relearn_result.json.
-    """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    run_dir = Path(run_dir)
-    r = read_result(run_dir)
-    dataset = _dataset_name(run_dir, r)
-    task = TASKS.get(r["objective"], "text-generation")
-    base = str(r["model"])
-    is_hub_id = not Path(base).exists() and base.count("/") == 1
-    name = repo_id or f"{Path(base).name}-relearn-{r['block']}"
-    metrics = [
-        ("eval_loss", "eval loss after re-learning", r["final_eval_loss"]),
-        ("baseline_eval_loss", "eval loss of the intact model", r["baseline_eval_loss"]),
-        ("after_reset_eval_loss", "eval loss right after the reset", r["after_reset_eval_loss"]),
-        ("perplexity", "perplexity after re-learning", math.exp(r["final_eval_loss"]) if r["final_eval_loss"] is not None and r["objective"] != "distill" else None),
-        ("steps_to_recover", "optimizer steps to recover", r["steps_to_recover"]),
-        ("tokens_to_recover", "tokens to recover", r["tokens_to_recover"]),
-        ("fraction_of_original", "fraction of the original training budget", r["fraction_of_original"]),
-    ]  # fmt: skip
-    eval_results = [
-        EvalResult(
-            task_type=task,
-            dataset_type=dataset,
-            dataset_name=dataset,
-            dataset_split="validation",
-            metric_type=mtype,
-            metric_name=mname,
-            metric_value=value,
-        )  # fmt: skip
-        for mtype, mname, value in metrics
-        if value is not None
-    ]
-    arch = r.get("architecture") or ""
-    card_data = ModelCardData(
-        model_name=name,
-        base_model=base if is_hub_id else None,
-        library_name="transformers",
-        pipeline_tag=task if r["objective"] != "distill" else None,
-        tags=[t for t in ("hf-relearn", "relearn", arch) if t],
-        eval_results=eval_results,
-        **_source_card_data(base),
-    )
-    arms = {
-        "block": "only this block trainable (everything else frozen)",
-        "all": "every parameter trainable",
-        "lora-rest": "the block frozen at random and LoRA adapters on every other layer",
-        "block+lora-rest": "this block trainable plus LoRA adapters on every other layer",
-    }
-    if r["recovered"]:
-        frac = (
-            f" = {100 * r['fraction_of_original']:.1f}% of the original {r['original_steps']} steps"
-            if r["fraction_of_original"] is not None
-            else ""
-        )
-        sentence = f"**Recovered** at step {r['steps_to_recover']}{frac}."
-    else:
-        sentence = f"**Not recovered** within {r['steps_trained']} steps (stopped: {r['stopped']}); the weights here are the last state."
-    if only_block:
-        usage = (
-            "This repository holds only the re-learned block. Rebuild the model on top of its base:\n\n"
-            f"```python\nfrom hf_relearn import load_relearned\n\nmodel = load_relearned({base!r}, {name!r})\n```"
-        )
-    else:
-        auto = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
-        cls = auto.get(r["objective"], "AutoModel")
-        usage = f"```python\nfrom transformers import {cls}\n\nmodel = {cls}.from_pretrained({name!r})\n```"
-    s = r["surgery"]
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(CARDS / "relearn.md"),
-        title=f"{Path(base).name}: `{r['block']}` reset and re-learned",
-        base_model=base,
-        block=r["block"],
-        num_tensors=s["num_tensors"],
-        num_parameters=f"{s['num_parameters']:,}",
-        init=r["init"],
-        seed=r["seed"],
-        arm=arms.get(r["trainable"], r["trainable"]),
-        dataset=dataset,
-        objective=r["objective"],
-        tolerance=f"{100 * r['tolerance']:g}%" if r["tolerance_abs"] is None else f"±{r['tolerance_abs']}",
-        baseline_loss=_num(r["baseline_eval_loss"]),
-        after_loss=_num(r["after_reset_eval_loss"]),
-        final_loss=_num(r["final_eval_loss"]),
-        baseline_ppl=_ppl(r["baseline_eval_loss"]),
-        after_ppl=_ppl(r["after_reset_eval_loss"]),
-        final_ppl=_ppl(r["final_eval_loss"]),
-        recovery_sentence=sentence,
-        steps=r["steps_to_recover"] if r["recovered"] else "n/a",
-        examples=r["examples_to_recover"] if r["recovered"] else "n/a",
-        tokens=r["tokens_to_recover"] if r["recovered"] else "n/a",
-        fraction=f"{100 * r['fraction_of_original']:.1f}%"
-        if r["fraction_of_original"] is not None
-        else "unknown (no original budget given)",
-        scratch_steps=r["original_steps_to_same_loss"] if r["original_steps_to_same_loss"] is not None else "n/a",
-        trainable=f"{r['trainable_parameters']:,}",
-        total=f"{r['total_parameters']:,}",
-        frozen="yes" if r["frozen_unchanged"] else f"NO ({', '.join(r['frozen_changed'][:5])})",
-        warnings=r["warnings"],
-        usage=usage,
-        command=f"hf-relearn relearn --model {base} --block {r['block']} --init {r['init']} --reset_seed {r['seed']} "
-        f"--objective {r['objective']} --trainable {r['trainable']} --tolerance {r['tolerance']}",
-        versions=", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-    )
-
-
-def plot_curve(result: dict, path: Path) -> Path:
-    """The recovery curve (metric vs step, baseline and threshold marked) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    steps, values = zip(*result["curve"], strict=True)
-    ax.plot(steps, values, "-o", ms=3, label=f"re-learning {result['block']}")
-    ax.axhline(result["baseline_metric"], color="k", lw=1, label="intact model")
-    ax.axhline(result["recovery_threshold"], color="grey", ls="--", lw=1, label="recovery threshold")
-    if result["recovered"]:
-        ax.axvline(
-            result["steps_to_recover"], color="green", ls=":", lw=1, label=f"recovered at {result['steps_to_recover']}"
-        )
-    ax.set_xlabel("optimizer steps")
-    ax.set_ylabel(result["recovery_metric"])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def block_state(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -345,24 +160,3 @@ def load_relearned(base: str, repo_or_dir: str, revision: str | None = None, **l
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].dtype))
     return model
-
-
-def study_card(study_dir: str | os.PathLike):
-    """A card for a whole study: its report (the answer, the table, the plots) under model-card metadata."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .study import read_results
-
-    study_dir = Path(study_dir)
-    report = study_dir / "report.md"
-    if not report.exists():
-        raise RelearnError(f"{study_dir}: no report.md; run `hf-relearn report {study_dir}` first")
-    rows = read_results(study_dir / "results.csv")
-    body = report.read_text().split("\n", 1)[1]  # the report's own title is replaced by the card's
-    return ModelCard.from_template(
-        ModelCardData(tags=["hf-relearn", "relearn-study"], library_name="transformers"),
-        template_path=str(CARDS / "study.md"),
-        title=f"hf-relearn study: {rows[0]['study']}",
-        description=f"{len(rows)} relearn runs on {rows[0]['base_model']}.",
-        report=body,
-    )

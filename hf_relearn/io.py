@@ -1,7 +1,12 @@
-"""Writing results so that nothing half-written is ever left behind."""
+"""Reading and writing results so that nothing half-written is ever left behind.
+
+Imports no torch: the report (``hf-relearn report``) reads studies with this module alone.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -11,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RelearnError
+from .files import RESULT_FILE
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -58,10 +64,62 @@ def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> P
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages a result depends on."""
-    import torch
-    import transformers
+    """Versions of the packages a result depends on (from the installed metadata: no import of torch)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    out = {}
+    for name, dist in (("hf_relearn", "hf-relearn"), ("torch", "torch"), ("transformers", "transformers")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
 
-    return {"hf_relearn": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+def read_result(run_dir: str | os.PathLike) -> dict:
+    """A finished relearn run's ``relearn_result.json``; a clear error when the folder holds none."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.exists():
+        raise RelearnError(f"{run_dir}: no {RESULT_FILE} here; push needs the output dir of a finished relearn run")
+    return json.loads(path.read_text())
+
+
+def write_results(path: str | os.PathLike, rows: list[dict], first_columns: list[str]) -> None:
+    """Write a results.csv atomically (temporary file + rename): never a half-written or duplicated row.
+
+    Columns: ``first_columns`` in order, then every other key of the rows, sorted.
+    """
+    path = Path(path)
+    columns = list(first_columns) + sorted({k for r in rows for k in r} - set(first_columns))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """results.csv as a list of dicts with numbers, booleans and JSON columns decoded."""
+    path = Path(path)
+    if not path.exists():
+        raise RelearnError(f"{path}: no results.csv (has the study finished any run?)")
+    with path.open(newline="") as f:
+        return [{k: _decode(v) for k, v in raw.items()} for raw in csv.DictReader(f)]
+
+
+def _decode(value: str):
+    if value == "":
+        return None
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, ValueError):
+        return value

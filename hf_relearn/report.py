@@ -14,14 +14,8 @@ from pathlib import Path
 
 from .caveats import RESET_BARELY_MATTERED, UNIGRAM_LEVEL, codes_of
 from .errors import RelearnError
-from .study import RESULTS, read_results
-
-ARM_LABELS = {
-    "block": "only the block",
-    "all": "everything trainable",
-    "lora-rest": "LoRA on the rest (block frozen)",
-    "block+lora-rest": "block + LoRA on the rest",
-}
+from .files import ARM_LABELS, RESULTS
+from .io import read_results
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from transformers import Trainer
 from .caveats import codes_of
 from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
+from .files import DATA_FILE
 from .io import versions, write_json_atomic
 from .modeling import is_config_name, load_model, parse_overrides
 from .prefix_cache import PrefixCache
@@ -31,8 +32,6 @@ from .trainer import (
     RelearnTrainer,
     base_run_warnings,
 )
-
-DATA_FILE = "hf_relearn_data.json"  # the data settings of a relearn run (the card names the dataset from it)
 
 
 @dataclass

@@ -17,10 +17,8 @@ half-written row.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -35,6 +33,9 @@ import yaml
 
 from .caveats import codes_of
 from .errors import RelearnError
+from .files import RESULTS
+from .io import read_results  # noqa: F401  (re-exported: hf_relearn.study.read_results)
+from .io import write_results as _write_results
 from .prefix_cache import PrefixCache
 
 RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
@@ -44,7 +45,6 @@ SWEEP_KEYS = {
 }  # fmt: skip
 SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
 SWAP_KEYS = {"name", "encoder", "overrides", *SWAP_OPTIONS}
-RESULTS = "results.csv"
 # columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
 STUDY_COLUMNS = [
     "study", "base_model", "run_id", "base_id", "base_seed", "grid", "n_layers", "stack", "layer", "relative_depth", "part", "base_steps", "base_stopped",
@@ -429,39 +429,8 @@ def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> 
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
-    """Write results.csv atomically (temporary file + rename): never a half-written or duplicated row."""
-    columns = STUDY_COLUMNS + sorted({k for r in rows for k in r} - set(STUDY_COLUMNS))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-
-
-def read_results(path: str | os.PathLike) -> list[dict]:
-    """results.csv as a list of dicts with numbers, booleans and JSON columns decoded."""
-    path = Path(path)
-    if not path.exists():
-        raise RelearnError(f"{path}: no results.csv (has the study finished any run?)")
-    rows = []
-    with path.open(newline="") as f:
-        for raw in csv.DictReader(f):
-            rows.append({k: _decode(v) for k, v in raw.items()})
-    return rows
-
-
-def _decode(value: str):
-    if value == "":
-        return None
-    if value in ("True", "False"):
-        return value == "True"
-    try:
-        return json.loads(value)
-    except (json.JSONDecodeError, ValueError):
-        return value
+    """Write results.csv atomically, the study's own columns first (see ``io.write_results``)."""
+    _write_results(path, rows, STUDY_COLUMNS)
 
 
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",

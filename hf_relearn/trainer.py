@@ -26,17 +26,15 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from transformers.trainer_callback import ExportableState
 
 from .blocks import BlockMap
+from .cards import relearn_card
 from .caveats import OVERFIT, RESET_BARELY_MATTERED, UNDER_TRAINED, UNIGRAM_LEVEL, Caveat, attach_codes, codes_of
 from .errors import RelearnError
+from .files import CURVE_FILE, OBJECTIVES, RESULT_FILE, RUN_FILE, TRAINABLE
 from .io import versions, write_json_atomic
+from .plots import plot_curve
 from .prefix_cache import MODES as PREFIX_MODES
 from .prefix_cache import ROW_COLUMN, PrefixCache, RowCollator, active_dropout, plan_prefix, with_row_index
 from .surgery import SurgeryReport, fingerprint, freeze_except, reset
-
-OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
-TRAINABLE = ("block", "all", "lora-rest", "block+lora-rest")
-RESULT_FILE = "relearn_result.json"
-RUN_FILE = "hf_relearn_run.json"  # written by pretrain: the base's budget, curve and warnings
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -344,17 +342,12 @@ class ConvergenceCallback(EarlyStoppingCallback):
         return self.early_stopping_patience_counter >= self.early_stopping_patience
 
     def state(self) -> dict:
-        out = super().state()
-        out["args"]["best_history"] = self.best_history
-        return out
-
-    @classmethod
-    def from_state(cls, state):
-        return cls(
-            state["args"]["early_stopping_patience"],
-            state["args"]["early_stopping_threshold"],
-            state["args"].get("best_history"),
-        )
+        # the Trainer rebuilds a resumed callback as type(cb)(**args): the args are __init__'s own parameters
+        return {
+            "args": {"patience": self.early_stopping_patience, "threshold": self.early_stopping_threshold,
+                     "best_history": self.best_history},
+            "attributes": {"early_stopping_patience_counter": self.early_stopping_patience_counter},
+        }  # fmt: skip
 
 
 class ExamplesSeen(TrainerCallback, ExportableState):
@@ -833,11 +826,9 @@ class RelearnTrainer(Trainer):
                 self.processing_class.save_pretrained(out)
 
     def create_model_card(self, *args, **kwargs) -> None:
-        """Trainer.push_to_hub writes its card through here: ours carries the recovery metrics (cards/relearn.md)."""
+        """Trainer.push_to_hub writes its card through here: ours carries the recovery metrics (templates/relearn.md)."""
         if getattr(self, "result", None) is None or not self.is_world_process_zero():
             return super().create_model_card(*args, **kwargs)
-        from .hub import CURVE_FILE, plot_curve, relearn_card
-
         out = Path(self.args.output_dir)
         plot_curve(self.result.to_dict(), out / CURVE_FILE)
         relearn_card(out, self.args.hub_model_id).save(out / "README.md")

@@ -1,0 +1,30 @@
+"""Names shared by every layer: the files a run or study writes, the objectives and the trainable arms.
+
+Imports nothing from the package (and no torch), so the report and any tool can read them.
+"""
+
+from __future__ import annotations
+
+RESULT_FILE = "relearn_result.json"  # a relearn run's result (docs/results-contract.md)
+RUN_FILE = "hf_relearn_run.json"  # written by pretrain: the base's budget, curve, stop reason and warnings
+DATA_FILE = "hf_relearn_data.json"  # the data settings of a relearn run (the card names the dataset from it)
+RESULTS = "results.csv"  # a study's table: one row per finished run
+CURVE_FILE = "relearn_curve.png"  # a run's recovery curve
+BLOCK_FILE = "block.safetensors"  # a block-only upload's tensors
+
+OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
+PRETRAIN_OBJECTIVES = ("clm", "mlm", "seq2seq")  # distill needs a teacher: the model before surgery
+
+TRAINABLE = ("block", "all", "lora-rest", "block+lora-rest")
+ARM_LABELS = {
+    "block": "only the block",
+    "all": "everything trainable",
+    "lora-rest": "LoRA on the rest (block frozen)",
+    "block+lora-rest": "block + LoRA on the rest",
+}
+ARM_DESCRIPTIONS = {  # the same arms in a model card's words
+    "block": "only this block trainable (everything else frozen)",
+    "all": "every parameter trainable",
+    "lora-rest": "the block frozen at random and LoRA adapters on every other layer",
+    "block+lora-rest": "this block trainable plus LoRA adapters on every other layer",
+}
