@@ -63,20 +63,49 @@ def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_bl
     Its model-index (``eval_results``) carries baseline, after-reset and recovered eval loss, perplexity, steps and
     tokens to recover and the fraction of the original budget, with the values of relearn_result.json.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     run_dir = Path(run_dir)
     r = read_result(run_dir)
     dataset = _dataset_name(run_dir, r)
-    task = TASKS.get(r["objective"], "text-generation")
     base = str(r["model"])
-    is_hub_id = not Path(base).exists() and base.count("/") == 1
     name = repo_id or f"{Path(base).name}-relearn-{r['block']}"
+    card_data = _relearn_card_data(r, base, name, dataset)
+    s = r["surgery"]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "relearn.md"),
+        title=f"{Path(base).name}: `{r['block']}` reset and re-learned",
+        base_model=base,
+        block=r["block"],
+        num_tensors=s["num_tensors"],
+        num_parameters=f"{s['num_parameters']:,}",
+        init=r["init"],
+        seed=r["seed"],
+        arm=ARM_DESCRIPTIONS.get(r["trainable"], r["trainable"]),
+        dataset=dataset,
+        objective=r["objective"],
+        recovery_sentence=_recovery_sentence(r),
+        usage=_usage(r, base, name, only_block),
+        **_card_figures(r),
+        command=f"hf-relearn relearn --model {base} --block {r['block']} --init {r['init']} --reset_seed {r['seed']} "
+        f"--objective {r['objective']} --trainable {r['trainable']} --tolerance {r['tolerance']}",
+        versions=", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+    )
+
+
+def _relearn_card_data(r: dict, base: str, name: str, dataset: str):
+    """The card's metadata: model-index results (the eval losses Trainer's own card leaves out), tags, source data."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    task = TASKS.get(r["objective"], "text-generation")
+    is_hub_id = not Path(base).exists() and base.count("/") == 1
+    final = r["final_eval_loss"]
     metrics = [
-        ("eval_loss", "eval loss after re-learning", r["final_eval_loss"]),
+        ("eval_loss", "eval loss after re-learning", final),
         ("baseline_eval_loss", "eval loss of the intact model", r["baseline_eval_loss"]),
         ("after_reset_eval_loss", "eval loss right after the reset", r["after_reset_eval_loss"]),
-        ("perplexity", "perplexity after re-learning", math.exp(r["final_eval_loss"]) if r["final_eval_loss"] is not None and r["objective"] != "distill" else None),
+        ("perplexity", "perplexity after re-learning", math.exp(final) if final is not None and r["objective"] != "distill" else None),
         ("steps_to_recover", "optimizer steps to recover", r["steps_to_recover"]),
         ("tokens_to_recover", "tokens to recover", r["tokens_to_recover"]),
         ("fraction_of_original", "fraction of the original training budget", r["fraction_of_original"]),
@@ -95,7 +124,7 @@ def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_bl
         if value is not None
     ]
     arch = r.get("architecture") or ""
-    card_data = ModelCardData(
+    return ModelCardData(
         model_name=name,
         base_model=base if is_hub_id else None,
         library_name="transformers",
@@ -104,39 +133,33 @@ def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_bl
         eval_results=eval_results,
         **_source_card_data(base),
     )
-    arms = ARM_DESCRIPTIONS
+
+
+def _recovery_sentence(r: dict) -> str:
     if r["recovered"]:
         frac = (
             f" = {100 * r['fraction_of_original']:.1f}% of the original {r['original_steps']} steps"
             if r["fraction_of_original"] is not None
             else ""
         )
-        sentence = f"**Recovered** at step {r['steps_to_recover']}{frac}."
-    else:
-        sentence = f"**Not recovered** within {r['steps_trained']} steps (stopped: {r['stopped']}); the weights here are the last state."
+        return f"**Recovered** at step {r['steps_to_recover']}{frac}."
+    return f"**Not recovered** within {r['steps_trained']} steps (stopped: {r['stopped']}); the weights here are the last state."
+
+
+def _usage(r: dict, base: str, name: str, only_block: bool) -> str:
     if only_block:
-        usage = (
+        return (
             "This repository holds only the re-learned block. Rebuild the model on top of its base:\n\n"
             f"```python\nfrom hf_relearn import load_relearned\n\nmodel = load_relearned({base!r}, {name!r})\n```"
         )
-    else:
-        auto = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
-        cls = auto.get(r["objective"], "AutoModel")
-        usage = f"```python\nfrom transformers import {cls}\n\nmodel = {cls}.from_pretrained({name!r})\n```"
-    s = r["surgery"]
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(TEMPLATES / "relearn.md"),
-        title=f"{Path(base).name}: `{r['block']}` reset and re-learned",
-        base_model=base,
-        block=r["block"],
-        num_tensors=s["num_tensors"],
-        num_parameters=f"{s['num_parameters']:,}",
-        init=r["init"],
-        seed=r["seed"],
-        arm=arms.get(r["trainable"], r["trainable"]),
-        dataset=dataset,
-        objective=r["objective"],
+    auto = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
+    cls = auto.get(r["objective"], "AutoModel")
+    return f"```python\nfrom transformers import {cls}\n\nmodel = {cls}.from_pretrained({name!r})\n```"
+
+
+def _card_figures(r: dict) -> dict:
+    """The numbers the template prints, formatted."""
+    return dict(
         tolerance=f"{100 * r['tolerance']:g}%" if r["tolerance_abs"] is None else f"±{r['tolerance_abs']}",
         baseline_loss=_num(r["baseline_eval_loss"]),
         after_loss=_num(r["after_reset_eval_loss"]),
@@ -144,7 +167,6 @@ def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_bl
         baseline_ppl=_ppl(r["baseline_eval_loss"]),
         after_ppl=_ppl(r["after_reset_eval_loss"]),
         final_ppl=_ppl(r["final_eval_loss"]),
-        recovery_sentence=sentence,
         steps=r["steps_to_recover"] if r["recovered"] else "n/a",
         examples=r["examples_to_recover"] if r["recovered"] else "n/a",
         tokens=r["tokens_to_recover"] if r["recovered"] else "n/a",
@@ -156,10 +178,6 @@ def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_bl
         total=f"{r['total_parameters']:,}",
         frozen="yes" if r["frozen_unchanged"] else f"NO ({', '.join(r['frozen_changed'][:5])})",
         warnings=r["warnings"],
-        usage=usage,
-        command=f"hf-relearn relearn --model {base} --block {r['block']} --init {r['init']} --reset_seed {r['seed']} "
-        f"--objective {r['objective']} --trainable {r['trainable']} --tolerance {r['tolerance']}",
-        versions=", ".join(f"{k} {v}" for k, v in r["versions"].items()),
     )
 
 

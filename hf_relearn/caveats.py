@@ -35,6 +35,9 @@ class Caveat(str):
         caveat.code = code
         return caveat
 
+    def __reduce__(self):  # copy and pickle keep the code
+        return (Caveat, (self.code, str(self)))
+
 
 def code_of(warning: str) -> str | None:
     """The code of one warning: its own, or (a result written before codes existed) the one its opening names."""

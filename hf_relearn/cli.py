@@ -106,9 +106,9 @@ def cmd_reset(args: argparse.Namespace) -> int:
 def _folder_tokenizer(model: str):
     """The tokenizer saved with a model folder, or None (a model type, a Hub id, a folder without tokenizer files:
     ``AutoTokenizer`` would "load" an empty one from such a folder)."""
-    from .data import _has_tokenizer_files
+    from .tokenization import has_tokenizer_files
 
-    if not Path(model).is_dir() or not _has_tokenizer_files(Path(model)):
+    if not Path(model).is_dir() or not has_tokenizer_files(Path(model)):
         return None
     from transformers import AutoTokenizer
 
@@ -125,7 +125,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
     from .io import check_output_dir, versions, write_dir_atomic, write_json_atomic
     from .modeling import load_model
-    from .swap import check_forward_backward, swap_encoder, unsaveable_reason
+    from .swap import check_forward_backward, check_reloads, swap_encoder, unsaveable_reason
 
     out = check_output_dir(args.output_dir, args.overwrite)
     model = _load(args)
@@ -151,7 +151,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _check_reloads(model, tmp, vocab)
+        check_reloads(model, tmp, vocab)
         write_json_atomic(
             tmp / "swap_report.json",
             {
@@ -178,25 +178,6 @@ def cmd_swap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_reloads(model, folder: Path, vocab: int) -> None:
-    """Reload what was saved and demand identical logits (else the save would silently be another model)."""
-    import torch
-
-    from .modeling import load_model
-
-    reloaded = load_model(str(folder)).eval()
-    model.eval()
-    ids = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a = model(input_ids=ids, decoder_input_ids=ids).logits
-        b = reloaded(input_ids=ids, decoder_input_ids=ids).logits
-    if not torch.equal(a, b):
-        raise RelearnError(
-            f"the saved model does not load back as the swapped one (logits differ by up to {(a - b).abs().max():.3g}); "
-            "nothing was written. Measure the swap in memory with `hf-relearn relearn --swap_encoder ...`"
-        )
-
-
 def _hf_parse(dataclass_types, argv: list[str], prog: str):
     from transformers import HfArgumentParser
 
@@ -218,8 +199,9 @@ def cmd_pretrain(argv: list[str]) -> int:
     info = pretrain(model_args, data_args, args)
     if not args.should_log:
         return 0
+    kept = f" ({info['stopped']}; best at step {info['budget_steps']}, the budget)" if args.until_converged else ""
     print(
-        f"pretrained {model_args.model}: {info['steps']} steps, {info['tokens']:,} tokens, "
+        f"pretrained {model_args.model}: {info['steps']} steps{kept}, {info['tokens']:,} tokens, "
         f"eval loss {info['curve'][0][1]:.4f} (step {info['curve'][0][0]}) -> {info['final_eval_loss']:.4f} "
         f"-> {args.output_dir}"
     )
@@ -256,7 +238,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .report import build_report
     from .study import Recipe, run_study
 
-    recipe = Recipe.load(args.recipe, args.set)
+    recipe = Recipe.load(_recipe_path(args.recipe), args.set)
     out = Path(args.output_dir or f"studies/{recipe.name}")
     _quiet_libraries()  # one study progress bar, not one per tokenisation, load and save
     print(f"study {recipe.name}: {args.recipe} -> {out}")
@@ -265,6 +247,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0  # the main process reports
     return _print_report(build_report(out))
+
+
+def _recipe_path(recipe: str) -> str:
+    """A recipe file, or the name of one shipped in the package (``hf-relearn study gpt2-layer-sweep``)."""
+    shipped = Path(__file__).resolve().parent / "recipes" / f"{recipe.removesuffix('.yaml')}.yaml"
+    return str(shipped) if not Path(recipe).exists() and shipped.exists() else recipe
 
 
 def _quiet_libraries() -> None:
@@ -381,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         if name == "study":
-            p.add_argument("recipe", help="a YAML recipe (see recipes/)")
+            p.add_argument("recipe", help="a YAML recipe file, or the name of a shipped one (hf_relearn/recipes/)")
         p.add_argument("--output-dir", default=None, help="study folder (default: studies/NAME; demo: relearn-demo)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -447,9 +435,8 @@ def _show_notes() -> None:
 
 def _close_process_group() -> None:
     """Leave a multi-process launch cleanly (an open gloo group can abort the interpreter at exit)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # never loaded by a command without torch (e.g. report)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -28,3 +28,7 @@ ARM_DESCRIPTIONS = {  # the same arms in a model card's words
     "lora-rest": "the block frozen at random and LoRA adapters on every other layer",
     "block+lora-rest": "this block trainable plus LoRA adapters on every other layer",
 }
+
+# config fields a study's grid may vary: depth (number of layers) and width (hidden size), per architecture
+DEPTH_KEYS = ("n_layer", "num_hidden_layers", "num_layers")
+WIDTH_KEYS = ("n_embd", "hidden_size", "d_model")

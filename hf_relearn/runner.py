@@ -10,96 +10,21 @@ import contextlib
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import Trainer
 
+from .callbacks import ConvergenceCallback
 from .caveats import codes_of
+from .config import ModelArguments, PretrainArguments, RelearnArguments
 from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
-from .files import DATA_FILE
+from .files import DATA_FILE, RUN_FILE
 from .io import versions, write_json_atomic
 from .modeling import is_config_name, load_model, parse_overrides
 from .prefix_cache import PrefixCache
-from .trainer import (
-    OBJECTIVES,
-    RUN_FILE,
-    ConvergenceCallback,
-    HfRelearnTrainingArguments,
-    RelearnArguments,
-    RelearnResult,
-    RelearnTrainer,
-    base_run_warnings,
-)
-
-
-@dataclass
-class ModelArguments:
-    """Which model: a local folder, a model type built from config (``gpt2``), or a Hub id."""
-
-    model: str = field(
-        default="gpt2", metadata={"help": "local folder, model type (gpt2, llama, t5, bert...) or Hub id"}
-    )
-    config_overrides: str | None = field(default=None, metadata={"help": "e.g. n_layer=4,n_embd=64 (config builds)"})
-    head: str | None = field(default=None, metadata={"help": "causal-lm | masked-lm | seq2seq-lm | base"})
-    model_seed: int = field(default=0, metadata={"help": "init seed of a model built from config"})
-
-
-@dataclass
-class PretrainArguments(HfRelearnTrainingArguments):
-    """``TrainingArguments`` for a base run whose budget and validation curve are recorded."""
-
-    objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq"})
-    eval_steps: float | None = field(default=50, metadata={"help": "evaluate every N steps"})
-    logging_steps: float = field(default=50, metadata={"help": "log every N steps"})
-    until_converged: bool = field(
-        default=False,
-        metadata={
-            "help": "train until the validation loss stops improving (max_steps is then a cap): keeps the best "
-            "checkpoint, whose step is the base's budget; the learning rate halves on each plateau (see README)"
-        },
-    )
-    convergence_patience: int = field(
-        default=8, metadata={"help": "convergence window: the last N evaluations (see convergence_threshold)"}
-    )
-    convergence_threshold: float = field(
-        default=0.005,
-        metadata={"help": "converged when the best eval loss improved by less than this share over the window"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.until_converged:
-            self._converge_settings()
-        super().__post_init__()
-        if self.objective not in OBJECTIVES or self.objective == "distill":
-            raise RelearnError(f"pretrain objective {self.objective!r}: choose clm, mlm or seq2seq")
-
-    def _converge_settings(self) -> None:
-        """Trainer settings of a run to convergence: keep the best checkpoint, a plateau-driven schedule."""
-        if self.convergence_patience < 2:
-            raise RelearnError(f"convergence_patience must be >= 2 evaluations, got {self.convergence_patience}")
-        if not 0 <= self.convergence_threshold < 0.5:
-            raise RelearnError(f"convergence_threshold must be in [0, 0.5), got {self.convergence_threshold}")
-        if str(self.eval_strategy) not in ("steps", "IntervalStrategy.STEPS"):
-            raise RelearnError("until_converged judges the eval curve: use eval_strategy steps (and eval_steps)")
-        self.load_best_model_at_end = True
-        self.restore_callback_states_from_checkpoint = True  # a resumed run judges the same convergence window
-        self.metric_for_best_model = "eval_loss"
-        self.greater_is_better = False
-        self.save_strategy = "steps"
-        self.save_steps = self.eval_steps
-        self.save_total_limit = self.save_total_limit or 1  # with load_best the Trainer keeps best + latest
-        if str(self.lr_scheduler_type) in ("linear", "SchedulerType.LINEAR"):
-            # the default linear decay would end at max_steps, a cap here: halve the rate on each plateau instead,
-            # so that by the time the stop rule fires the rate has been cut several times ("ends low")
-            self.lr_scheduler_type = "reduce_lr_on_plateau"
-            self.lr_scheduler_kwargs = self.lr_scheduler_kwargs or {
-                "factor": 0.5,
-                "patience": 1,
-                "threshold": 0.002,
-                "threshold_mode": "rel",
-            }
+from .result import RelearnResult, base_run_warnings
+from .trainer import RelearnTrainer
 
 
 def _tokenizer_overrides(tokenizer, model_spec: str, objective: str) -> dict:

@@ -99,13 +99,13 @@ def check_frozen_unchanged(
 
 
 # ------------------------------------------------------------------------------------------- freezing
-def freeze_except(model: nn.Module, *blocks: Block | str) -> list[str]:
+def freeze_except(model: nn.Module, *blocks: Block | str, block_map: BlockMap | None = None) -> list[str]:
     """Leave only the parameters of ``blocks`` trainable (``requires_grad``); return their names.
 
     A parameter tied to one in the block (the same tensor under another name) stays trainable by necessity; its
     other names are included in the returned list.
     """
-    bmap = BlockMap(model) if any(isinstance(b, str) for b in blocks) else None
+    bmap = block_map or (BlockMap(model) if any(isinstance(b, str) for b in blocks) else None)
     resolved = [bmap.resolve(b) if isinstance(b, str) else b for b in blocks]
     keep = {id(p) for blk in resolved for n, p in model.named_parameters(remove_duplicate=False) if n in blk.params}
     trainable = []
@@ -230,6 +230,7 @@ def reset(
     seed: int = 0,
     allow_shared: bool = False,
     verify: bool = True,
+    block_map: BlockMap | None = None,
 ) -> SurgeryReport:
     """Reset the tensors of ``block`` in place; every other tensor stays bit-identical.
 
@@ -246,8 +247,8 @@ def reset(
     """
     if not isinstance(model, PreTrainedModel):
         raise RelearnError(f"reset needs a transformers PreTrainedModel, got {type(model).__name__}")
-    bmap = BlockMap(model)
-    block = bmap.resolve(block) if isinstance(block, str) else block
+    if isinstance(block, str):  # a name: resolved on the caller's block map, or one built for it
+        block = (block_map or BlockMap(model)).resolve(block)
     params = dict(model.named_parameters(remove_duplicate=False))
     shared = _check_resettable(model, block, params, allow_shared)
     if not (init in ("scratch", "zero") or init.startswith("checkpoint:")):
@@ -264,36 +265,9 @@ def reset(
     names = sorted(block.params)
     # under ZeRO-3 the block's tensors exist whole only inside this context
     with gathered(list(params.values())):
-        target_names = set(names)
-        buffers = _block_buffers(model, target_names)
-        all_targets = set(target_names) | {n for n, _ in buffers} | set(shared)
-        backup = {n: params[n].detach().clone() for n in names}
-        before = fingerprint(model) if verify else None
-        fallback: list[str] = []
-        try:
-            with torch.no_grad():
-                if donor is not None:
-                    for n in names:
-                        params[n].copy_(donor[n].to(device=params[n].device, dtype=params[n].dtype))
-                else:
-                    for p in targets.values():
-                        p.fill_(float("nan"))
-                    target_ids = set(targets) | {id(b) for _, b in buffers}
-                    _reinit_with_model_init(model, target_ids, seed)
-                    fallback = _fallback_reset_parameters(model, names, params, seed)
-                    for n in zero_targets:
-                        params[n].zero_()
-            if verify:
-                moved = [n for n in changed_tensors(before, fingerprint(model)) if n not in all_targets]
-                if moved:
-                    raise RelearnError(
-                        f"internal check failed: reset of {block.name!r} also changed {', '.join(moved[:10])}"
-                    )
-        except BaseException:
-            with torch.no_grad():
-                for n, saved in backup.items():
-                    params[n].copy_(saved)
-            raise
+        buffers = _block_buffers(model, set(names))
+        protected = set(names) | {n for n, _ in buffers} | set(shared)
+        fallback = _rewrite_block(model, block, params, targets, buffers, protected, donor, seed, zero_targets, verify)
     notes = list(block.notes)
     if shared:
         notes.append(f"tied tensors reset too, since they are the same storage: {', '.join(shared)}")
@@ -309,6 +283,52 @@ def reset(
         fallback_reset_parameters=fallback,
         notes=notes,
     )
+
+
+def _rewrite_block(
+    model,
+    block: Block,
+    params: dict,
+    targets: dict,
+    buffers: list,
+    protected: set[str],
+    donor,
+    seed: int,
+    zero_targets: list[str],
+    verify: bool,
+) -> list[str]:
+    """Write the block's new values (donor copy, or NaN-fill then the model's own init), zero what ``init=zero``
+    names, and prove nothing outside ``protected`` moved; on any failure the block is restored. Returns the tensors
+    reset by ``reset_parameters`` fallbacks."""
+    names = sorted(block.params)
+    backup = {n: params[n].detach().clone() for n in names}
+    before = fingerprint(model) if verify else None
+    fallback: list[str] = []
+    try:
+        with torch.no_grad():
+            if donor is not None:
+                for n in names:
+                    params[n].copy_(donor[n].to(device=params[n].device, dtype=params[n].dtype))
+            else:
+                for p in targets.values():
+                    p.fill_(float("nan"))
+                target_ids = set(targets) | {id(b) for _, b in buffers}
+                _reinit_with_model_init(model, target_ids, seed)
+                fallback = _fallback_reset_parameters(model, names, params, seed)
+                for n in zero_targets:
+                    params[n].zero_()
+        if verify:
+            moved = [n for n in changed_tensors(before, fingerprint(model)) if n not in protected]
+            if moved:
+                raise RelearnError(
+                    f"internal check failed: reset of {block.name!r} also changed {', '.join(moved[:10])}"
+                )
+    except BaseException:
+        with torch.no_grad():
+            for n, saved in backup.items():
+                params[n].copy_(saved)
+        raise
+    return fallback
 
 
 def _block_buffers(model: nn.Module, target_names: set[str]) -> list[tuple[str, torch.Tensor]]:

@@ -15,7 +15,8 @@ requested parts are frozen.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,6 +43,8 @@ class SwapReport:
     cross_attention: str = "reset"
     freeze: str = "decoder-except-cross"
     num_parameters: int = 0
+    # the swapped model's block map (built once after the swap, used for its resets; callers keep using it)
+    block_map: BlockMap | None = field(default=None, repr=False, compare=False)
 
     @property
     def tensors(self) -> list[str]:
@@ -53,7 +56,8 @@ class SwapReport:
         return len(self.reset_tensors)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "num_tensors": self.num_tensors}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "block_map"}
+        return {**out, "num_tensors": self.num_tensors}
 
 
 def _width(config) -> int:
@@ -81,8 +85,8 @@ def _check_is_encoder(encoder: nn.Module) -> None:
         )
 
 
-def _cross_parts(model: PreTrainedModel) -> list[str]:
-    bmap = BlockMap(model)
+def _cross_parts(model: PreTrainedModel, block_map: BlockMap | None = None) -> list[str]:
+    bmap = block_map or BlockMap(model)
     if "decoder" not in bmap.stacks:
         raise RelearnError(f"{type(model).__name__} has no decoder stack")
     layers = bmap.stacks["decoder"].layers
@@ -119,6 +123,7 @@ def swap_encoder(
     cross_attention: str = "reset",
     freeze: str = "decoder-except-cross",
     seed: int = 0,
+    block_map: BlockMap | None = None,
 ) -> SwapReport:
     """Install ``new_encoder`` in ``model`` (in place), adapt the decoder to its width, reset the cross-attention.
 
@@ -138,7 +143,7 @@ def swap_encoder(
     _check_is_encoder(new_encoder)
     old_encoder = model.get_encoder()
     old_width, new_width = _width(old_encoder.config), _width(new_encoder.config)
-    cross = _cross_parts(model)
+    cross = _cross_parts(model, block_map)
     resized: list[str] = []
     if isinstance(model, EncoderDecoderModel):
         model.encoder = new_encoder
@@ -172,10 +177,10 @@ def swap_encoder(
     # reset every cross-attention (and the projection) with the model's own init
     targets = ["decoder.*.cross_attention"] + (["enc_to_dec_proj"] if adapter == "enc_to_dec_proj" else [])
     reset_names: list[str] = []
+    swapped = BlockMap(model)  # the encoder changed: the one map of the swapped model
     for name in targets:
-        report = reset(
-            model, name, init="zero" if cross_attention == "zero" and "cross" in name else "scratch", seed=seed
-        )
+        init = "zero" if cross_attention == "zero" and "cross" in name else "scratch"
+        report = reset(model, name, init=init, seed=seed, block_map=swapped)
         reset_names += report.tensors
     blocks = targets + (["encoder"] if freeze == "encoder-trainable" else [])
     if freeze == "all-trainable":
@@ -183,10 +188,12 @@ def swap_encoder(
             p.requires_grad_(True)
         trainable = [n for n, _ in model.named_parameters()]
     else:
-        trainable = freeze_except(model, *blocks)
+        trainable = freeze_except(model, *blocks, block_map=swapped)
     params = dict(model.named_parameters(remove_duplicate=False))
     size = sum(params[n].numel() for n in set(reset_names) if n in params)
-    return SwapReport(old_width, new_width, adapter, resized, reset_names, trainable, cross_attention, freeze, size)
+    return SwapReport(
+        old_width, new_width, adapter, resized, reset_names, trainable, cross_attention, freeze, size, swapped
+    )
 
 
 def unsaveable_reason(model: PreTrainedModel, report: SwapReport) -> str | None:
@@ -231,3 +238,21 @@ def check_forward_backward(model: PreTrainedModel, vocab: int, seq: int = 8) -> 
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return out.loss.detach()
+
+
+def check_reloads(model: PreTrainedModel, folder: Path, vocab: int) -> None:
+    """Reload what was saved in ``folder`` and demand bit-identical logits (``torch.equal``) on a fixed batch;
+    raises ``RelearnError`` otherwise (the save would silently be another model)."""
+    from .modeling import load_model
+
+    reloaded = load_model(str(folder)).eval()
+    model.eval()
+    ids = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(input_ids=ids, decoder_input_ids=ids).logits
+        b = reloaded(input_ids=ids, decoder_input_ids=ids).logits
+    if not torch.equal(a, b):
+        raise RelearnError(
+            f"the saved model does not load back as the swapped one (logits differ by up to {(a - b).abs().max():.3g}); "
+            "nothing was written. Measure the swap in memory with `hf-relearn relearn --swap_encoder ...`"
+        )

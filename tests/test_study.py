@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -52,8 +53,15 @@ def test_study_runs_every_layer_of_every_grid_point_and_reports(tiny_study):
     assert all(r["frozen_unchanged"] and r["original_steps"] == 150 for r in rows)
     assert [r["relative_depth"] for r in rows] == [0.0, 1.0, 0.0, 0.5, 1.0]
     report = (tiny_study / "report.md").read_text()
-    assert "## The answer" in report and "Depth n: n_layer=2: mean" in report
-    for png in ("curves.png", "cost_vs_layer.png", "cost_vs_depth.png"):
+    assert "## The answer" in report
+    # depth N at fixed width: each depth's mean ± sd cost per reset layer, computed here from the rows
+    parts = []
+    for n in (2, 3):
+        costs = [r["steps_to_recover"] / r["original_steps"] for r in rows if r["n_layers"] == n]
+        parts.append(f"n_layer={n}: {100 * statistics.fmean(costs):.1f} ± {100 * statistics.stdev(costs):.1f}%")
+    assert f"Depth N (arm block, cost per reset layer, mean ± sd over layers and seeds): {'; '.join(parts)}." in report
+    assert "n_layer vs cost rho = " in report and "## Position, depth and width" in report
+    for png in ("curves.png", "cost_vs_layer.png", "cost_vs_relative_depth.png"):
         data = (tiny_study / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
         assert f"plots/{png}" in report

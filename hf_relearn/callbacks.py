@@ -1,0 +1,98 @@
+"""Trainer callbacks of hf-relearn: convergence of a base run, recovery of a re-learn, examples seen, the swap
+warm-up. Each one is small and reads only the Trainer's state and its own settings."""
+
+from __future__ import annotations
+
+import torch
+from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .errors import RelearnError
+from .result import first_reach
+
+
+class ConvergenceCallback(EarlyStoppingCallback):
+    """Stop a base run once it has converged: over the last ``patience`` evaluations its best validation loss
+    improved by less than ``threshold`` (relative), i.e. best_now > best_then x (1 - threshold).
+
+    ``converged`` says whether that rule (not the ``max_steps`` cap) ended the run. The best-so-far history is part
+    of the callback's state, so a resumed run judges the same window.
+    """
+
+    def __init__(self, patience: int = 8, threshold: float = 0.005, best_history: list[float] | None = None):
+        super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
+        self.best_history = list(best_history or [])
+
+    def check_metric_value(self, args, state, control, metric_value):
+        sign = -1 if args.greater_is_better else 1  # compare as a loss
+        value = sign * metric_value
+        self.best_history.append(min(value, self.best_history[-1]) if self.best_history else value)
+        window = self.early_stopping_patience
+        if len(self.best_history) > window:
+            then, now = self.best_history[-1 - window], self.best_history[-1]
+            stalled = now > then - abs(then) * self.early_stopping_threshold
+            self.early_stopping_patience_counter = window if stalled else 0
+
+    @property
+    def converged(self) -> bool:
+        return self.early_stopping_patience_counter >= self.early_stopping_patience
+
+    def state(self) -> dict:
+        # the Trainer rebuilds a resumed callback as type(cb)(**args): the args are __init__'s own parameters
+        return {
+            "args": {"patience": self.early_stopping_patience, "threshold": self.early_stopping_threshold,
+                     "best_history": self.best_history},
+            "attributes": {"early_stopping_patience_counter": self.early_stopping_patience_counter},
+        }  # fmt: skip
+
+
+class ExamplesSeen(TrainerCallback, ExportableState):
+    """Counts training examples; saved in checkpoints so a resumed run keeps counting from where it was."""
+
+    def __init__(self, examples_seen: int = 0):
+        self.examples_seen = examples_seen
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"examples_seen": self.examples_seen}}
+
+
+class RecoveryCallback(TrainerCallback):
+    """Stops training at recovery: the metric within ``threshold`` for ``patience`` consecutive evaluations.
+
+    Stateless apart from its settings: it reads the evaluations so far from ``state.log_history``, which a resumed
+    run restores, so an interrupted and resumed run stops at the same step.
+    """
+
+    def __init__(self, metric_key: str, threshold: float, higher_is_better: bool, patience: int, stop: bool):
+        self.metric_key, self.threshold, self.higher_is_better = metric_key, threshold, higher_is_better
+        self.patience, self.stop = patience, stop
+        self.recovered_step: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is None or self.metric_key not in metrics:
+            have = ", ".join(sorted(k for k in (metrics or {}) if k.startswith("eval_")))
+            raise RelearnError(f"recovery metric {self.metric_key!r} was not computed by evaluation; it gave: {have}")
+        curve = [(e["step"], e[self.metric_key]) for e in state.log_history if self.metric_key in e]
+        self.recovered_step = first_reach(curve, self.threshold, self.higher_is_better, self.patience)
+        if self.recovered_step is not None and self.stop:
+            control.should_training_stop = True
+        return control
+
+
+class SwapWarmupCallback(TrainerCallback):
+    """Unfreezes ``params`` at the start of the first optimizer step after ``steps`` (the end of a swap warm-up).
+
+    Steps 1..``steps`` train only what was trainable before; from step ``steps + 1`` on, ``params`` train too. It
+    reads ``state.global_step``, so a run resumed past the warm-up unfreezes them before its first step.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], steps: int):
+        self.params, self.steps = params, steps
+        self.unfrozen_at: int | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.unfrozen_at is None and state.global_step >= self.steps:
+            for p in self.params:
+                p.requires_grad_(True)
+            self.unfrozen_at = state.global_step
+        return control

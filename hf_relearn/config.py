@@ -1,0 +1,270 @@
+"""The argument dataclasses of every hf-relearn run (HfArgumentParser reads them; a recipe's sections fill them).
+
+``HfRelearnTrainingArguments`` holds the defaults every run needs; ``PretrainArguments`` (a base run, optionally
+until converged) and ``RelearnArguments`` (a re-learn run) extend it, TRL-style: one config per method.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .errors import RelearnError
+from .files import OBJECTIVES, PRETRAIN_OBJECTIVES, TRAINABLE
+from .prefix_plan import MODES as PREFIX_MODES
+from .result import read_original_run
+
+
+@dataclass
+class HfRelearnTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the defaults every hf-relearn run needs (base training and re-learning alike)."""
+
+    eval_strategy: str = field(default="steps", metadata={"help": "evaluation schedule"})
+    save_strategy: str = field(default="no", metadata={"help": "checkpoints: no | steps | epoch"})
+    # transformers 5.24 multiplies the loss by the number of processes when this is on, also for models whose loss
+    # ignores num_items_in_batch (BERT, T5, BART): their loss and gradients doubled in a 2-process run
+    average_tokens_across_devices: bool = field(
+        default=False, metadata={"help": "sum-then-divide the loss over all processes' tokens (off: see README)"}
+    )
+    # only the block has gradients; frozen parameters are not DDP-tracked, so no unused-parameter search is needed
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP unused-parameter search"})
+    dataloader_pin_memory: bool = field(
+        default_factory=lambda: torch.cuda.is_available(), metadata={"help": "pin memory (GPU only)"}
+    )
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "count tokens: no | all | non_padding"}
+    )
+
+    def __post_init__(self) -> None:
+        cpu_distributed_default(self)
+        super().__post_init__()
+        check_world_size(self)
+
+
+@dataclass
+class RelearnArguments(HfRelearnTrainingArguments):
+    """``TrainingArguments`` plus what a re-learn run needs. Every Trainer flag still works."""
+
+    block: str = field(default="decoder.-1", metadata={"help": "block to reset, e.g. decoder.3, encoder.-1.mlp"})
+    init: str = field(default="scratch", metadata={"help": "scratch | zero | checkpoint:PATH"})
+    reset_seed: int = field(default=0, metadata={"help": "seed of the reset (identical on every rank)"})
+    allow_shared: bool = field(default=False, metadata={"help": "reset tied/shared tensors everywhere they are used"})
+    objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq | distill"})
+    tolerance: float = field(
+        default=0.01,
+        metadata={"help": "recovered when metric <= baseline*(1+tolerance) (>= baseline*(1-tol) if higher is better)"},
+    )
+    tolerance_abs: float | None = field(
+        default=None, metadata={"help": "absolute tolerance instead: recovered when |metric - baseline| is within it"}
+    )
+    recovery_metric: str = field(default="eval_loss", metadata={"help": "metric that defines recovery"})
+    patience: int = field(default=1, metadata={"help": "consecutive qualifying evaluations needed"})
+    stop_at_recovery: bool = field(default=True, metadata={"help": "stop at recovery (false: train to max_steps)"})
+    original_steps: int | None = field(default=None, metadata={"help": "optimizer steps of the original training"})
+    original_tokens: int | None = field(default=None, metadata={"help": "tokens of the original training"})
+    original_run: str | None = field(
+        default=None, metadata={"help": "folder of the base run (its trainer_state.json gives steps, tokens, curve)"}
+    )
+    trainable: str = field(default="block", metadata={"help": "block | all | lora-rest | block+lora-rest"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank for the lora-rest arms"})
+    swap_encoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "instead of resetting a block: install this encoder (model type, folder or Hub id) in the "
+            "encoder-decoder and reset its cross-attention (see swap.py)"
+        },
+    )
+    swap_encoder_overrides: str | None = field(
+        default=None, metadata={"help": "config overrides of the new encoder, e.g. d_model=128,num_layers=4"}
+    )
+    swap_cross_attention: str = field(default="reset", metadata={"help": "reset | zero (start as if absent)"})
+    swap_freeze: str = field(
+        default="decoder-except-cross", metadata={"help": "decoder-except-cross | encoder-trainable | all-trainable"}
+    )
+    swap_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "after a swap, train only the cross-attention (and enc_to_dec_proj) for this many steps, then "
+            "also what swap_freeze makes trainable (needs swap_freeze encoder-trainable or all-trainable; one process)"
+        },
+    )
+    metrics: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "task metrics for evaluation: 'accuracy' (token accuracy, built in) or an `evaluate` module "
+            "name / local module path (repeatable); use one as recovery_metric"
+        },
+    )
+    save_final_model: bool = field(
+        default=True, metadata={"help": "save the re-learned model (safetensors) in output_dir at the end"}
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distill KL"})
+    prefix_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "skip the frozen layers below the block by caching their outputs per example (prefix_cache.py): "
+            "auto = on where exact (nothing below trains, no dropout there, fixed inputs), true = on with frozen "
+            "layers in eval mode (refused where it cannot be exact), false = off"
+        },
+    )
+    prefix_cache_memory_gb: float | None = field(
+        default=None, metadata={"help": "prefix cache memory budget; above it the cache is memory-mapped on disk"}
+    )
+    prefix_cache_dir: str | None = field(
+        default=None, metadata={"help": "folder for an on-disk prefix cache (default: a temporary folder)"}
+    )
+    # Trainer defaults that suit a re-learn run (recovery is checked at evaluations)
+    # constant, so that where recovery happens does not depend on an arbitrary max_steps cap (a decay would)
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (default constant)"})
+    eval_steps: float | None = field(default=10, metadata={"help": "evaluate every N steps"})
+    logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
+    restore_callback_states_from_checkpoint: bool = field(default=True, metadata={"help": "resume counters"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise RelearnError(f"objective {self.objective!r} unknown; choose one of {', '.join(OBJECTIVES)}")
+        if self.trainable not in TRAINABLE:
+            raise RelearnError(f"trainable {self.trainable!r} unknown; choose one of {', '.join(TRAINABLE)}")
+        if not self.tolerance > 0:
+            raise RelearnError(f"tolerance must be > 0 (a relative tolerance such as 0.01), got {self.tolerance}")
+        if self.tolerance_abs is not None and not self.tolerance_abs > 0:
+            raise RelearnError(f"tolerance_abs must be > 0, got {self.tolerance_abs}")
+        if self.patience < 1:
+            raise RelearnError(f"patience must be >= 1, got {self.patience}")
+        self.prefix_cache = str(self.prefix_cache).lower()
+        if self.prefix_cache not in PREFIX_MODES:
+            raise RelearnError(f"prefix_cache must be one of {', '.join(PREFIX_MODES)}, got {self.prefix_cache!r}")
+        if self.eval_strategy == "no":
+            raise RelearnError("eval_strategy 'no' cannot measure recovery: use steps (and eval_steps)")
+        if self.original_run is not None:
+            read_original_run(self.original_run)  # fail now, not after training
+        check_swap_warmup(self)
+
+    @property
+    def metric_key(self) -> str:
+        return self.recovery_metric if self.recovery_metric.startswith("eval_") else f"eval_{self.recovery_metric}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.greater_is_better is not None and self.metric_for_best_model == self.recovery_metric:
+            return bool(self.greater_is_better)
+        return not self.metric_key.endswith("loss")
+
+
+def cpu_distributed_default(args: TrainingArguments) -> None:
+    """Under a multi-process launch on a machine without GPUs, train on CPU (gloo) instead of silently alone.
+
+    Without ``use_cpu``, transformers 5.24 sets up no process group on a GPU-less machine even when launched with
+    ``accelerate launch --multi_gpu --num_processes 2``: every process would run the whole job by itself.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        args.use_cpu = True
+
+
+def check_world_size(args: TrainingArguments) -> None:
+    """Refuse a launch whose processes do not see each other (each would write the same results)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise RelearnError(
+            f"launched {launched} processes but the Trainer sees a world of {args.world_size}: the processes would "
+            "each run alone. On CPU use `accelerate launch --multi_gpu --num_processes N` with use_cpu "
+            "(recipes/accelerate/cpu-2proc.yaml)."
+        )
+
+
+def check_swap_warmup(args: RelearnArguments) -> None:
+    """Refuse a swap warm-up that cannot do what it says (see ``RelearnArguments.swap_warmup_steps``)."""
+    steps = args.swap_warmup_steps
+    if steps == 0:
+        return
+    if steps < 0:
+        raise RelearnError(f"swap_warmup_steps must be >= 0, got {steps}")
+    if not args.swap_encoder:
+        raise RelearnError(
+            "swap_warmup_steps needs swap_encoder (it warms up the cross-attention of a swapped encoder)"
+        )
+    if args.swap_freeze == "decoder-except-cross":
+        raise RelearnError(
+            "swap_warmup_steps with swap_freeze decoder-except-cross changes nothing (only the cross-attention trains "
+            "anyway): use swap_freeze encoder-trainable or all-trainable"
+        )
+    if args.world_size > 1:
+        # DDP (and FSDP, DeepSpeed) register the trainable parameters when they wrap the model, before step 0
+        raise RelearnError(
+            f"swap_warmup_steps is not supported under a {args.world_size}-process launch (the distributed wrapper "
+            "fixes which parameters train when it wraps the model); run it in one process"
+        )
+
+
+@dataclass
+class ModelArguments:
+    """Which model: a local folder, a model type built from config (``gpt2``), or a Hub id."""
+
+    model: str = field(
+        default="gpt2", metadata={"help": "local folder, model type (gpt2, llama, t5, bert...) or Hub id"}
+    )
+    config_overrides: str | None = field(default=None, metadata={"help": "e.g. n_layer=4,n_embd=64 (config builds)"})
+    head: str | None = field(default=None, metadata={"help": "causal-lm | masked-lm | seq2seq-lm | base"})
+    model_seed: int = field(default=0, metadata={"help": "init seed of a model built from config"})
+
+
+@dataclass
+class PretrainArguments(HfRelearnTrainingArguments):
+    """``TrainingArguments`` for a base run whose budget and validation curve are recorded."""
+
+    objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq"})
+    eval_steps: float | None = field(default=50, metadata={"help": "evaluate every N steps"})
+    logging_steps: float = field(default=50, metadata={"help": "log every N steps"})
+    until_converged: bool = field(
+        default=False,
+        metadata={
+            "help": "train until the validation loss stops improving (max_steps is then a cap): keeps the best "
+            "checkpoint, whose step is the base's budget; the learning rate halves on each plateau (see README)"
+        },
+    )
+    convergence_patience: int = field(
+        default=8, metadata={"help": "convergence window: the last N evaluations (see convergence_threshold)"}
+    )
+    convergence_threshold: float = field(
+        default=0.005,
+        metadata={"help": "converged when the best eval loss improved by less than this share over the window"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.until_converged:
+            self._converge_settings()
+        super().__post_init__()
+        if self.objective not in PRETRAIN_OBJECTIVES:
+            raise RelearnError(
+                f"pretrain objective {self.objective!r}: choose one of {', '.join(PRETRAIN_OBJECTIVES)}"
+            )
+
+    def _converge_settings(self) -> None:
+        """Trainer settings of a run to convergence: keep the best checkpoint, a plateau-driven schedule."""
+        if self.convergence_patience < 2:
+            raise RelearnError(f"convergence_patience must be >= 2 evaluations, got {self.convergence_patience}")
+        if not 0 <= self.convergence_threshold < 0.5:
+            raise RelearnError(f"convergence_threshold must be in [0, 0.5), got {self.convergence_threshold}")
+        if str(self.eval_strategy) not in ("steps", "IntervalStrategy.STEPS"):
+            raise RelearnError("until_converged judges the eval curve: use eval_strategy steps (and eval_steps)")
+        self.load_best_model_at_end = True
+        self.restore_callback_states_from_checkpoint = True  # a resumed run judges the same convergence window
+        self.metric_for_best_model = "eval_loss"
+        self.greater_is_better = False
+        self.save_strategy = "steps"
+        self.save_steps = self.eval_steps
+        self.save_total_limit = self.save_total_limit or 1  # with load_best the Trainer keeps best + latest
+        if str(self.lr_scheduler_type) in ("linear", "SchedulerType.LINEAR"):
+            # the default linear decay would end at max_steps, a cap here: halve the rate on each plateau instead,
+            # so that by the time the stop rule fires the rate has been cut several times ("ends low")
+            self.lr_scheduler_type = "reduce_lr_on_plateau"
+            self.lr_scheduler_kwargs = self.lr_scheduler_kwargs or {
+                "factor": 0.5,
+                "patience": 1,
+                "threshold": 0.002,
+                "threshold_mode": "rel",
+            }

@@ -1,0 +1,396 @@
+"""Findings: a study's rows -> numbers and words (the summary per arm, the results tables, the answer in words).
+
+Pure Python on the rows of results.csv (no torch, no matplotlib): ``summarise`` aggregates seeds, ``table_markdown``
+and ``table_text`` lay the summary out, ``answer_in_words`` and ``swap_answer`` state the answer it supports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+
+from .files import ARM_LABELS
+from .grid_findings import depth_width_words, position_words
+from .stats import mean_sd
+
+_mean_sd = mean_sd
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _fmt(mean: float, sd: float, digits: int = 0) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd else f"{mean:.{digits}f}"
+
+
+def _grid_label(grid: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in grid.items()) or "base"
+
+
+def scratch_loss_at(curve: list, step: float) -> float | None:
+    """The base run's validation loss at ``step`` of its own training from scratch (linear between its evaluations),
+    or None when ``step`` lies outside the evaluated range."""
+    points = sorted((float(s), float(v)) for s, v in curve)
+    for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0) if s1 > s0 else v0
+    return points[0][1] if points and step == points[0][0] else None
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def run_label(row: dict) -> str:
+    """What a row's surgery was: its block name, or ``swap:NAME`` for an encoder swap (sweep.swaps)."""
+    return f"swap:{row['swap']}" if row.get("swap") else row["block"]
+
+
+def run_arm(row: dict) -> str:
+    """A row's arm: its trainable arm, or for an encoder swap its options (cross-attention, freeze, warm-up)."""
+    if not row.get("swap"):
+        return row["trainable"]
+    warmup = row.get("swap_warmup_steps") or 0
+    return f"{row['swap_cross_attention']}, {row['swap_freeze']}" + (f", warm-up {warmup}" if warmup else "")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One summary per (grid point, block or swap, init, arm), aggregated over seeds, in the rows' order."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(json.dumps(r["grid"], sort_keys=True), run_label(r), r["init"], run_arm(r))].append(r)
+    out = []
+    for (grid, block, init, arm), rs in groups.items():
+        rec = [r for r in rs if r["recovered"]]
+        steps = [r["steps_to_recover"] for r in rec]
+        fracs = [r["fraction_of_original"] for r in rec if r["fraction_of_original"] is not None]
+        tokens = [r["tokens_to_recover"] for r in rec if r["tokens_to_recover"] is not None]
+        jumps = [r["after_reset_eval_loss"] / r["baseline_eval_loss"] - 1 for r in rs if r["baseline_eval_loss"]]
+        scratch = [r["original_steps_to_same_loss"] for r in rs if r.get("original_steps_to_same_loss")]
+        # cost with unrecovered runs counted at the steps they trained: a lower bound, marked "censored"
+        cost = [r["steps_to_recover"] if r["recovered"] else r["steps_trained"] for r in rs]
+        budget = rs[0]["original_steps"]
+        out.append(
+            {
+                "grid": json.loads(grid),
+                "block": block,
+                "init": init,
+                "arm": arm,
+                "layer": rs[0]["layer"],
+                "relative_depth": rs[0]["relative_depth"],
+                "n_layers": rs[0]["n_layers"],
+                "runs": len(rs),
+                "recovered": len(rec),
+                "steps": _mean_sd(steps),
+                "steps_list": steps,
+                "unrecovered_steps": [r["steps_trained"] for r in rs if not r["recovered"]],
+                "fraction": _mean_sd(fracs),
+                "fraction_list": fracs,
+                "tokens": _mean_sd(tokens),
+                "jump": _mean_sd(jumps),
+                "scratch_steps": _mean_sd(scratch),
+                "original_steps": budget,
+                "cost": statistics.fmean(cost),
+                "cost_fraction": statistics.fmean(cost) / budget if budget else math.nan,
+                "censored": len(rec) < len(rs),
+                "tolerance": rs[0]["tolerance"],
+                "swap": rs[0].get("swap"),
+                "swap_width": rs[0].get("swap_width"),
+                "old_width": (rs[0].get("surgery") or {}).get("old_width"),
+                "part": rs[0].get("part"),
+                "baseline": statistics.fmean(r["baseline_eval_loss"] for r in rs),
+                "after": statistics.fmean(r["after_reset_eval_loss"] for r in rs),
+                "steps_trained": statistics.fmean(r["steps_trained"] for r in rs),
+                "final_loss": statistics.fmean(r["final_eval_loss"] for r in rs),
+                "scratch_at_end": _mean_or_none(
+                    [scratch_loss_at(r.get("base_curve") or [], r["steps_trained"]) for r in rs]
+                ),
+            }
+        )
+    return out
+
+
+def table_markdown(summary: list[dict]) -> str:
+    """The results table (markdown): one line per grid point x block x arm."""
+    lines = [
+        "| base | block | arm | loss jump after reset | steps to recover | % of original budget | tokens to recover "
+        "| recovered | original run's steps to the same loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        unrec = (
+            f" (+{len(s['unrecovered_steps'])} not in {max(s['unrecovered_steps'])})" if s["unrecovered_steps"] else ""
+        )
+        lines.append(
+            f"| {_grid_label(s['grid'])} | {s['block']}{'' if s['init'] == 'scratch' else ' (' + s['init'] + ')'} "
+            f"| {s['arm']} | {_fmt(100 * s['jump'][0], 100 * s['jump'][1], 2)}% | {_steps_cell(s)}{unrec} "
+            f"| {_frac_cell(s)} | {_fmt(*s['tokens'])} "
+            f"| {s['recovered']}/{s['runs']} | {_fmt(*s['scratch_steps'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _steps_cell(s: dict) -> str:
+    return f"≥{s['cost']:.0f}" if s["recovered"] == 0 else _fmt(*s["steps"]) + ("+" if s["censored"] else "")
+
+
+def _frac_cell(s: dict) -> str:
+    if s["recovered"] == 0:
+        return f"≥{100 * s['cost_fraction']:.1f}%" if s["cost_fraction"] == s["cost_fraction"] else "n/a"
+    return _fmt(100 * s["fraction"][0], 100 * s["fraction"][1], 1) + "%"
+
+
+def table_text(summary: list[dict]) -> str:
+    """A compact plain-text table for the terminal."""
+    head = f"{'base':<18} {'block':<22} {'arm':<42} {'jump':>7} {'steps':>12} {'% orig':>12} {'rec':>5}"
+    lines = [head, "-" * len(head)]
+    for s in summary:
+        lines.append(
+            f"{_grid_label(s['grid'])[:18]:<18} {s['block'][:22]:<22} {s['arm'][:42]:<42} "
+            f"{100 * s['jump'][0]:6.2f}% {_steps_cell(s):>12} {_frac_cell(s):>12} "
+            f"{s['recovered']:>2}/{s['runs']:<2}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ words
+def answer_in_words(rows: list[dict], summary: list[dict]) -> list[str]:
+    """The answer to "how much re-training does a wiped layer need, and do L, N, D matter", from the numbers."""
+    layer_rows = [s for s in summary if s["layer"] is not None and s["init"] == "scratch" and s["arm"] == "block"]
+    out = _layer_cost_words(rows, summary, layer_rows)
+    out += _unrecovered_words(summary)
+    out += _arm_words(summary)
+    out += position_words(rows) + depth_width_words(rows)
+    return out + swap_answer(summary)
+
+
+def _layer_cost_words(rows: list[dict], summary: list[dict], layer_rows: list[dict]) -> list[str]:
+    """Per grid point: the range of the cost of re-learning one reset layer, its trend with depth, and how it
+    compares with the original run's steps to the same loss."""
+    out = []
+    grids = {json.dumps(s["grid"], sort_keys=True) for s in summary}
+    first = rows[0]
+    tol = first["tolerance"]
+    for grid in sorted(grids):
+        mine = [
+            s
+            for s in layer_rows
+            if json.dumps(s["grid"], sort_keys=True) == grid and s["cost_fraction"] == s["cost_fraction"]
+        ]
+        if not mine:
+            continue
+        label = _grid_label(json.loads(grid))
+        base_rows = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
+        budget = base_rows[0]["original_steps"]
+        dear = max(mine, key=lambda s: s["cost_fraction"])
+        cheap = min(mine, key=lambda s: s["cost_fraction"])
+        fr = [s["cost_fraction"] for s in mine]
+        censored = (
+            " (≥: some runs had not recovered when they stopped, so the true cost is higher)"
+            if any(s["censored"] for s in mine)
+            else ""
+        )
+        out.append(
+            f"**{label}** (original budget {budget} steps): re-learning one reset layer with the rest frozen got the "
+            f"validation loss back within {100 * tol:g}% in {_cost(cheap)} to {_cost(dear)} of the original "
+            f"budget (mean {_pct(statistics.fmean(fr))}){censored}. Dearest: {dear['block']} ({_cost(dear)}; the reset "
+            f"raised the loss {100 * dear['jump'][0]:.1f}%). Cheapest: {cheap['block']} ({_cost(cheap)}; loss "
+            f"+{100 * cheap['jump'][0]:.1f}%)."
+        )
+        scratch = [s["scratch_steps"][0] for s in mine if not math.isnan(s["scratch_steps"][0])]
+        steps = [s["steps"][0] for s in mine if not math.isnan(s["steps"][0])]
+        if scratch and steps:
+            out.append(
+                f"  From scratch, the original run first reached the same loss at step {statistics.fmean(scratch):.0f} "
+                f"on average; re-learning one layer took {statistics.fmean(steps):.0f} steps "
+                f"({statistics.fmean(steps) / statistics.fmean(scratch):.2f}x)."
+            )
+    return out
+
+
+def _unrecovered_words(summary: list[dict]) -> list[str]:
+    """The (block, arm) groups where not every run recovered within its step limit (empty when all did)."""
+    out = []
+    not_rec = [s for s in summary if s["recovered"] < s["runs"]]
+    if not_rec:
+        out.append(
+            "Not every run recovered within its step limit: "
+            + ", ".join(
+                f"{s['block']} [{s['arm']}] {s['runs'] - s['recovered']} of {s['runs']} unrecovered" for s in not_rec
+            )
+            + " (their cost is a lower bound)."
+        )
+    return out
+
+
+def _arm_words(summary: list[dict]) -> list[str]:
+    """Each other trainable arm's steps as a multiple of training only the block (empty without a ``block`` arm)."""
+    out = []
+    arms = sorted({s["arm"] for s in summary})
+    if len(arms) > 1 and "block" in arms:
+        by = defaultdict(dict)
+        for s in summary:
+            if not math.isnan(s["steps"][0]):
+                by[(json.dumps(s["grid"], sort_keys=True), s["block"], s["init"])][s["arm"]] = s["steps"][0]
+        for arm in arms:
+            if arm == "block":
+                continue
+            pairs = [(v[arm], v["block"]) for v in by.values() if arm in v and "block" in v]
+            if pairs and sum(b for _, b in pairs):
+                ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+                out.append(
+                    f"Arm '{arm}' ({ARM_LABELS.get(arm, arm)}) needed {ratio:.2f}x the steps of training only the "
+                    f"block (summed over {len(pairs)} blocks; <1 = faster)."
+                )
+    return out
+
+
+DEFAULT_SWAP_ARM = "reset, decoder-except-cross"
+
+
+def _recovery(s: dict) -> str:
+    """'recovered in N steps (F% of the budget)' or the lower bound when not every seed recovered."""
+    seeds = f"{s['recovered']}/{s['runs']} seeds"
+    if s["recovered"] == 0:
+        return f"had not recovered when it stopped at {s['cost']:.0f} steps (≥{_pct(s['cost_fraction'])} of the budget; {seeds})"
+    bound = "≥" if s["censored"] else ""
+    return f"recovered in {bound}{s['cost']:.0f} steps ({bound}{_pct(s['cost_fraction'])} of the budget; {seeds})"
+
+
+def _same_steps(s: dict) -> str:
+    """'; after its N steps its loss was X, where the same model from scratch for N steps was at Y'."""
+    if s["scratch_at_end"] is None:
+        return ""
+    gap = s["after"] - s["baseline"]
+    closed = f" (it closed {100 * (s['after'] - s['final_loss']) / gap:.0f}% of the gap)" if gap > 0 else ""
+    return (
+        f"; after its {s['steps_trained']:.0f} steps its loss was {s['final_loss']:.3f}{closed}, where the same model "
+        f"trained from scratch for {s['steps_trained']:.0f} steps was at {s['scratch_at_end']:.3f}"
+    )
+
+
+def swap_answer(summary: list[dict]) -> list[str]:
+    """The encoder-swap question in words: after a swap with wiped cross-attention, how does recovery compare with
+    wiping one layer's cross-attention, with wiping all of it, and with training the same model from scratch?
+
+    Empty when the study has no swap runs. Costs count an unrecovered run at the steps it trained (a lower bound,
+    marked ≥). "From scratch" is the base run's own validation curve: the step at which training the base model
+    from its random init first reached the same threshold (``original_steps_to_same_loss``).
+    """
+    swaps = [s for s in summary if s["swap"]]
+    if not swaps:
+        return []
+    out = []
+    blocks = [s for s in summary if not s["swap"] and s["block"].endswith(".cross_attention") and s["arm"] == "block"]
+    one = next((s for s in blocks if s["layer"] is not None), None)
+    every = next((s for s in blocks if s["layer"] is None), None)
+    budget = swaps[0]["original_steps"]
+    scratch = [s["scratch_steps"][0] for s in summary if not math.isnan(s["scratch_steps"][0])]
+    scratch_steps = statistics.fmean(scratch) if scratch else None
+    out.append(
+        f"**Encoder swaps** (original budget {budget} steps; recovered = validation loss back within "
+        f"{100 * swaps[0]['tolerance']:g}% of the intact model's):"
+    )
+    for s in swaps:
+        width = f"encoder width {s['old_width']} → {s['swap_width']}" if s["swap_width"] else "encoder swapped"
+        out.append(
+            f"  {s['block']} ({width}; {s['arm']}): loss {s['baseline']:.3f} → {s['after']:.3f} "
+            f"(+{100 * s['jump'][0]:.1f}%), {_recovery(s)}{_same_steps(s)}."
+        )
+    for name, s in (("one decoder layer's cross-attention wiped", one), ("all cross-attention wiped", every)):
+        if s is not None:
+            out.append(
+                f"  {name} ({s['block']}, same encoder): loss +{100 * s['jump'][0]:.1f}%, {_recovery(s)}"
+                f"{_same_steps(s)}."
+            )
+    heads = [s for s in swaps if s["arm"] == DEFAULT_SWAP_ARM] or swaps
+    out += _swap_comparison(heads, one, scratch_steps)
+    if scratch_steps:
+        out.append(_swap_verdict(swaps, scratch_steps))
+    out += _swap_same_steps(swaps)
+    return out
+
+
+def _swap_comparison(heads: list[dict], one: dict | None, scratch_steps: float | None) -> list[str]:
+    """The swaps of the default arm (``heads``) against the one-layer wipe and training from scratch, in steps."""
+    out = []
+    parts = []
+    for s in heads:
+        bits = []
+        at_least = "≥" if s["censored"] else ""
+        if one is not None and one["cost"]:
+            bits.append(f"{at_least}{s['cost'] / one['cost']:.1f}x the steps of the one-layer wipe")
+        if scratch_steps:
+            bits.append(
+                f"{at_least}{s['cost'] / scratch_steps:.2f}x the {scratch_steps:.0f} steps training from scratch needed"
+            )
+        if bits:
+            parts.append(f"{s['block']}: " + " and ".join(bits))
+    if parts:
+        out.append(
+            f"  Compared ({heads[0]['arm']}): "
+            + "; ".join(parts)
+            + ". From scratch = the base run's own validation curve (the same base architecture from its random "
+            "init reaching the same loss), not a from-scratch run of the swapped architecture."
+        )
+    return out
+
+
+def _swap_verdict(swaps: list[dict], scratch_steps: float) -> str:
+    """How many swap arms needed at least as many steps as training from scratch, how many fewer, how many are
+    undecided (stopped unrecovered before that many steps)."""
+    like = [s for s in swaps if s["cost"] >= scratch_steps]  # a lower bound already past it counts too
+    faster = [s for s in swaps if s["cost"] < scratch_steps and not s["censored"]]
+    open_ = [s for s in swaps if s["cost"] < scratch_steps and s["censored"]]
+
+    def names(ss: list[dict]) -> str:
+        return ", ".join(f"{s['block']} [{s['arm']}]" for s in ss)
+
+    verdict = [f"  Verdict, against the {scratch_steps:.0f} steps from scratch:"]
+    if like:
+        verdict.append(f"{len(like)}/{len(swaps)} swap arms needed at least as many ({names(like)});")
+    if faster:
+        verdict.append(f"{len(faster)}/{len(swaps)} recovered in fewer ({names(faster)});")
+    if open_:
+        verdict.append(
+            f"{len(open_)}/{len(swaps)} stopped unrecovered before that many steps, so undecided ({names(open_)});"
+        )
+    return " ".join(verdict).rstrip(";") + "."
+
+
+def _swap_same_steps(swaps: list[dict]) -> list[str]:
+    """Whether the swap arms ended below the loss the same model had reached from scratch after as many steps."""
+    out = []
+    equal = [s for s in swaps if s["scratch_at_end"] is not None]
+    if equal:
+        ahead = [s for s in equal if s["final_loss"] < s["scratch_at_end"]]
+        margins = [s["scratch_at_end"] - s["final_loss"] for s in ahead]
+        line = (
+            f"  Same number of steps: {len(ahead)}/{len(equal)} swap arms ended below the loss the same model had "
+            "reached from scratch after as many steps"
+        )
+        if ahead:
+            line += f" (by {min(margins):.3f} to {max(margins):.3f})"
+        behind = [s for s in equal if s not in ahead]
+        if behind:
+            line += "; at or above it: " + ", ".join(f"{s['block']} [{s['arm']}]" for s in behind)
+        out.append(
+            line
+            + (
+                ". By that measure no swap acted like a full reset, even where it had not yet recovered to within "
+                "the tolerance."
+                if not behind
+                else "."
+            )
+        )
+    return out
+
+
+def _cost(s: dict) -> str:
+    return f"{'≥' if s['censored'] else ''}{100 * s['cost_fraction']:.1f}% ({s['cost']:.0f} steps)"

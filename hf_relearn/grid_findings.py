@@ -1,0 +1,157 @@
+"""Does the position of the reset layer matter, and do depth N and width D? Answers with spread, from results.csv.
+
+The cost of one run is the share of its base's own budget it took to recover (``fraction_of_original``); a run that
+did not recover counts at the steps it trained (a lower bound, so rank statistics treat it as at least that dear).
+Position: Spearman's rho of layer index with cost over runs (seeds pooled), with a permutation p-value and a
+bootstrap interval. N at fixed D and D at fixed N: the mean cost per reset layer per value, and rho of the value
+with cost. Relative depth L/(N-1) pools depths. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+from .files import DEPTH_KEYS, WIDTH_KEYS
+from .stats import mean_sd, rank_correlation
+
+
+def run_cost(row: dict) -> float:
+    """One run's cost as a share of its base's budget (a lower bound when it did not recover); nan without one."""
+    budget = row.get("original_steps")
+    if not budget:
+        return math.nan
+    steps = row["steps_to_recover"] if row["recovered"] else row["steps_trained"]
+    return steps / budget
+
+
+def layer_runs(rows: list[dict]) -> list[dict]:
+    """Whole-layer resets from scratch (no part, no swap), the runs that position, depth and width compare."""
+    return [
+        r
+        for r in rows
+        if r.get("layer") is not None and not r.get("part") and not r.get("swap") and r["init"] == "scratch"
+    ]
+
+
+def _key(grid: dict, keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if k in grid), None)
+
+
+def _label(grid: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in grid.items()) or "base"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _pct_sd(values: list[float]) -> str:
+    m, sd = mean_sd(values)
+    return "n/a" if math.isnan(m) else f"{100 * m:.1f} ± {100 * sd:.1f}%"
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(json.dumps(r["grid"], sort_keys=True), r["trainable"])].append(r)
+    return groups
+
+
+def position_words(rows: list[dict]) -> list[str]:
+    """Per grid point and arm: does the reset layer's position change the cost (rank correlation over runs)?"""
+    out = []
+    for (grid, arm), rs in _groups(layer_runs(rows)).items():
+        pairs = [(r["layer"], run_cost(r)) for r in rs if not math.isnan(run_cost(r))]
+        if len({layer for layer, _ in pairs}) < 3:
+            continue
+        rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
+        if rc.p_value < 0.05:
+            verdict = "later layers cost more" if rc.rho > 0 else "earlier layers cost more"
+        else:
+            verdict = "no significant trend with position"
+        out.append(f"Position ({_label(json.loads(grid))}, arm {arm}): layer index vs cost {rc}: {verdict}.")
+    return out
+
+
+def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...], name: str) -> list[str]:
+    """For each value of the ``fixed`` key: the mean cost per reset layer at each value of the ``vary`` key."""
+    runs = [r for r in layer_runs(rows) if r["trainable"] == "block" and not math.isnan(run_cost(r))]
+    out = []
+    by_fixed: dict[object, list[dict]] = defaultdict(list)
+    for r in runs:
+        vk, fk = _key(r["grid"], vary), _key(r["grid"], fixed)
+        if vk:
+            by_fixed[r["grid"].get(fk) if fk else None].append(r)
+    for fixed_value, rs in sorted(by_fixed.items(), key=lambda kv: str(kv[0])):
+        vk = _key(rs[0]["grid"], vary)
+        values = sorted({r["grid"][vk] for r in rs})
+        if len(values) < 2:
+            continue
+        parts = [f"{vk}={v}: {_pct_sd([run_cost(r) for r in rs if r['grid'][vk] == v])}" for v in values]
+        rc = rank_correlation([r["grid"][vk] for r in rs], [run_cost(r) for r in rs])
+        at = f" at {_key(rs[0]['grid'], fixed)}={fixed_value}" if fixed_value is not None else ""
+        trend = (
+            (f"larger {name} costs more" if rc.rho > 0 else f"larger {name} costs less")
+            if rc.p_value < 0.05
+            else f"no significant effect of {name}"
+        )
+        out.append(
+            f"{name[0].upper() + name[1:]}{at} (arm block, cost per reset layer, mean ± sd over layers and seeds): "
+            f"{'; '.join(parts)}. {vk} vs cost {rc}: {trend}."
+        )
+    return out
+
+
+def relative_depth_words(rows: list[dict]) -> list[str]:
+    """Pooled over depths: does the relative position L/(N-1) order the cost, at each width?"""
+    runs = [r for r in layer_runs(rows) if r["trainable"] == "block" and r.get("relative_depth") is not None]
+    depths = {_key(r["grid"], DEPTH_KEYS) and r["grid"][_key(r["grid"], DEPTH_KEYS)] for r in runs}
+    if len(depths) < 2:
+        return []
+    out = []
+    by_width: dict[object, list[dict]] = defaultdict(list)
+    for r in runs:
+        wk = _key(r["grid"], WIDTH_KEYS)
+        by_width[r["grid"].get(wk) if wk else None].append(r)
+    for width, rs in sorted(by_width.items(), key=lambda kv: str(kv[0])):
+        pairs = [(r["relative_depth"], run_cost(r)) for r in rs if not math.isnan(run_cost(r))]
+        rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
+        at = f" at width {width}" if width is not None else ""
+        out.append(f"Relative depth L/(N-1) vs cost{at}, depths pooled: {rc}.")
+    return out
+
+
+def depth_width_words(rows: list[dict]) -> list[str]:
+    """Depth N at fixed width, width D at fixed depth, and relative depth pooled over depths, in sentences."""
+    return (
+        _effect_words(rows, DEPTH_KEYS, WIDTH_KEYS, "depth N")
+        + _effect_words(rows, WIDTH_KEYS, DEPTH_KEYS, "width D")
+        + relative_depth_words(rows)
+    )
+
+
+def grid_table(rows: list[dict]) -> str:
+    """One line per grid point and arm: base budget, runs, unrecovered, mean cost, the dearest and cheapest layer."""
+    lines = [
+        "| grid point | arm | base budget (steps) | base eval loss | runs | not recovered | cost per reset layer | "
+        "dearest layer | cheapest layer |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for (grid, arm), rs in _groups(layer_runs(rows)).items():
+        budgets = {r["base_id"]: r["original_steps"] for r in rs if r.get("original_steps")}
+        losses = {r["base_id"]: r["baseline_eval_loss"] for r in rs}
+        m, sd = mean_sd(list(budgets.values()))
+        per_layer: dict[int, list[float]] = defaultdict(list)
+        for r in rs:
+            per_layer[r["layer"]].append(run_cost(r))
+        means = {layer: mean_sd(v)[0] for layer, v in per_layer.items()}
+        dear = max(means, key=lambda k: means[k])
+        cheap = min(means, key=lambda k: means[k])
+        lines.append(
+            f"| {_label(json.loads(grid))} | {arm} | {m:.0f} ± {sd:.0f} | {mean_sd(list(losses.values()))[0]:.4f} | "
+            f"{len(rs)} | {sum(not r['recovered'] for r in rs)} | {_pct_sd([run_cost(r) for r in rs])} | "
+            f"{dear} ({_pct(means[dear])}) | {cheap} ({_pct(means[cheap])}) |"
+        )
+    return "\n".join(lines)

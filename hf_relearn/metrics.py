@@ -1,0 +1,74 @@
+"""Task metrics for evaluation (``--metrics``): built-in token accuracy, or ``evaluate`` modules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import RelearnError
+
+
+def distill_loss(student_out, teacher_out, mask: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    """The distill objective per token, averaged over non-padding tokens: KL(teacher || student) of the softmax at
+    ``temperature`` (scaled by T^2, so gradients keep their size), or, for a model without a head, the MSE of the
+    last hidden states."""
+    if getattr(student_out, "logits", None) is not None:
+        t = temperature
+        log_p_student = F.log_softmax(student_out.logits.float() / t, dim=-1)
+        log_p_teacher = F.log_softmax(teacher_out.logits.float() / t, dim=-1)
+        per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * t * t
+    else:  # a model without a head (sentence encoders): match the last hidden states
+        per_token = (student_out.last_hidden_state.float() - teacher_out.last_hidden_state.float()).pow(2).mean(-1)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def argmax_logits(logits, labels):
+    """Keep only predicted ids, not the full logits, between evaluation batches (memory)."""
+    return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+
+
+def build_compute_metrics(names: list[str], objective: str):
+    """A ``compute_metrics`` over predicted vs reference tokens (positions with label -100 left out).
+
+    ``accuracy`` is built in (token accuracy); any other name is loaded with ``evaluate.load`` (a local module folder
+    or file works offline; a Hub name needs the network) and called as ``compute(predictions=..., references=...)``.
+    For ``clm`` the prediction at position t is compared with the label at t+1, as the model's loss does.
+    """
+    if objective == "distill":
+        raise RelearnError("metrics need labels; the distill objective has none (its recovery metric is the loss)")
+    modules = []
+    for name in names:
+        if name == "accuracy":
+            modules.append(None)
+            continue
+        import evaluate
+
+        try:
+            modules.append(evaluate.load(name))
+        except Exception as err:  # evaluate raises many types (FileNotFoundError, ConnectionError, ...)
+            raise RelearnError(
+                f"metric {name!r} could not be loaded with evaluate.load ({type(err).__name__}: {err}); offline, pass "
+                "the path of a local metric module, or use the built-in 'accuracy'"
+            ) from err
+
+    def compute(eval_pred) -> dict[str, float]:
+        import numpy as np
+
+        preds, labels = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
+        if objective == "clm":
+            preds, labels = preds[..., :-1], labels[..., 1:]
+        keep = labels != -100
+        preds, labels = preds[keep], labels[keep]
+        out: dict[str, float] = {}
+        for module in modules:
+            if module is None:
+                out["accuracy"] = float((preds == labels).mean()) if labels.size else float("nan")
+            else:
+                result = module.compute(predictions=preds.tolist(), references=labels.tolist())
+                out.update({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
+        return out
+
+    return compute

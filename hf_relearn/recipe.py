@@ -1,0 +1,311 @@
+"""Recipe: a study's YAML -> checked settings -> the plan (one ``BaseSpec`` per base, one ``RunSpec`` per run).
+
+``Recipe.load`` reads the YAML and applies ``--set`` overrides; ``Recipe.validate`` fails before any training (every
+section must build its dataclass, every block name must resolve); ``Recipe.bases`` and ``Recipe.runs_for`` expand
+the grid, seeds, blocks, trainable arms (``sweep.arms_at``) and encoder swaps (``sweep.swaps``). Torch and the model
+code are imported lazily inside the functions that need them (``import hf_relearn.recipe`` loads no torch).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RelearnError
+
+RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
+SWEEP_KEYS = {
+    "blocks", "parts", "inits", "trainable", "arms_at", "seeds", "grid",
+    "swaps", "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
+}  # fmt: skip
+SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
+SWAP_KEYS = {"name", "encoder", "overrides", *SWAP_OPTIONS}
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """One base model of the study: a grid point's config overrides and a seed; ``id`` names its folder."""
+
+    id: str
+    model: str
+    overrides: tuple[tuple[str, Any], ...]
+    seed: int
+    grid: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One relearn run on a base: the block (or encoder swap), init, trainable arm and seed; ``id`` names its folder."""
+
+    id: str
+    base: BaseSpec
+    block: str
+    init: str
+    trainable: str
+    seed: int
+    stack: str | None
+    layer: int | None
+    n_layers: int
+    part: str | None
+    # an encoder swap instead of a block reset (sweep.swaps): its name, the encoder, its config overrides, options
+    swap: str | None = None
+    swap_encoder: str | None = None
+    swap_overrides: tuple[tuple[str, Any], ...] = ()
+    swap_cross_attention: str | None = None
+    swap_freeze: str | None = None
+    swap_warmup_steps: int = 0
+
+
+def _swap_entries(sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's ``sweep.swaps``, checked: each ``{name, encoder, overrides}`` with a unique name, and optionally
+    its own ``swap_cross_attention`` / ``swap_freeze`` / ``swap_warmup_steps`` lists (else the sweep's)."""
+    swaps = sweep.get("swaps") or []
+    if not isinstance(swaps, list):
+        raise RelearnError("sweep.swaps must be a list of {name, encoder, overrides} entries")
+    names = set()
+    for entry in swaps:
+        if not isinstance(entry, dict) or "name" not in entry or "encoder" not in entry:
+            raise RelearnError(f"sweep.swaps entry {entry!r}: needs name and encoder (and optional overrides)")
+        unknown = set(entry) - SWAP_KEYS
+        if unknown:
+            raise RelearnError(f"sweep.swaps entry {entry['name']!r}: unknown key(s) {sorted(unknown)}")
+        if entry["name"] in names:
+            raise RelearnError(f"sweep.swaps: the name {entry['name']!r} is used twice")
+        names.add(entry["name"])
+    return swaps
+
+
+def _swap_arms(sweep: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(cross_attention, freeze, warm-up steps) arms of every swap; a warm-up only where something unfreezes later."""
+    from .swap import FREEZE_MODES
+
+    arms = []
+    for cross in sweep.get("swap_cross_attention", ["reset"]):
+        if cross not in ("reset", "zero"):
+            raise RelearnError(f"sweep.swap_cross_attention: {cross!r} is not reset or zero")
+        for freeze in sweep.get("swap_freeze", ["decoder-except-cross"]):
+            if freeze not in FREEZE_MODES:
+                raise RelearnError(f"sweep.swap_freeze: {freeze!r} is not one of {', '.join(FREEZE_MODES)}")
+            for warmup in sweep.get("swap_warmup_steps", [0]):
+                if not isinstance(warmup, int) or warmup < 0:
+                    raise RelearnError(f"sweep.swap_warmup_steps: {warmup!r} is not a step count >= 0")
+                if warmup and freeze == "decoder-except-cross":
+                    continue  # nothing to unfreeze after the warm-up: the arm would repeat warm-up 0
+                arms.append((cross, freeze, warmup))
+    return arms
+
+
+def _arms_here(sweep: dict[str, Any], base: BaseSpec) -> list[str]:
+    """The ``sweep.trainable`` arms that run on this base: ``sweep.arms_at`` limits an arm to the grid points that
+    match it (e.g. ``{all: {n_layer: 4, n_embd: 64}}``: the ``all`` arm only where n_layer=4 and n_embd=64)."""
+    arms = sweep.get("trainable", ["block"])
+    limits = sweep.get("arms_at") or {}
+    if not isinstance(limits, dict):
+        raise RelearnError("sweep.arms_at must map an arm to grid values, e.g. {all: {n_layer: 4}}")
+    grid = dict(base.grid)
+    for arm, where in limits.items():
+        if arm not in arms:
+            raise RelearnError(f"sweep.arms_at names {arm!r}, which is not in sweep.trainable {arms}")
+        if not isinstance(where, dict) or not set(where) <= set(sweep.get("grid") or {}):
+            raise RelearnError(
+                f"sweep.arms_at.{arm}: give grid keys and values (grid keys: {list(sweep.get('grid') or {})})"
+            )
+    return [a for a in arms if all(grid.get(k) == v for k, v in (limits.get(a) or {}).items())]
+
+
+def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    if not grid:
+        return [{}]
+    keys = list(grid)
+    for k in keys:
+        if not isinstance(grid[k], list) or not grid[k]:
+            raise RelearnError(f"sweep.grid.{k} must be a non-empty list of values")
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@dataclass
+class Recipe:
+    """A study recipe: the base model and its budget, the data, and the sweep."""
+
+    name: str
+    base: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] | None = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    relearn: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+        """Read a YAML recipe and apply ``overrides`` (``section.key=value``, e.g. ``pretrain.max_steps=50``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RelearnError(f"recipe {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RelearnError(f"recipe {path}: not valid YAML: {err}") from err
+        return cls.from_dict(data, overrides, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+        """A checked recipe from its parsed YAML (``data`` is not modified), ``overrides`` applied first."""
+        data = copy.deepcopy(data)
+        for item in overrides or []:
+            key, _, value = item.partition("=")
+            if not _ or "." not in key:
+                raise RelearnError(f"override {item!r}: use SECTION.KEY=VALUE, e.g. pretrain.max_steps=50")
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = yaml.safe_load(value)
+        unknown = set(data) - RECIPE_KEYS
+        if unknown:
+            raise RelearnError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {sorted(RECIPE_KEYS)}")
+        if "base" not in data or "model" not in (data.get("base") or {}):
+            raise RelearnError(f"{source}: needs base.model (a model type to build, a local folder or a Hub id)")
+        unknown = set(data.get("sweep") or {}) - SWEEP_KEYS
+        if unknown:
+            raise RelearnError(f"{source}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
+        recipe = cls(
+            name=data.get("name", "study"),
+            description=data.get("description", ""),
+            base=data["base"],
+            data=data.get("data") or {},
+            pretrain=data.get("pretrain", {}),
+            sweep=data.get("sweep") or {},
+            relearn=data.get("relearn") or {},
+        )
+        recipe.validate()
+        return recipe
+
+    def to_dict(self) -> dict:
+        """The recipe as plain data (what the study writes to its recipe.yaml)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Fail before any training: every section must build its dataclass, every block name must resolve."""
+        from .data import DataArguments
+        from .runner import PretrainArguments
+        from .trainer import RelearnArguments
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _build(DataArguments, self.data, "data")
+            if self.pretrain is not None:
+                _build(PretrainArguments, {**self.pretrain, "output_dir": tmp}, "pretrain")
+            _build(RelearnArguments, {**self.relearn, "output_dir": tmp}, "relearn")
+        if self.pretrain is None and not (self.relearn.get("original_steps") or self.relearn.get("original_run")):
+            raise RelearnError(
+                "a recipe without pretrain (a ready-trained base) needs relearn.original_steps or relearn.original_run"
+                " for its original budget"
+            )
+        for base in self.bases():
+            self.runs_for(base)  # resolves every block name against the base's architecture
+
+    def bases(self) -> list[BaseSpec]:
+        """One base model per (grid point, seed); a ready-trained base (no pretrain section) is one base."""
+        from .modeling import parse_overrides
+
+        seeds = self.sweep.get("seeds", [0])
+        out = []
+        for point in _grid_points(self.sweep.get("grid") or {}):
+            overrides = {**parse_overrides(self.base.get("config_overrides")), **point}
+            for seed in seeds if self.pretrain is not None else [0]:
+                tag = ",".join(f"{k}={v}" for k, v in point.items())
+                base_id = _slug(f"{tag + '-' if tag else ''}seed{seed}")
+                out.append(BaseSpec(base_id, self.base["model"], tuple(overrides.items()), seed, tuple(point.items())))
+        return out
+
+    def runs_for(self, base: BaseSpec) -> list[RunSpec]:
+        """The relearn runs of one base: blocks (and parts) x inits x trainable arms x seeds, then the encoder swaps
+        (``sweep.swaps``) x cross-attention options x freeze modes x warm-ups x seeds.
+
+        Without ``sweep.swaps`` the plan is what it always was; with swaps, ``sweep.blocks`` defaults to none.
+        """
+        from .blocks import BlockMap
+        from .modeling import parse_overrides
+
+        meta = _meta_model(self, base)
+        bmap = BlockMap(meta)
+        stacks = list(bmap.stacks.values())
+        swaps = _swap_entries(self.sweep)
+        blocks = self.sweep.get("blocks", [] if swaps else "all_layers")
+        names = list(blocks) if isinstance(blocks, list) else []
+        if blocks == "all_layers":
+            names = [f"{s.name}.{layer.index}" for s in stacks for layer in s.layers]
+        elif not isinstance(blocks, list):
+            raise RelearnError(f"sweep.blocks must be 'all_layers' or a list of block names, got {blocks!r}")
+        for part in self.sweep.get("parts", []) or []:
+            names += [f"{s.name}.{layer.index}.{part}" for s in stacks for layer in s.layers if part in layer.parts]
+        runs = []
+        seeds = self.sweep.get("seeds", [0]) if self.pretrain is None else [base.seed]
+        for name in names:
+            block = bmap.resolve(name)
+            layer = block.layers[0] if len(block.layers) == 1 else (None, None)
+            stack = bmap.stacks[layer[0]] if layer[0] else None
+            part = block.name.split(".")[2] if block.kind == "part" else None
+            for init in self.sweep.get("inits", ["scratch"]):
+                for trainable in _arms_here(self.sweep, base):
+                    for seed in seeds:
+                        run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{trainable}-r{seed}"
+                        n = len(stack.layers) if stack else max(len(s.layers) for s in stacks)
+                        runs.append(
+                            RunSpec(run_id, base, block.name, init, trainable, seed, layer[0], layer[1], n, part)
+                        )
+        if swaps:
+            if not getattr(meta.config, "is_encoder_decoder", False):
+                raise RelearnError(f"sweep.swaps: the base {base.model} is not an encoder-decoder model")
+            n = max(len(s.layers) for s in stacks)
+            for entry in swaps:
+                overrides = tuple(parse_overrides(entry.get("overrides")).items())
+                own = {k: entry[k] for k in SWAP_OPTIONS if k in entry}
+                for cross, freeze, warmup in _swap_arms({**self.sweep, **own}):
+                    arm = f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else "")
+                    for seed in seeds:
+                        run_id = f"{base.id}/swap-{_slug(str(entry['name']))}-{arm}-r{seed}"
+                        runs.append(
+                            RunSpec(run_id, base, "decoder.*.cross_attention", "scratch", "block", seed, None, None,
+                                    n, None, str(entry["name"]), str(entry["encoder"]), overrides, cross, freeze,
+                                    warmup)
+                        )  # fmt: skip
+        return runs
+
+
+def _build(cls, values: dict, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise RelearnError(f"recipe section {section!r}: unknown field(s) {sorted(unknown)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise RelearnError(f"recipe section {section!r}: {err}") from err
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
+    if len(slug) > 60:
+        slug = slug[:48] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return slug
+
+
+def _meta_model(recipe: Recipe, base: BaseSpec):
+    """The base's architecture without weights (meta device): enough to list its blocks."""
+    import torch
+
+    from .modeling import resolve_architecture
+
+    config, cls = resolve_architecture(base.model, dict(base.overrides) or None, recipe.base.get("head"))
+    with torch.device("meta"):
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)

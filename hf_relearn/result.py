@@ -1,0 +1,191 @@
+"""What a run leaves behind, and the rules that read it: the result contract (``RelearnResult``), the original
+run's budget and curve, the base-run warnings, and the recovery rule (threshold, first qualifying evaluation).
+
+Pure values: no trainer, no model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .caveats import OVERFIT, UNDER_TRAINED, UNIGRAM_LEVEL, Caveat, attach_codes
+from .errors import RelearnError
+from .files import RUN_FILE
+
+
+def read_original_run(path: str | Path) -> dict[str, Any]:
+    """Budget (steps, tokens), validation curve and warnings of a base run folder.
+
+    The curve comes from its ``trainer_state.json``. The budget is the step (and tokens) of the model that was kept:
+    for a base trained until converged (``pretrain --until_converged``) the best checkpoint, recorded in
+    ``hf_relearn_run.json``; otherwise the run's last step.
+    """
+    state_file = Path(path) / "trainer_state.json"
+    if not state_file.exists():
+        raise RelearnError(
+            f"original_run {path}: no trainer_state.json there. Point it at the output dir of `hf-relearn pretrain` "
+            "(or of a Trainer run that called save_state()), or give original_steps / original_tokens instead."
+        )
+    state = json.loads(state_file.read_text())
+    curve = [(e["step"], e["eval_loss"]) for e in state.get("log_history", []) if "eval_loss" in e]
+    run_file = Path(path) / RUN_FILE
+    info = json.loads(run_file.read_text()) if run_file.exists() else {}
+    return {
+        "steps": info.get("budget_steps") or state.get("global_step") or None,
+        "tokens": info.get("budget_tokens") or state.get("num_input_tokens_seen") or None,
+        "curve": curve,
+        "warnings": attach_codes(info["warnings"], info.get("warning_codes"))
+        if "warnings" in info
+        else base_run_warnings(curve, state.get("global_step") or 0),
+    }
+
+
+def base_run_warnings(
+    curve: list[tuple[int, float]],
+    total_steps: int,
+    tol: float = 0.01,
+    converged: bool = False,
+    kept_best: bool = False,
+) -> list[str]:
+    """Flag an under-trained base (val loss still falling at the end) or an overfit one (kept past its best).
+
+    ``converged``: the run stopped because its plateau rule fired (no under-trained warning then); ``kept_best``: the
+    model kept is the best checkpoint (so it cannot be past its best).
+    """
+    if len(curve) < 3 or not total_steps:
+        return []
+    steps, losses = zip(*curve, strict=True)
+    final, best = losses[-1], min(losses)
+    best_step = steps[losses.index(best)]
+    late = [loss for s, loss in curve if s <= 0.75 * total_steps]
+    out = []
+    if not converged and late and final < late[-1] * (1 - tol):
+        out.append(
+            Caveat(
+                UNDER_TRAINED,
+                f"base model under-trained: its validation loss still fell from {late[-1]:.4f} (step "
+                f"{max(s for s in steps if s <= 0.75 * total_steps)}) to {final:.4f} in the last quarter of training; "
+                "recovery numbers measured against it mislead",
+            )
+        )
+    if not kept_best and best_step < 0.75 * total_steps and final > best * (1 + tol):
+        out.append(
+            Caveat(
+                OVERFIT,
+                f"base model overfit: its best validation loss {best:.4f} came at step {best_step} of {total_steps} and "
+                f"ended at {final:.4f}; a reset can look cheap or even help",
+            )
+        )
+    return out
+
+
+def unigram_warning(baseline: float, unigram: float) -> list[str]:
+    """A base within 2% of (or worse than) a unigram model of its data has learned little a reset could remove."""
+    if baseline < 0.98 * unigram:
+        return []
+    return [
+        Caveat(
+            UNIGRAM_LEVEL,
+            f"the base model is no better than a unigram model of its data (eval loss {baseline:.4f} vs unigram "
+            f"{unigram:.4f} nats/token): it has learned little that a reset could remove",
+        )
+    ]
+
+
+def first_reach(curve: list[tuple[int, float]], threshold: float, higher_is_better: bool, patience: int = 1):
+    """The step of the first of ``patience`` consecutive curve points within ``threshold``, or None."""
+    run = 0
+    for i, (_, value) in enumerate(curve):
+        ok = value >= threshold if higher_is_better else value <= threshold
+        run = run + 1 if ok and not math.isnan(value) else 0
+        if run >= patience:
+            return curve[i - patience + 1][0]
+    return None
+
+
+def recovery_threshold(baseline: float, after_reset: float, args: Any) -> float:
+    """The metric value that counts as recovered (see README: recovery, defined).
+
+    ``args``: a ``RelearnArguments`` (its tolerance, tolerance_abs, objective, metric_key and higher_is_better).
+    """
+    sign = 1 if args.higher_is_better else -1
+    if args.tolerance_abs is not None:
+        return baseline - sign * args.tolerance_abs
+    if args.objective == "distill" and args.metric_key == "eval_loss":
+        # the teacher is the model itself, so its baseline distill loss is 0: recovered when the damage is
+        # repaired to within `tolerance` of how far the reset moved it
+        return baseline + args.tolerance * (after_reset - baseline)
+    return baseline * (1 - sign * args.tolerance) if baseline >= 0 else baseline * (1 + sign * args.tolerance)
+
+
+@dataclass
+class RelearnResult:
+    """The results contract (``relearn_result.json``); see docs/results-contract.md for every field."""
+
+    model: str
+    architecture: str
+    block: str
+    init: str
+    seed: int
+    objective: str
+    trainable: str
+    tolerance: float
+    tolerance_abs: float | None
+    recovery_metric: str
+    patience: int
+    baseline_eval_loss: float | None
+    after_reset_eval_loss: float | None
+    final_eval_loss: float | None
+    baseline_metric: float
+    after_reset_metric: float
+    recovery_threshold: float
+    recovered: bool
+    steps_to_recover: int | None
+    examples_to_recover: int | None
+    tokens_to_recover: int | None
+    original_steps: int | None
+    original_tokens: int | None
+    fraction_of_original: float | None
+    fraction_of_original_tokens: float | None
+    original_steps_to_same_loss: int | None
+    frozen_unchanged: bool
+    frozen_changed: list[str]
+    trainable_parameters: int
+    total_parameters: int
+    steps_trained: int
+    curve: list[list[float]]
+    train_curve: list[list[float]]
+    world_size: int
+    reset_identical_across_ranks: bool
+    warnings: list[str]
+    warning_codes: list[str]
+    surgery: dict
+    versions: dict
+    stopped: str = "recovered"
+    prefix_cache: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: baseline -> after reset -> recovered at N steps = X% of the original."""
+        m = self.recovery_metric
+        head = f"{self.block}: {m} {self.baseline_metric:.4f} -> {self.after_reset_metric:.4f} after reset -> "
+        if not self.recovered:
+            return (
+                head
+                + f"not recovered in {self.steps_trained} steps (final {self.curve[-1][1]:.4f}; stopped: {self.stopped})"
+            )
+        frac = (
+            f" = {100 * self.fraction_of_original:.1f}% of the original {self.original_steps}"
+            if self.fraction_of_original is not None
+            else ""
+        )
+        return (
+            head
+            + f"recovered at {self.steps_to_recover} steps{frac} ({self.examples_to_recover} examples, {self.tokens_to_recover} tokens)"
+        )

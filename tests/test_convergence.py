@@ -1,0 +1,132 @@
+"""Bases trained until converged: the plateau rule, the kept best checkpoint as the budget, the warnings."""
+
+from types import SimpleNamespace
+
+import pytest
+from transformers import TrainerControl, TrainerState
+
+from hf_relearn import RelearnError
+from hf_relearn.callbacks import ConvergenceCallback
+from hf_relearn.caveats import OVERFIT, UNDER_TRAINED
+from hf_relearn.result import base_run_warnings, read_original_run
+
+
+def _feed(callback: ConvergenceCallback, losses: list[float]) -> int | None:
+    """Evaluate ``losses`` in turn; the 1-based evaluation at which the callback stopped training, or None."""
+    args = SimpleNamespace(metric_for_best_model="eval_loss", greater_is_better=False)
+    state, control = TrainerState(), TrainerControl()
+    for i, loss in enumerate(losses, start=1):
+        callback.on_evaluate(args, state, control, metrics={"eval_loss": loss})
+        if control.should_training_stop:
+            return i
+    return None
+
+
+def test_converged_when_the_best_improved_less_than_the_threshold_over_the_window():
+    # best so far: 3, 2, 1.5, 1.4, 1.399, 1.398, 1.398 -> over the last 3 evaluations 1.4 -> 1.398 (0.14% < 0.5%)
+    losses = [3.0, 2.0, 1.5, 1.4, 1.399, 1.398, 1.398, 1.398]
+    assert _feed(ConvergenceCallback(patience=3, threshold=0.005), losses) == 7
+    # a slow but steady fall of 1% per evaluation never stalls
+    assert _feed(ConvergenceCallback(patience=3, threshold=0.005), [2.0 * 0.99**i for i in range(30)]) is None
+    # a rise after the best is no improvement: stops once the window holds no new best
+    assert _feed(ConvergenceCallback(patience=3, threshold=0.005), [2.0, 1.5, 1.6, 1.7, 1.8]) == 5
+
+
+def test_convergence_state_survives_a_resume():
+    # the Trainer rebuilds a callback from its checkpoint as type(cb)(**state["args"]) (transformers 5.24)
+    first = ConvergenceCallback(patience=3, threshold=0.005)
+    _feed(first, [3.0, 2.0, 1.5, 1.4])
+    saved = first.state()
+    resumed = type(first)(**saved["args"])
+    for key, value in saved["attributes"].items():
+        setattr(resumed, key, value)
+    assert resumed.best_history == [3.0, 2.0, 1.5, 1.4]
+    # the window spans the resume: the same stop as an uninterrupted run
+    assert _feed(resumed, [1.399, 1.398, 1.398]) == 3
+
+
+def test_base_run_warnings_by_code():
+    falling = [(100 * i, 3.0 - 0.1 * i) for i in range(1, 11)]  # still falling at the end
+    assert [w.code for w in base_run_warnings(falling, 1000)] == [UNDER_TRAINED]
+    assert base_run_warnings(falling, 1000, converged=True) == []  # the plateau rule said it stopped improving
+    past_best = [(100, 2.0), (200, 1.5), (300, 1.6), (400, 1.8), (500, 1.9)]
+    assert [w.code for w in base_run_warnings(past_best, 500)] == [OVERFIT]
+    assert base_run_warnings(past_best, 500, kept_best=True) == []  # the kept model is the best one
+
+
+@pytest.fixture(scope="module")
+def converged_base(tmp_path_factory):
+    from hf_relearn.config import ModelArguments, PretrainArguments
+    from hf_relearn.data import DataArguments
+    from hf_relearn.runner import pretrain
+
+    out = tmp_path_factory.mktemp("converged")
+    model = ModelArguments(model="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=32")
+    data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
+    args = PretrainArguments(
+        output_dir=str(out), until_converged=True, convergence_patience=3, convergence_threshold=0.02,
+        max_steps=2000, eval_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, report_to=[],
+        disable_tqdm=True, logging_steps=1000,
+    )  # fmt: skip
+    return out, pretrain(model, data, args, quiet=True)
+
+
+def test_pretrain_until_converged_keeps_the_best_checkpoint_as_the_budget(converged_base):
+    out, info = converged_base
+    assert info["stopped"] == "converged" and info["steps"] < 2000
+    steps, losses = zip(*info["curve"], strict=True)
+    best = min(losses)
+    assert info["budget_steps"] == steps[losses.index(best)] < info["steps"]
+    assert info["final_eval_loss"] == best  # the saved model is the best one evaluated
+    assert info["warnings"] == [] and info["warning_codes"] == []
+    assert not list(out.glob("checkpoint-*"))  # they only served to keep the best model
+    original = read_original_run(out)  # what a relearn against this base reads
+    assert original["steps"] == info["budget_steps"] and original["tokens"] == info["budget_tokens"]
+    assert 0 < info["budget_tokens"] < info["tokens"]
+
+
+def test_a_relearn_baseline_is_the_kept_best_model(converged_base, tmp_path):
+    from hf_relearn.config import ModelArguments, RelearnArguments
+    from hf_relearn.data import DataArguments
+    from hf_relearn.runner import relearn
+
+    out, info = converged_base
+    args = RelearnArguments(
+        output_dir=str(tmp_path / "r"), original_run=str(out), block="decoder.1", max_steps=1, eval_steps=1,
+        report_to=[], disable_tqdm=True, save_final_model=False,
+    )  # fmt: skip
+    result = relearn(ModelArguments(model=str(out)), DataArguments(), args, quiet=True)
+    # data settings inherited from the base run: the same validation rows, so the same loss as the kept model
+    assert result.baseline_eval_loss == pytest.approx(info["final_eval_loss"], rel=1e-6)
+    assert result.original_steps == info["budget_steps"]
+
+
+def test_a_capped_run_is_flagged_under_trained(tmp_path):
+    from hf_relearn.config import ModelArguments, PretrainArguments
+    from hf_relearn.data import DataArguments
+    from hf_relearn.runner import pretrain
+
+    model = ModelArguments(model="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=32")
+    data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
+    args = PretrainArguments(
+        output_dir=str(tmp_path), until_converged=True, max_steps=60, eval_steps=10, learning_rate=1e-2,
+        per_device_train_batch_size=16, report_to=[], disable_tqdm=True,
+    )  # fmt: skip
+    info = pretrain(model, data, args, quiet=True)
+    assert info["stopped"] == "max_steps"
+    assert info["warning_codes"] == [UNDER_TRAINED]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(convergence_patience=1), "convergence_patience"),
+        (dict(convergence_threshold=0.7), "convergence_threshold"),
+        (dict(eval_strategy="no"), "eval_strategy steps"),
+    ],
+)
+def test_bad_convergence_settings_are_refused(tmp_path, kw, match):
+    from hf_relearn.config import PretrainArguments
+
+    with pytest.raises(RelearnError, match=match):
+        PretrainArguments(output_dir=str(tmp_path), until_converged=True, **kw)

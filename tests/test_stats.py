@@ -1,0 +1,36 @@
+"""Report statistics against values worked out by hand."""
+
+import math
+
+import pytest
+
+from hf_relearn.stats import bootstrap_mean_interval, mean_sd, rank_correlation, spearman
+
+
+def test_spearman_with_ties_matches_the_hand_computed_value():
+    # ranks of y with a tie: [1, 2, 3.5, 5, 3.5]; rho = 8 / sqrt(10 * 9.5)
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    assert spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 2, 3], [7, 7, 7]))  # a constant side has no ranks to correlate
+    assert math.isnan(spearman([1, 2], [1, 2]))
+
+
+def test_rank_correlation_p_value_separates_order_from_noise():
+    strong = rank_correlation(list(range(12)), [2 * i + (i % 2) for i in range(12)])
+    assert strong.rho == pytest.approx(1.0) and strong.p_value < 0.001 and strong.low > 0.9
+    # 4 points, perfectly ordered: only 2 of the 24 orders reach |rho| = 1, so p is about 1/12, not small
+    few = rank_correlation([0, 1, 2, 3], [1, 2, 3, 4])
+    assert few.p_value == pytest.approx(2 / 24, abs=0.02)
+    noise = rank_correlation(list(range(12)), [5, 1, 9, 3, 11, 0, 7, 2, 10, 4, 8, 6])
+    assert noise.p_value > 0.2 and noise.low < 0 < noise.high
+    assert "rho = " in str(strong) and str(rank_correlation([1, 2], [3, 4])) == "rho n/a (n=2)"
+    assert rank_correlation([0, 1, 2, 3, 4], [1, 3, 2, 5, 4]) == rank_correlation([0, 1, 2, 3, 4], [1, 3, 2, 5, 4])
+
+
+def test_mean_sd_and_bootstrap_interval():
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_sd([4.0]) == (4.0, 0.0)
+    assert all(math.isnan(v) for v in mean_sd([]))
+    low, high = bootstrap_mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert 1.0 < low < 3.0 < high < 5.0
+    assert all(math.isnan(v) for v in bootstrap_mean_interval([1.0]))
