@@ -12,26 +12,38 @@ from .result import first_reach
 
 
 class ConvergenceCallback(EarlyStoppingCallback):
-    """Stop a base run once it has converged: over the last ``patience`` evaluations its best validation loss
-    improved by less than ``threshold`` (relative), i.e. best_now > best_then x (1 - threshold).
+    """Stop a base run once it has converged: over its last stretch its best validation loss improved by less than
+    ``threshold`` (relative): best_now > best_then x (1 - threshold).
 
-    ``converged`` says whether that rule (not the ``max_steps`` cap) ended the run. The best-so-far history is part
-    of the callback's state, so a resumed run judges the same window.
+    The stretch is the longer of the last ``patience`` evaluations and the last ``window`` share of the steps so far
+    (default a quarter, the span the under-trained warning judges), so a slow steady fall late in a long run is not
+    mistaken for a plateau. ``converged`` says whether this rule (not the ``max_steps`` cap) ended the run. The
+    history of (step, best so far) is part of the callback's state, so a resumed run judges the same stretch.
     """
 
-    def __init__(self, patience: int = 8, threshold: float = 0.005, best_history: list[float] | None = None):
+    def __init__(
+        self,
+        patience: int = 8,
+        threshold: float = 0.005,
+        window: float = 0.25,
+        best_history: list[list[float]] | None = None,
+    ):
         super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
-        self.best_history = list(best_history or [])
+        self.window = window
+        self.best_history = [list(point) for point in best_history or []]
 
     def check_metric_value(self, args, state, control, metric_value):
-        sign = -1 if args.greater_is_better else 1  # compare as a loss
-        value = sign * metric_value
-        self.best_history.append(min(value, self.best_history[-1]) if self.best_history else value)
-        window = self.early_stopping_patience
-        if len(self.best_history) > window:
-            then, now = self.best_history[-1 - window], self.best_history[-1]
-            stalled = now > then - abs(then) * self.early_stopping_threshold
-            self.early_stopping_patience_counter = window if stalled else 0
+        value = -metric_value if args.greater_is_better else metric_value  # compare as a loss
+        best = min(value, self.best_history[-1][1]) if self.best_history else value
+        self.best_history.append([state.global_step, best])
+        by_evaluations = len(self.best_history) - 1 - self.early_stopping_patience
+        cut = state.global_step * (1 - self.window)
+        by_steps = max((i for i, (step, _) in enumerate(self.best_history) if step <= cut), default=-1)
+        start = min(by_evaluations, by_steps)  # the longer stretch starts earlier
+        stalled = start >= 0 and best > self.best_history[start][1] - abs(self.best_history[start][1]) * (
+            self.early_stopping_threshold
+        )
+        self.early_stopping_patience_counter = self.early_stopping_patience if stalled else 0
 
     @property
     def converged(self) -> bool:
@@ -41,7 +53,7 @@ class ConvergenceCallback(EarlyStoppingCallback):
         # the Trainer rebuilds a resumed callback as type(cb)(**args): the args are __init__'s own parameters
         return {
             "args": {"patience": self.early_stopping_patience, "threshold": self.early_stopping_threshold,
-                     "best_history": self.best_history},
+                     "window": self.window, "best_history": self.best_history},
             "attributes": {"early_stopping_patience_counter": self.early_stopping_patience_counter},
         }  # fmt: skip
 

@@ -233,6 +233,13 @@ class PretrainArguments(HfRelearnTrainingArguments):
         default=0.005,
         metadata={"help": "converged when the best eval loss improved by less than this share over the window"},
     )
+    convergence_window: float = field(
+        default=0.25,
+        metadata={
+            "help": "the window is also at least this share of the steps so far (a quarter: a slow late fall "
+            "is not a plateau)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.until_converged:
@@ -247,6 +254,8 @@ class PretrainArguments(HfRelearnTrainingArguments):
         """Trainer settings of a run to convergence: keep the best checkpoint, a plateau-driven schedule."""
         if self.convergence_patience < 2:
             raise RelearnError(f"convergence_patience must be >= 2 evaluations, got {self.convergence_patience}")
+        if not 0 <= self.convergence_window < 1:
+            raise RelearnError(f"convergence_window must be in [0, 1), got {self.convergence_window}")
         if not 0 <= self.convergence_threshold < 0.5:
             raise RelearnError(f"convergence_threshold must be in [0, 0.5), got {self.convergence_threshold}")
         if str(self.eval_strategy) not in ("steps", "IntervalStrategy.STEPS"):

@@ -77,7 +77,9 @@ def pretrain(
     _check_positions(model, data_args.block_size, args.objective)
     train, evals, collator = build_datasets(data_args, tokenizer, args.objective)
     convergence = (
-        ConvergenceCallback(args.convergence_patience, args.convergence_threshold) if args.until_converged else None
+        ConvergenceCallback(args.convergence_patience, args.convergence_threshold, args.convergence_window)
+        if args.until_converged
+        else None
     )
     trainer = Trainer(
         model=model,
@@ -133,7 +135,11 @@ def _run_info(trainer, model_args, data_args, args, train_examples, eval_example
         "stopped": stopped,
         "until_converged": args.until_converged,
         "convergence_rule": (
-            {"patience": args.convergence_patience, "threshold": args.convergence_threshold}
+            {
+                "patience": args.convergence_patience,
+                "threshold": args.convergence_threshold,
+                "window": args.convergence_window,
+            }
             if args.until_converged
             else None
         ),

@@ -16,6 +16,7 @@ def _feed(callback: ConvergenceCallback, losses: list[float]) -> int | None:
     args = SimpleNamespace(metric_for_best_model="eval_loss", greater_is_better=False)
     state, control = TrainerState(), TrainerControl()
     for i, loss in enumerate(losses, start=1):
+        state.global_step = 10 * i  # an evaluation every 10 steps
         callback.on_evaluate(args, state, control, metrics={"eval_loss": loss})
         if control.should_training_stop:
             return i
@@ -32,6 +33,14 @@ def test_converged_when_the_best_improved_less_than_the_threshold_over_the_windo
     assert _feed(ConvergenceCallback(patience=3, threshold=0.005), [2.0, 1.5, 1.6, 1.7, 1.8]) == 5
 
 
+def test_a_slow_late_fall_is_not_a_plateau():
+    # 5% better per evaluation, then 0.1%: 3 evaluations see 0.3% (< 0.5%), but the last half of the run far more
+    fast = [2.0 * 0.95**i for i in range(11)]
+    slow = fast + [fast[-1] * 0.999**j for j in range(1, 60)]
+    assert _feed(ConvergenceCallback(patience=3, threshold=0.005, window=0.0), slow) == 14
+    assert _feed(ConvergenceCallback(patience=3, threshold=0.005, window=0.5), slow) is None
+
+
 def test_convergence_state_survives_a_resume():
     # the Trainer rebuilds a callback from its checkpoint as type(cb)(**state["args"]) (transformers 5.24)
     first = ConvergenceCallback(patience=3, threshold=0.005)
@@ -40,9 +49,14 @@ def test_convergence_state_survives_a_resume():
     resumed = type(first)(**saved["args"])
     for key, value in saved["attributes"].items():
         setattr(resumed, key, value)
-    assert resumed.best_history == [3.0, 2.0, 1.5, 1.4]
-    # the window spans the resume: the same stop as an uninterrupted run
-    assert _feed(resumed, [1.399, 1.398, 1.398]) == 3
+    assert resumed.best_history == [[10, 3.0], [20, 2.0], [30, 1.5], [40, 1.4]] and resumed.window == first.window
+    # the window spans the resume: the same stop as an uninterrupted run (steps go on from 50)
+    args = SimpleNamespace(metric_for_best_model="eval_loss", greater_is_better=False)
+    state, control = TrainerState(), TrainerControl()
+    for step, loss in ((50, 1.399), (60, 1.398), (70, 1.398)):
+        state.global_step = step
+        resumed.on_evaluate(args, state, control, metrics={"eval_loss": loss})
+    assert control.should_training_stop
 
 
 def test_base_run_warnings_by_code():
@@ -65,7 +79,7 @@ def converged_base(tmp_path_factory):
     data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
     args = PretrainArguments(
         output_dir=str(out), until_converged=True, convergence_patience=3, convergence_threshold=0.02,
-        max_steps=2000, eval_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, report_to=[],
+        max_steps=3000, eval_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, report_to=[],
         disable_tqdm=True, logging_steps=1000,
     )  # fmt: skip
     return out, pretrain(model, data, args, quiet=True)
@@ -73,7 +87,7 @@ def converged_base(tmp_path_factory):
 
 def test_pretrain_until_converged_keeps_the_best_checkpoint_as_the_budget(converged_base):
     out, info = converged_base
-    assert info["stopped"] == "converged" and info["steps"] < 2000
+    assert info["stopped"] == "converged" and info["steps"] < 3000
     steps, losses = zip(*info["curve"], strict=True)
     best = min(losses)
     assert info["budget_steps"] == steps[losses.index(best)] < info["steps"]
@@ -122,6 +136,7 @@ def test_a_capped_run_is_flagged_under_trained(tmp_path):
     [
         (dict(convergence_patience=1), "convergence_patience"),
         (dict(convergence_threshold=0.7), "convergence_threshold"),
+        (dict(convergence_window=1.0), "convergence_window"),
         (dict(eval_strategy="no"), "eval_strategy steps"),
     ],
 )
