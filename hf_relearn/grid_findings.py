@@ -14,16 +14,34 @@ import math
 from collections import defaultdict
 
 from .files import DEPTH_KEYS, WIDTH_KEYS
-from .stats import mean_sd, rank_correlation
+from .stats import mean_sd, permutation_difference, rank_correlation
+
+LOOSER_TOLERANCES = (0.02, 0.05)  # read from each run's curve: it passes a looser threshold before it stops
 
 
-def run_cost(row: dict) -> float:
+def steps_within(row: dict, tolerance: float | None = None) -> tuple[int, bool]:
+    """(steps, reached): the first evaluation at which the run's metric was within ``tolerance`` of its baseline
+    (relative; the run's own rule when None), or (steps trained, False) when it never was. A tolerance looser than
+    the run's own is read from its curve, which it crossed on the way to its own."""
+    if tolerance is None or tolerance == row["tolerance"]:
+        return (row["steps_to_recover"], True) if row["recovered"] else (row["steps_trained"], False)
+    if tolerance < row["tolerance"]:
+        raise ValueError(f"tolerance {tolerance} is tighter than the run's own {row['tolerance']}: not in its curve")
+    base = row["baseline_metric"]
+    higher = row["recovery_metric"] != "eval_loss" and not row["recovery_metric"].endswith("loss")
+    threshold = base * (1 - tolerance) if higher else base * (1 + tolerance)
+    for step, value in row["curve"]:
+        if (value >= threshold) if higher else (value <= threshold):
+            return int(step), True
+    return row["steps_trained"], False
+
+
+def run_cost(row: dict, tolerance: float | None = None) -> float:
     """One run's cost as a share of its base's budget (a lower bound when it did not recover); nan without one."""
     budget = row.get("original_steps")
     if not budget:
         return math.nan
-    steps = row["steps_to_recover"] if row["recovered"] else row["steps_trained"]
-    return steps / budget
+    return steps_within(row, tolerance)[0] / budget
 
 
 def layer_runs(rows: list[dict]) -> list[dict]:
@@ -59,20 +77,46 @@ def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def _tolerances(rows: list[dict]) -> list[float | None]:
+    """The study's own tolerance, plus looser ones where a quarter or more of the runs never reached its own."""
+    censored = sum(not r["recovered"] for r in rows)
+    own = min((r["tolerance"] for r in rows if r.get("tolerance_abs") is None), default=None)
+    if own is None or censored < len(rows) / 4:
+        return [None]
+    return [None] + [t for t in LOOSER_TOLERANCES if t > own]
+
+
 def position_words(rows: list[dict]) -> list[str]:
     """Per grid point and arm: does the reset layer's position change the cost (rank correlation over runs)?"""
     out = []
     for (grid, arm), rs in _groups(layer_runs(rows)).items():
-        pairs = [(r["layer"], run_cost(r)) for r in rs if not math.isnan(run_cost(r))]
-        if len({layer for layer, _ in pairs}) < 3:
+        if len({r["layer"] for r in rs}) < 3:
             continue
-        rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
-        if rc.p_value < 0.05:
-            verdict = "later layers cost more" if rc.rho > 0 else "earlier layers cost more"
-        else:
-            verdict = "no significant trend with position"
-        out.append(f"Position ({_label(json.loads(grid))}, arm {arm}): layer index vs cost {rc}: {verdict}.")
+        for tol in _tolerances(rs):
+            pairs = [(r["layer"], run_cost(r, tol)) for r in rs if not math.isnan(run_cost(r, tol))]
+            rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
+            if rc.p_value < 0.05:
+                verdict = "later layers cost more" if rc.rho > 0 else "earlier layers cost more"
+            else:
+                verdict = "no significant trend with position"
+            within = "" if tol is None else f", to within {100 * tol:g}%"
+            out.append(
+                f"Position ({_label(json.loads(grid))}, arm {arm}{within}): layer index vs cost {rc}: {verdict}. "
+                + _edges_words(rs, tol)
+            )
     return out
+
+
+def _edges_words(rows: list[dict], tolerance: float | None) -> str:
+    """A rank correlation misses a U shape: compare the first and last layers with the ones between them."""
+    last = max(r["layer"] for r in rows)
+    edges = [run_cost(r, tolerance) for r in rows if r["layer"] in (0, last)]
+    inner = [run_cost(r, tolerance) for r in rows if r["layer"] not in (0, last)]
+    if not edges or not inner:
+        return ""
+    p = permutation_difference(edges, inner)
+    p_text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return f"First and last layer {_pct_sd(edges)} vs the layers between {_pct_sd(inner)} (permutation {p_text})."
 
 
 def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...], name: str) -> list[str]:
@@ -89,18 +133,19 @@ def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...
         values = sorted({r["grid"][vk] for r in rs})
         if len(values) < 2:
             continue
-        parts = [f"{vk}={v}: {_pct_sd([run_cost(r) for r in rs if r['grid'][vk] == v])}" for v in values]
-        rc = rank_correlation([r["grid"][vk] for r in rs], [run_cost(r) for r in rs])
         at = f" at {_key(rs[0]['grid'], fixed)}={fixed_value}" if fixed_value is not None else ""
-        trend = (
-            (f"larger {name} costs more" if rc.rho > 0 else f"larger {name} costs less")
-            if rc.p_value < 0.05
-            else f"no significant effect of {name}"
-        )
-        out.append(
-            f"{name[0].upper() + name[1:]}{at} (arm block, cost per reset layer, mean ± sd over layers and seeds): "
-            f"{'; '.join(parts)}. {vk} vs cost {rc}: {trend}."
-        )
+        for tol in _tolerances(rs):
+            costs = {v: [run_cost(r, tol) for r in rs if r["grid"][vk] == v] for v in values}
+            rc = rank_correlation([r["grid"][vk] for r in rs], [run_cost(r, tol) for r in rs])
+            if rc.p_value < 0.05:
+                trend = f"larger {name} costs more" if rc.rho > 0 else f"larger {name} costs less"
+            else:
+                trend = f"no significant effect of {name}"
+            within = "" if tol is None else f", to within {100 * tol:g}%"
+            out.append(
+                f"{name[0].upper() + name[1:]}{at} (arm block{within}, cost per reset layer, mean ± sd over layers and "
+                f"seeds): {'; '.join(f'{vk}={v}: {_pct_sd(c)}' for v, c in costs.items())}. {vk} vs cost {rc}: {trend}."
+            )
     return out
 
 
@@ -134,10 +179,12 @@ def depth_width_words(rows: list[dict]) -> list[str]:
 
 def grid_table(rows: list[dict]) -> str:
     """One line per grid point and arm: base budget, runs, unrecovered, mean cost, the dearest and cheapest layer."""
+    looser = [t for t in LOOSER_TOLERANCES if all(t > r["tolerance"] for r in rows)]
     lines = [
         "| grid point | arm | base budget (steps) | base eval loss | runs | not recovered | cost per reset layer | "
-        "dearest layer | cheapest layer |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        + "".join(f"to {100 * t:g}% (not reached) | " for t in looser)
+        + "dearest layer | cheapest layer |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(looser) + "---|---|",
     ]
     for (grid, arm), rs in _groups(layer_runs(rows)).items():
         budgets = {r["base_id"]: r["original_steps"] for r in rs if r.get("original_steps")}
@@ -152,6 +199,10 @@ def grid_table(rows: list[dict]) -> str:
         lines.append(
             f"| {_label(json.loads(grid))} | {arm} | {m:.0f} ± {sd:.0f} | {mean_sd(list(losses.values()))[0]:.4f} | "
             f"{len(rs)} | {sum(not r['recovered'] for r in rs)} | {_pct_sd([run_cost(r) for r in rs])} | "
-            f"{dear} ({_pct(means[dear])}) | {cheap} ({_pct(means[cheap])}) |"
+            + "".join(
+                f"{_pct_sd([run_cost(r, t) for r in rs])} ({sum(not steps_within(r, t)[1] for r in rs)}) | "
+                for t in looser
+            )
+            + f"{dear} ({_pct(means[dear])}) | {cheap} ({_pct(means[cheap])}) |"
         )
     return "\n".join(lines)

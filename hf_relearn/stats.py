@@ -90,3 +90,19 @@ def bootstrap_mean_interval(values: list[float], resamples: int = 2000, seed: in
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def permutation_difference(a: list[float], b: list[float], permutations: int = 5000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of the difference of means of ``a`` and ``b`` (labels shuffled, the observed
+    split counted); nan when either group is empty. Deterministic for a given ``seed``."""
+    if not a or not b:
+        return math.nan
+    values = np.asarray(list(a) + list(b), dtype=float)
+    observed = abs(np.mean(a) - np.mean(b))
+    rng = np.random.default_rng(seed)
+    hits = 1
+    for _ in range(permutations):
+        shuffled = rng.permutation(values)
+        if abs(shuffled[: len(a)].mean() - shuffled[len(a) :].mean()) >= observed - 1e-12:
+            hits += 1
+    return hits / (permutations + 1)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hf_relearn.stats import bootstrap_mean_interval, mean_sd, rank_correlation, spearman
+from hf_relearn.stats import bootstrap_mean_interval, mean_sd, permutation_difference, rank_correlation, spearman
 
 
 def test_spearman_with_ties_matches_the_hand_computed_value():
@@ -34,3 +34,11 @@ def test_mean_sd_and_bootstrap_interval():
     low, high = bootstrap_mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     assert 1.0 < low < 3.0 < high < 5.0
     assert all(math.isnan(v) for v in bootstrap_mean_interval([1.0]))
+
+
+def test_permutation_difference():
+
+    # 4 vs 4 perfectly separated: 2 of the 70 splits are as extreme, so p is about 2/70
+    assert permutation_difference([10, 11, 12, 13], [1, 2, 3, 4]) == pytest.approx(2 / 70, abs=0.01)
+    assert permutation_difference([1, 5, 2, 6], [5, 1, 6, 2]) > 0.9  # the same values: no difference at all
+    assert math.isnan(permutation_difference([], [1.0]))
