@@ -97,7 +97,10 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "scratch_steps": _mean_sd(scratch),
                 "original_steps": budget,
                 "cost": statistics.fmean(cost),
-                "cost_fraction": statistics.fmean(cost) / budget if budget else math.nan,
+                # per run: converged bases of different seeds have different budgets
+                "cost_fraction": statistics.fmean(c / r["original_steps"] for c, r in zip(cost, rs, strict=True))
+                if all(r["original_steps"] for r in rs)
+                else math.nan,
                 "censored": len(rec) < len(rs),
                 "tolerance": rs[0]["tolerance"],
                 "swap": rs[0].get("swap"),
@@ -187,7 +190,8 @@ def _layer_cost_words(rows: list[dict], summary: list[dict], layer_rows: list[di
             continue
         label = _grid_label(json.loads(grid))
         base_rows = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
-        budget = base_rows[0]["original_steps"]
+        budgets = sorted({r["original_steps"] for r in base_rows if r["original_steps"]})
+        budget = "/".join(str(b) for b in budgets) or "unknown"
         dear = max(mine, key=lambda s: s["cost_fraction"])
         cheap = min(mine, key=lambda s: s["cost_fraction"])
         fr = [s["cost_fraction"] for s in mine]
@@ -197,7 +201,7 @@ def _layer_cost_words(rows: list[dict], summary: list[dict], layer_rows: list[di
             else ""
         )
         out.append(
-            f"**{label}** (original budget {budget} steps): re-learning one reset layer with the rest frozen got the "
+            f"**{label}** (original budget{'s' if len(budgets) > 1 else ''} {budget} steps): re-learning one reset layer with the rest frozen got the "
             f"validation loss back within {100 * tol:g}% in {_cost(cheap)} to {_cost(dear)} of the original "
             f"budget (mean {_pct(statistics.fmean(fr))}){censored}. Dearest: {dear['block']} ({_cost(dear)}; the reset "
             f"raised the loss {100 * dear['jump'][0]:.1f}%). Cheapest: {cheap['block']} ({_cost(cheap)}; loss "
