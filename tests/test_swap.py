@@ -137,12 +137,12 @@ def _real_data(shared_data, **kw):
 @pytest.fixture(scope="module")
 def t5_real_base(tmp_path_factory):
     """A tiny T5 trained briefly (120 steps) on Tiny Shakespeare, denoise task (needs ../shared/data)."""
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, missing_fixture
 
     from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain
 
     if not (SHARED_DATA / "tinyshakespeare.txt").exists():
-        pytest.skip("../shared/data is absent")
+        missing_fixture("../shared/data")
     out = tmp_path_factory.mktemp("t5-real")
     args = PretrainArguments(
         output_dir=str(out), max_steps=120, per_device_train_batch_size=16, learning_rate=5e-3, eval_steps=40,
@@ -253,14 +253,56 @@ def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data
 
 
 # ------------------------------------------------------------------------------------------------- CLI swap
-def _reloads_identically(model, folder):
-    model.eval()
-    reloaded = load_model(str(folder)).eval()
+def _swapped_like_the_cli(src, width: int):
+    """The swap ``hf-relearn swap`` makes with its defaults (encoder seed 0, reset seed 0), built again here."""
+    from hf_relearn.swap import swap_encoder
+
+    model = load_model(str(src))
+    overrides = f"num_hidden_layers=2,hidden_size={width},num_attention_heads=2,intermediate_size=128,vocab_size=256"
+    swap_encoder(model, load_model("bert", overrides, head="base", seed=0), "reset", "decoder-except-cross", 0)
+    return model.eval()
+
+
+def _same_logits(a, b) -> bool:
     ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        a = model(input_ids=ids, decoder_input_ids=ids).logits
-        b = reloaded(input_ids=ids, decoder_input_ids=ids).logits
-    return torch.equal(a, b)
+        return torch.equal(
+            a.eval()(input_ids=ids, decoder_input_ids=ids).logits,
+            b.eval()(input_ids=ids, decoder_input_ids=ids).logits,
+        )
+
+
+def test_check_reloads_refuses_a_save_that_loads_as_another_model(tmp_path):
+    from hf_relearn.swap import check_reloads
+
+    model = _pair(64)
+    model.save_pretrained(tmp_path / "m")
+    check_reloads(model, tmp_path / "m", 256)  # the folder holds this model: accepted
+    with torch.no_grad():
+        model.decoder.transformer.h[0].mlp.c_fc.bias.add_(1e-3)
+    with pytest.raises(RelearnError, match="does not load back as the swapped one"):
+        check_reloads(model, tmp_path / "m", 256)
+
+
+def test_cli_swap_writes_nothing_when_the_save_does_not_reload(tmp_path, capsys, monkeypatch):
+    from hf_relearn import swap
+    from hf_relearn.cli import main
+
+    src = tmp_path / "pair"
+    _pair(64).save_pretrained(src)
+    real = swap.check_reloads
+
+    def after_a_silent_change(model, folder, vocab):  # as if save_pretrained had dropped or altered a tensor
+        with torch.no_grad():
+            next(model.decoder.parameters()).add_(1e-3)
+        real(model, folder, vocab)
+
+    monkeypatch.setattr(swap, "check_reloads", after_a_silent_change)
+    out = tmp_path / "out"
+    overrides = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,intermediate_size=128,vocab_size=256"
+    code = main(["swap", str(src), "--encoder", "bert", "--encoder-overrides", overrides, "--output-dir", str(out)])
+    assert code == 2 and "does not load back as the swapped one" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing kept, no half-written folder
 
 
 @pytest.mark.parametrize("width", [32, 128])
@@ -283,7 +325,8 @@ def test_cli_swap_saves_an_encoder_decoder_model_that_reloads(tmp_path, capsys, 
     assert report["adapter"] == "enc_to_dec_proj" and report["new_width"] == width and report["old_width"] == 64
     saved = load_model(str(out))
     assert isinstance(saved, EncoderDecoderModel) and saved.enc_to_dec_proj.in_features == width
-    assert _reloads_identically(saved, out) and (out / "tokenizer.json").exists()
+    assert _same_logits(saved, _swapped_like_the_cli(src, width))  # the saved model is the swapped one
+    assert (out / "tokenizer.json").exists()
     # the decoder outside its cross-attention is the trained one, bit for bit
     before, after = fingerprint(pair), fingerprint(saved)
     kept = [n for n in before if n.startswith("decoder.") and "crossattention" not in n and "ln_cross_attn" not in n]
@@ -299,7 +342,13 @@ def test_cli_swap_native_same_width_saves_and_other_widths_are_refused(tmp_path,
     enc = "num_layers=4,d_model=64,d_ff=256,num_heads=2,d_kv=32,vocab_size=256"
     out = tmp_path / "same"
     assert main(["swap", str(src), "--encoder", "t5", "--encoder-overrides", enc, "--output-dir", str(out)]) == 0
-    assert _reloads_identically(load_model(str(out)), out)
+    from hf_relearn.swap import swap_encoder
+
+    expected = load_model(str(src))
+    swap_encoder(
+        expected, load_model("t5", enc, head="base", seed=0).get_encoder(), "reset", "decoder-except-cross", 0
+    )
+    assert _same_logits(load_model(str(out)), expected)  # the saved model is the swapped one
     assert (out / "swap_report.json").exists() and not (out / "tokenizer.json").exists()  # the source had none
     capsys.readouterr()
     bad = [
