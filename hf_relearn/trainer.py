@@ -303,8 +303,9 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             stopped = "max_steps"
         self.result = self._build_result(stopped=stopped)
         self._write_result()
-        if self.result.frozen_changed:
-            raise RelearnError(f"frozen tensors changed during training: {', '.join(self.result.frozen_changed[:10])}")
+        if not self.result.frozen_unchanged:  # gathered: a tensor that moved on any process refuses the run
+            where = ", ".join(self.result.frozen_changed[:10]) or "on another process (see its log)"
+            raise RelearnError(f"frozen tensors changed during training: {where}; relearn_result.json records it")
         return output
 
     def save_final(self, output_dir: str | None = None) -> None:
