@@ -100,3 +100,99 @@ def test_a_frozen_tensor_moved_on_one_of_two_processes_refuses_the_run(base, tmp
     assert "rank 0 refused: frozen tensors changed during training: on another process" in proc.stdout
     result = json.loads((tmp_path / "two" / "relearn_result.json").read_text())
     assert result["world_size"] == 2 and result["frozen_unchanged"] is False
+
+
+# ------------------------------------------------------------------------------------------ recovery settings
+def test_tolerance_abs_sets_the_threshold_and_the_recovery_step(base, tmp_path):
+    r = relearn_run(tmp_path / "abs", base, "decoder.0", tolerance_abs=0.005, max_steps=100, eval_steps=5)
+    assert r.recovery_threshold == pytest.approx(r.baseline_eval_loss + 0.005)
+    assert r.after_reset_eval_loss > r.recovery_threshold  # the reset moved it further than the tolerance
+    first = next(step for step, value in r.curve if value <= r.baseline_eval_loss + 0.005)
+    assert r.recovered and r.steps_to_recover == first > 0
+    assert r.curve[-1][0] == first  # stopped at recovery
+
+
+def test_a_higher_is_better_metric_recovers_upwards(base, tmp_path):
+    r = relearn_run(
+        tmp_path / "acc", base, "decoder.2", metrics=["accuracy"], recovery_metric="accuracy", tolerance=0.05,
+        max_steps=60, eval_steps=5,
+    )  # fmt: skip
+    assert r.recovery_metric == "eval_accuracy" and r.after_reset_metric < r.baseline_metric
+    assert r.recovery_threshold == pytest.approx(r.baseline_metric * 0.95)  # below the baseline: accuracy rises
+    reached = [step for step, value in r.curve if value >= r.recovery_threshold]
+    assert r.steps_to_recover == (reached[0] if reached else None)
+
+
+def test_checkpoint_init_from_the_base_itself_barely_matters_and_says_so(base, tmp_path):
+    from hf_relearn.caveats import RESET_BARELY_MATTERED
+
+    r = relearn_run(tmp_path / "ck", base, "decoder.2", init=f"checkpoint:{base}", max_steps=5, eval_steps=5)
+    # the block is copied back from the very weights it had: the model is unchanged
+    assert r.after_reset_eval_loss == r.baseline_eval_loss and r.steps_to_recover == 0
+    assert RESET_BARELY_MATTERED in r.warning_codes
+
+
+def test_reset_seed_draws_the_block(base, tmp_path):
+    runs = {
+        name: relearn_run(tmp_path / name, base, "decoder.2", reset_seed=seed, max_steps=1, eval_steps=1)
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    }
+    assert runs["a"].after_reset_eval_loss == runs["b"].after_reset_eval_loss  # the same seed: the same draw
+    assert runs["a"].after_reset_eval_loss != runs["c"].after_reset_eval_loss
+
+
+def test_init_zero_starts_the_block_as_the_identity(base, tmp_path):
+    from hf_relearn.modeling import load_model
+
+    r = relearn_run(tmp_path / "z", base, "decoder.2", init="zero", max_steps=1, eval_steps=1)
+    assert sorted(r.surgery["zeroed"]) == [
+        "transformer.h.2.attn.c_proj.bias",
+        "transformer.h.2.attn.c_proj.weight",
+        "transformer.h.2.mlp.c_proj.bias",
+        "transformer.h.2.mlp.c_proj.weight",
+    ]
+    # a pre-LN block whose output projections are zero adds nothing to the residual stream: the model computes
+    # exactly what the same model without layer 2 computes
+    model = load_model(str(base)).eval()
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True).hidden_states
+    reset_model = load_model(str(base)).eval()
+    from hf_relearn.surgery import reset
+
+    reset(reset_model, "decoder.2", init="zero")
+    with torch.no_grad():
+        after = reset_model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.equal(after[3], after[2]) and torch.equal(after[2], full[2])
+
+
+def test_a_base_at_unigram_level_is_flagged(tmp_path):
+    from hf_relearn.caveats import UNIGRAM_LEVEL
+
+    base_run(tmp_path / "b", "gpt2", GPT2, steps=2, max_eval_samples=32)  # 2 steps: nothing learned yet
+    r = relearn_run(tmp_path / "r", tmp_path / "b", "decoder.2", max_steps=1, eval_steps=1)
+    assert UNIGRAM_LEVEL in r.warning_codes
+
+
+def test_distill_kl_matches_the_formula_and_scales_with_temperature():
+    from types import SimpleNamespace
+
+    from hf_relearn.metrics import distill_loss
+
+    teacher = SimpleNamespace(logits=torch.tensor([[[2.0, 0.0, -1.0]]]))
+    student = SimpleNamespace(logits=torch.tensor([[[0.5, 0.5, 0.0]]]))
+    for t in (1.0, 2.0):
+        p = torch.softmax(teacher.logits / t, -1)
+        q = torch.log_softmax(student.logits / t, -1)
+        expected = (p * (p.log() - q)).sum() * t * t
+        assert distill_loss(student, teacher, None, t) == pytest.approx(expected.item(), rel=1e-6)
+    assert distill_loss(teacher, teacher, None, 2.0) == pytest.approx(0.0, abs=1e-7)
+    # padding is left out of the mean
+    mask = torch.tensor([[1, 0]])
+    two = SimpleNamespace(logits=torch.cat([student.logits, teacher.logits], 1))
+    ref = SimpleNamespace(logits=torch.cat([teacher.logits, student.logits], 1))
+    assert distill_loss(two, ref, mask, 1.0) == pytest.approx(distill_loss(student, teacher, None, 1.0).item())
+    # a model without a head: MSE of the last hidden states
+    h = SimpleNamespace(logits=None, last_hidden_state=torch.ones(1, 2, 4))
+    z = SimpleNamespace(logits=None, last_hidden_state=torch.zeros(1, 2, 4))
+    assert distill_loss(h, z, None, 1.0).item() == pytest.approx(1.0)
