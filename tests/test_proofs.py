@@ -196,3 +196,49 @@ def test_distill_kl_matches_the_formula_and_scales_with_temperature():
     h = SimpleNamespace(logits=None, last_hidden_state=torch.ones(1, 2, 4))
     z = SimpleNamespace(logits=None, last_hidden_state=torch.zeros(1, 2, 4))
     assert distill_loss(h, z, None, 1.0).item() == pytest.approx(1.0)
+
+
+def test_a_launch_whose_processes_cannot_see_each_other_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_relearn.config import check_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RelearnError, match="launched 2 processes but the Trainer sees a world of 1"):
+        check_world_size(SimpleNamespace(world_size=1))
+    check_world_size(SimpleNamespace(world_size=2))  # a launch that formed its group: accepted
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_world_size(SimpleNamespace(world_size=1))
+
+
+@pytest.mark.parametrize("arm", ["all", "lora-rest", "block+lora-rest"])
+def test_every_arm_learns_and_a_lora_merge_keeps_the_outputs(base, tmp_path, arm):
+    from hf_relearn.modeling import load_model
+
+    r = relearn_run(
+        tmp_path / arm, base, "decoder.0", trainable=arm, max_steps=40, eval_steps=10, stop_at_recovery=False,
+        save_final_model=False,
+    )  # fmt: skip
+    assert r.curve[-1][1] < r.curve[0][1] * 0.97  # the loss fell: the arm trains something that matters
+    assert r.frozen_unchanged
+    if "lora" in arm:
+        # the merged save computes what the trained peft model computed (same final eval loss)
+        from hf_relearn.config import ModelArguments, RelearnArguments
+        from hf_relearn.data import DataArguments
+        from hf_relearn.runner import relearn
+
+        out = tmp_path / f"{arm}-saved"
+        args = RelearnArguments(
+            output_dir=str(out), block="decoder.0", original_run=str(base), trainable=arm, max_steps=20, eval_steps=10,
+            stop_at_recovery=False, disable_tqdm=True, seed=0, report_to=[],
+        )  # fmt: skip
+        result = relearn(ModelArguments(model=str(base)), DataArguments(), args, quiet=True)
+        merged = load_model(str(out))
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        data = DataArguments(block_size=64, generated_chars=150_000, max_eval_samples=32)  # the base's data
+        check = RelearnArguments(
+            output_dir=str(tmp_path / f"{arm}-check"), block="decoder.0", init=f"checkpoint:{out}", original_steps=1,
+            max_steps=1, eval_steps=1, disable_tqdm=True, report_to=[], save_final_model=False,
+        )  # fmt: skip
+        relearned = relearn(ModelArguments(model=str(out)), data, check, quiet=True)
+        assert relearned.baseline_eval_loss == pytest.approx(result.final_eval_loss, rel=1e-5)

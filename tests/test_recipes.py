@@ -1,0 +1,35 @@
+"""Every shipped recipe (the GPU ones included) and every published study's recipe passes the recipe checker:
+each section builds its arguments and every block name resolves against the base's architecture."""
+
+from pathlib import Path
+
+import pytest
+
+from hf_relearn import RelearnError
+from hf_relearn.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "hf_relearn" / "recipes").glob("*.yaml"))
+PUBLISHED = sorted((ROOT / "docs" / "results").glob("*/recipe.yaml"))
+
+
+def test_the_shipped_recipes_are_all_found():
+    names = {p.stem for p in SHIPPED}
+    assert {"demo", "gpt2-layer-sweep", "bert-layer-sweep", "t5-layer-sweep", "depth-width-grid"} <= names
+    assert {"decoder-grid-cpu", "swap-encoder", "tinyshakespeare-cpu"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED + PUBLISHED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_passes_the_checker(path, shared_data, monkeypatch):
+    monkeypatch.chdir(ROOT)  # data paths (../shared/data/...) are relative to the checkout
+    recipe = Recipe.load(path)  # load validates: arguments built, every block name resolved
+    bases = recipe.bases()
+    runs = [run for base in bases for run in recipe.runs_for(base)]
+    assert bases and runs
+    assert len({run.id for run in runs}) == len(runs)  # no two runs would write the same folder
+
+
+def test_the_checker_refuses_a_bad_block_before_anything_trains(shared_data, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(RelearnError, match="decoder.9"):
+        Recipe.load(ROOT / "hf_relearn" / "recipes" / "demo.yaml", ["sweep.blocks=[decoder.9]"])
