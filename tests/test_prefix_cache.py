@@ -60,10 +60,10 @@ def test_loss_and_gradients_with_the_cache_equal_those_without(kind, block, skip
     for _ in range(2):  # the first serving fills the rows, the second reads them back
         with cache.serving(inputs, rows, "train", n_rows=10):
             cached_loss, cached_grads = _loss_and_grads(model, inputs)
-        assert cached_loss == pytest.approx(loss.item(), abs=1e-5)
+        assert cached_loss == loss.item()  # bit-identical, not merely close
         assert grads.keys() == cached_grads.keys() and grads
         for name in grads:
-            torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+            assert torch.equal(cached_grads[name], grads[name]), name
     assert cache.filled_rows == 4  # computed once
     # outside `serving` the model runs its own forward; after close() nothing of the cache is left on it
     assert _loss_and_grads(model, inputs)[0] == loss
@@ -135,9 +135,9 @@ def test_over_the_memory_budget_the_cache_is_memory_mapped_on_disk(tmp_path):
     for _ in range(2):
         with cache.serving(inputs, torch.arange(4), "train", n_rows=4):
             cached_loss, cached_grads = _loss_and_grads(model, inputs)
-        assert cached_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+        assert cached_loss.item() == loss.item()  # bit-identical, not merely close
         for name in grads:
-            torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+            assert torch.equal(cached_grads[name], grads[name]), name
     files = list((tmp_path / "cache").iterdir())
     # the encoder output and the decoder's hidden states per row on disk; T5's position biases (shaped [1, ...],
     # the same for every example) are stored once, in memory
@@ -161,9 +161,9 @@ def test_one_fill_serves_every_lower_boundary_when_shared():
         with shared.serving(inputs, rows, "train", n_rows=4):
             cached_loss, cached_grads = _loss_and_grads(model, inputs)
         shared.detach()
-        assert cached_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+        assert cached_loss.item() == loss.item()  # bit-identical, not merely close
         for name in grads:
-            torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+            assert torch.equal(cached_grads[name], grads[name]), name
     assert shared.filled_rows == 4
 
 
@@ -292,9 +292,9 @@ def test_storage_is_sized_for_the_rows_a_run_can_meet_and_grows_if_more_come(bud
         for (inputs, rows), (loss, grads) in zip(batches, expected, strict=True):
             with cache.serving(inputs, rows, "train", n_rows=1000, capacity=2):
                 cached_loss, cached_grads = _loss_and_grads(model, inputs)
-            assert cached_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+            assert cached_loss.item() == loss.item()  # bit-identical, not merely close
             for name in grads:
-                torch.testing.assert_close(cached_grads[name], grads[name], atol=1e-5, rtol=1e-5)
+                assert torch.equal(cached_grads[name], grads[name]), name
     messages = [r.getMessage() for r in caplog.records]
     assert any("for 2 rows x 4.0 KiB = 8.0 KiB" in m for m in messages)  # 16 tokens x 64 wide x 4 bytes per row
     assert any("growing from 2 to 4 rows" in m for m in messages) and any("from 4 to 8 rows" in m for m in messages)
