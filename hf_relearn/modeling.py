@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,43 @@ def load_model(
     if is_config_name(spec):
         transformers.set_seed(seed)
         return cls.from_config(config)
-    return cls.from_pretrained(spec, config=config)
+    if not Path(spec).is_dir():
+        return cls.from_pretrained(spec, config=config)
+    check_weight_files(Path(spec))
+    try:
+        return cls.from_pretrained(spec, config=config)
+    except (OSError, RuntimeError, ValueError) as err:  # e.g. shapes that do not match config.json
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RelearnError(
+            f"model folder {spec}: its weights do not load with its config.json ({first[:300]}); is the config the "
+            "one saved with these weights?"
+        ) from err
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a damaged model folder before loading it, naming the file: a truncated or corrupt ``*.safetensors``
+    (its header must describe exactly the bytes present), or a shard that ``model.safetensors.index.json`` lists
+    but the folder lacks."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise RelearnError(f"model folder {folder}: {index.name} is not a valid shard index ({err})") from err
+        missing = [name for name in shards if not (folder / name).exists()]
+        if missing:
+            raise RelearnError(f"model folder {folder}: shard {missing[0]} is listed in {index.name} but missing")
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own SafetensorError (not an OSError subclass)
+            raise RelearnError(
+                f"model folder {folder}: {file.name} is truncated or corrupt ({str(err).splitlines()[0]}); save the "
+                "model again or restore the file"
+            ) from err
 
 
 def resolve_architecture(spec: str, config_overrides: str | dict | None = None, head: str | None = None):
@@ -132,7 +169,11 @@ def resolve_architecture(spec: str, config_overrides: str | dict | None = None, 
         raise RelearnError(f"model {spec!r}: the folder has no config.json (is it a save_pretrained output?)")
     try:
         config = build_config(spec, config_overrides)
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if path.is_dir():
+            raise RelearnError(
+                f"model folder {spec}: config.json cannot be read ({str(err).splitlines()[0][:200]})"
+            ) from err
         raise RelearnError(
             f"model {spec!r} is not a local folder, not a model type (such as gpt2, llama, qwen2, bert, roberta, t5, "
             f"bart: {len(CONFIG_MAPPING_NAMES)} in all) and could not be fetched from the Hub: {str(err).splitlines()[0]}"
