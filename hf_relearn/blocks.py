@@ -250,6 +250,22 @@ class BlockMap:
                 if not names & (embeddings | head):
                     final_norm |= names
         self.final_norm = sorted(final_norm)
+        self._discover_others(outside, base)
+
+    def _discover_others(self, outside, base) -> None:
+        """Every other module outside the stacks with parameters of its own (BERT's ``pooler``, a classifier in the
+        backbone), under its name relative to the backbone, so that ``blocks`` lists everything one may reset."""
+        covered = set(self.embeddings) | set(self.head) | set(self.final_norm)
+        base_prefix = next((p for p, m in self.model.named_modules() if m is base), "")
+        taken = {"embeddings", "head", "final_norm", "layers", *self.stacks}
+        self.others: dict[str, list[str]] = {}
+        for name in self.param_numel:
+            if name in covered or not outside(name):
+                continue
+            rel = name[len(base_prefix) + 1 :] if base_prefix and name.startswith(base_prefix + ".") else name
+            key = rel.split(".")[0]
+            if "." in rel and key not in taken:
+                self.others.setdefault(key, []).append(name)
 
     # ---------------------------------------------------------------- listing
     def _stack(self, name: str) -> Stack | None:
@@ -277,7 +293,7 @@ class BlockMap:
         for name in ("embeddings", "head", "final_norm"):
             if getattr(self, name):
                 out.append(self.resolve(name))
-        return out
+        return out + [self.resolve(name) for name in self.others]
 
     def summary(self) -> str:
         """One line per stack and non-block: what names are valid (used in error messages)."""
@@ -290,7 +306,7 @@ class BlockMap:
                 f"  {s.name}{alias}: layers {s.name}.0 .. {s.name}.{n - 1} (or {s.name}.-{n} .. {s.name}.-1, "
                 f"ranges {s.name}.A:B, all {s.name}.*); parts: {', '.join(parts)}"
             )
-        extra = [n for n in ("embeddings", "head", "final_norm") if getattr(self, n)]
+        extra = [n for n in ("embeddings", "head", "final_norm") if getattr(self, n)] + list(self.others)
         if extra:
             lines.append(f"  also: {', '.join(extra)}")
         lines.append("  or an exact module/parameter path (e.g. the output of `hf-relearn blocks MODEL --paths`)")
@@ -315,6 +331,8 @@ class BlockMap:
             if not params:
                 raise self._unknown(name, f"{type(self.model).__name__} has no {name}")
             return Block(name, name, tuple(params))
+        if name in self.others:
+            return Block(name, "module", tuple(sorted(self.others[name])))
         tokens = name.split(".")
         stack = self._stack(tokens[0])
         if stack is None:

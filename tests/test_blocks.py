@@ -1,9 +1,11 @@
 """Block map: stacks, layers and parts discovered from the module tree, and the name grammar."""
 
 import pytest
+import torch
 from tiny import TINY, tiny
 
 from hf_relearn import BlockMap, RelearnError
+from hf_relearn.modeling import load_model
 
 EXPECTED = {
     # model type: (stacks, parts of every layer of the last stack)
@@ -124,3 +126,27 @@ def test_albert_shared_layers_are_reported():
     stack = bmap.stacks["encoder"]
     assert len(stack.layers) == 1 and stack.applied_depth == 4
     assert "applied 4 times" in bmap.resolve("encoder.0").notes[0]
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+@pytest.mark.parametrize("head", [None, "base"])
+def test_the_listed_names_cover_every_parameter(model_type, head):
+    """`hf-relearn blocks` lists every module one may reset: the listed names together hold every parameter."""
+    model = load_model(model_type, TINY[model_type], head=head)
+    listed = {n for block in BlockMap(model).names() for n in block.params}
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    assert every - listed == set()
+
+
+def test_bert_pooler_is_listed_and_resets_alone():
+    from hf_relearn.surgery import changed_tensors, fingerprint, reset
+
+    model = load_model("bert", TINY["bert"], head="base")
+    bmap = BlockMap(model)
+    assert "pooler" in [b.name for b in bmap.names()] and "pooler" in bmap.summary()
+    with torch.no_grad():
+        model.pooler.dense.bias.fill_(1.0)  # as trained: not at its init value
+    before = fingerprint(model)
+    report = reset(model, "pooler")
+    assert set(changed_tensors(before, fingerprint(model))) == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert report.block == "pooler"
