@@ -101,7 +101,9 @@ def pretrain(
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
     trainer.save_state()
-    info = _run_info(trainer, model_args, data_args, args, len(train), len(evals), convergence)
+    # a resumed run replaces the callback with one rebuilt from its checkpoint: read the live one
+    live = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ConvergenceCallback)), None)
+    info = _run_info(trainer, model_args, data_args, args, len(train), len(evals), live)
     if trainer.is_world_process_zero():
         write_json_atomic(out / RUN_FILE, info)
         if args.until_converged:  # the checkpoints only served to keep the best model; it is saved in out now

@@ -68,6 +68,10 @@ def test_base_run_warnings_by_code():
     assert base_run_warnings(past_best, 500, kept_best=True) == []  # the kept model is the best one
 
 
+# a tiny model on generated text: halve the rate after two flat evaluations, so the test converges in seconds
+FAST_PLATEAU = {"factor": 0.5, "patience": 1, "threshold": 0.002, "threshold_mode": "rel"}
+
+
 @pytest.fixture(scope="module")
 def converged_base(tmp_path_factory):
     from hf_relearn.config import ModelArguments, PretrainArguments
@@ -80,7 +84,7 @@ def converged_base(tmp_path_factory):
     args = PretrainArguments(
         output_dir=str(out), until_converged=True, convergence_patience=3, convergence_threshold=0.02,
         max_steps=3000, eval_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, report_to=[],
-        disable_tqdm=True, logging_steps=1000,
+        disable_tqdm=True, logging_steps=1000, lr_scheduler_kwargs=FAST_PLATEAU,
     )  # fmt: skip
     return out, pretrain(model, data, args, quiet=True)
 
@@ -145,3 +149,54 @@ def test_bad_convergence_settings_are_refused(tmp_path, kw, match):
 
     with pytest.raises(RelearnError, match=match):
         PretrainArguments(output_dir=str(tmp_path), until_converged=True, **kw)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_base_resumes_to_the_same_converged_model(converged_base, tmp_path):
+    """Killed mid-run (after a checkpoint), resumed from it: the same curve, budget and stop reason as the run
+    that was never interrupted (the convergence window is part of the checkpoint)."""
+    from transformers import TrainerCallback
+
+    from hf_relearn.config import ModelArguments, PretrainArguments
+    from hf_relearn.data import DataArguments
+    from hf_relearn.runner import pretrain
+
+    _, whole = converged_base
+    kill_at = whole["curve"][len(whole["curve"]) // 2][0]
+
+    class KillAt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == kill_at:
+                raise _Killed
+
+    model = ModelArguments(model="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=32")
+    data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
+    settings = dict(
+        output_dir=str(tmp_path), until_converged=True, convergence_patience=3, convergence_threshold=0.02,
+        max_steps=3000, eval_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, report_to=[],
+        disable_tqdm=True, logging_steps=1000, lr_scheduler_kwargs=FAST_PLATEAU,
+    )  # fmt: skip
+    import hf_relearn.runner as runner
+
+    original = runner.Trainer
+
+    class KilledTrainer(original):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), KillAt()], **kwargs)
+
+    runner.Trainer = KilledTrainer
+    try:
+        with pytest.raises(_Killed):
+            pretrain(model, data, PretrainArguments(**settings), quiet=True)
+    finally:
+        runner.Trainer = original
+    last = tmp_path / f"checkpoint-{kill_at}"
+    assert last.is_dir()
+    resumed = pretrain(model, data, PretrainArguments(**settings, resume_from_checkpoint=str(last)), quiet=True)
+    assert resumed["stopped"] == whole["stopped"] == "converged"
+    assert resumed["budget_steps"] == whole["budget_steps"] and resumed["steps"] == whole["steps"]
+    assert [s for s, _ in resumed["curve"]] == [s for s, _ in whole["curve"]]
+    assert resumed["final_eval_loss"] == pytest.approx(whole["final_eval_loss"], rel=1e-4)
