@@ -67,6 +67,15 @@ def _width(config) -> int:
     raise RelearnError(f"cannot tell the hidden width of {type(config).__name__}")
 
 
+def _unwrap_encoder(new_encoder: nn.Module, old_encoder: nn.Module) -> nn.Module:
+    """An encoder-only wrapper (``T5EncoderModel``, ``MT5EncoderModel``) whose stack is of the model's own kind
+    (``T5Stack``): take the stack out of it, as one loads "a T5 encoder" from the Hub or a config."""
+    if type(new_encoder) is type(old_encoder) or not hasattr(new_encoder, "get_encoder"):
+        return new_encoder
+    inner = new_encoder.get_encoder()
+    return inner if type(inner) is type(old_encoder) else new_encoder
+
+
 def _check_is_encoder(encoder: nn.Module) -> None:
     cfg = getattr(encoder, "config", None)
     if cfg is None:
@@ -142,6 +151,7 @@ def swap_encoder(
         raise RelearnError(f"{type(model).__name__} is not an encoder-decoder model; there is no encoder to swap")
     _check_is_encoder(new_encoder)
     old_encoder = model.get_encoder()
+    new_encoder = _unwrap_encoder(new_encoder, old_encoder)
     old_width, new_width = _width(old_encoder.config), _width(new_encoder.config)
     cross = _cross_parts(model, block_map)
     resized: list[str] = []

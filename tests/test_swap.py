@@ -372,3 +372,19 @@ def test_cli_swap_native_same_width_saves_and_other_widths_are_refused(tmp_path,
     assert "not an encoder-decoder" in capsys.readouterr().err
     assert main(["swap", str(src), "--encoder", "t5", "--encoder-overrides", enc, "--output-dir", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("width", [32, 128])
+def test_a_t5_encoder_model_of_another_width_swaps_into_a_t5(width):
+    """What users load as "a T5 encoder" (T5EncoderModel) goes in: its stack is taken out of the wrapper."""
+    from transformers import T5Config, T5EncoderModel
+
+    from hf_relearn.swap import check_forward_backward, swap_encoder
+
+    model = _native("t5", 64)
+    config = T5Config(**{**TINY["t5"], "d_model": width, "d_ff": 4 * width, "num_layers": 2})
+    encoder = T5EncoderModel(config)
+    report = swap_encoder(model, encoder)
+    assert model.get_encoder() is encoder.encoder  # the T5Stack inside the wrapper
+    assert report.old_width == 64 and report.new_width == width and report.adapter == "resized-kv"
+    assert torch.isfinite(check_forward_backward(model, 256))
