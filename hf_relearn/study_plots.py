@@ -177,11 +177,15 @@ def _relative_depth_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
         return []
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    points = ["grid point,relative depth,runs,cost mean,cost sd,any unrecovered"]  # the numbers behind the plot
     for grid in grids:
         mine = [r for r in runs if json.dumps(r["grid"], sort_keys=True) == grid]
         depths = sorted({r["relative_depth"] for r in mine})
         stats = [mean_sd([run_cost(r) for r in mine if r["relative_depth"] == d]) for d in depths]
         label = ", ".join(f"{k}={v}" for k, v in json.loads(grid).items()) or "base"
+        for d, (m, sd) in zip(depths, stats, strict=True):
+            at = [r for r in mine if r["relative_depth"] == d]
+            points.append(f'"{label}",{d:g},{len(at)},{m:.6g},{sd:.6g},{any(not r["recovered"] for r in at)}')
         line = ax.errorbar(depths, [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats], fmt="-o", ms=4,
                            capsize=3, label=label)  # fmt: skip
         censored = [(d, m) for d, (m, _) in zip(depths, stats, strict=True)
@@ -194,6 +198,7 @@ def _relative_depth_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
     ax.set_title("Cost of re-learning one layer vs its relative depth")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
+    (plots_dir / "cost_vs_relative_depth.csv").write_text("\n".join(points) + "\n")
     return [_save(fig, plots_dir / "cost_vs_relative_depth.png")]
 
 

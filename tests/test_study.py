@@ -61,6 +61,13 @@ def test_study_runs_every_layer_of_every_grid_point_and_reports(tiny_study):
         parts.append(f"n_layer={n}: {100 * statistics.fmean(costs):.1f} ± {100 * statistics.stdev(costs):.1f}%")
     assert f"Depth N (arm block, cost per reset layer, mean ± sd over layers and seeds): {'; '.join(parts)}." in report
     assert "n_layer vs cost rho = " in report and "## Position, depth and width" in report
+    # the numbers behind the relative-depth plot: a line per grid point, a point per layer, costs from the rows
+    points = (tiny_study / "plots" / "cost_vs_relative_depth.csv").read_text().splitlines()[1:]
+    expected = [
+        f'"n_layer={r["n_layers"]}",{r["relative_depth"]:g},1,{r["steps_to_recover"] / r["original_steps"]:.6g},0,False'
+        for r in rows
+    ]
+    assert points == expected
     for png in ("curves.png", "cost_vs_layer.png", "cost_vs_relative_depth.png"):
         data = (tiny_study / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
