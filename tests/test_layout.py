@@ -205,3 +205,10 @@ def test_one_block_map_per_relearn(tmp_path, monkeypatch):
         trainer.train()
         counts[trainable] = len(built)
     assert counts == {"block": 1, "lora-rest": 1}, f"BlockMaps built in one relearn: {counts}"
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in _modules() if not name.startswith("__") and f"`{name}`" not in layout]
+    assert not missing, f"README 'Layout' does not name: {missing}"
