@@ -72,21 +72,29 @@ def test_base_run_warnings_by_code():
 FAST_PLATEAU = {"factor": 0.5, "patience": 1, "threshold": 0.002, "threshold_mode": "rel"}
 
 
-@pytest.fixture(scope="module")
-def converged_base(tmp_path_factory):
-    from hf_relearn.config import ModelArguments, PretrainArguments
+def _tiny_converging_run(out):
+    """(model, data, pretrain settings) of the tiny base these tests train until converged."""
+    from hf_relearn.config import ModelArguments
     from hf_relearn.data import DataArguments
-    from hf_relearn.runner import pretrain
 
-    out = tmp_path_factory.mktemp("converged")
     model = ModelArguments(model="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=32")
     data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
-    args = PretrainArguments(
+    settings = dict(
         output_dir=str(out), until_converged=True, convergence_patience=3, convergence_threshold=0.02,
         max_steps=3000, eval_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, report_to=[],
         disable_tqdm=True, logging_steps=1000, lr_scheduler_kwargs=FAST_PLATEAU,
     )  # fmt: skip
-    return out, pretrain(model, data, args, quiet=True)
+    return model, data, settings
+
+
+@pytest.fixture(scope="module")
+def converged_base(tmp_path_factory):
+    from hf_relearn.config import PretrainArguments
+    from hf_relearn.runner import pretrain
+
+    out = tmp_path_factory.mktemp("converged")
+    model, data, settings = _tiny_converging_run(out)
+    return out, pretrain(model, data, PretrainArguments(**settings), quiet=True)
 
 
 def test_pretrain_until_converged_keeps_the_best_checkpoint_as_the_budget(converged_base):
@@ -160,8 +168,7 @@ def test_a_killed_base_resumes_to_the_same_converged_model(converged_base, tmp_p
     that was never interrupted (the convergence window is part of the checkpoint)."""
     from transformers import TrainerCallback
 
-    from hf_relearn.config import ModelArguments, PretrainArguments
-    from hf_relearn.data import DataArguments
+    from hf_relearn.config import PretrainArguments
     from hf_relearn.runner import pretrain
 
     _, whole = converged_base
@@ -172,13 +179,7 @@ def test_a_killed_base_resumes_to_the_same_converged_model(converged_base, tmp_p
             if state.global_step == kill_at:
                 raise _Killed
 
-    model = ModelArguments(model="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=32")
-    data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
-    settings = dict(
-        output_dir=str(tmp_path), until_converged=True, convergence_patience=3, convergence_threshold=0.02,
-        max_steps=3000, eval_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, report_to=[],
-        disable_tqdm=True, logging_steps=1000, lr_scheduler_kwargs=FAST_PLATEAU,
-    )  # fmt: skip
+    model, data, settings = _tiny_converging_run(tmp_path)
     import hf_relearn.runner as runner
 
     original = runner.Trainer

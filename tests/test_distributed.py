@@ -20,8 +20,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str]) -> subprocess.CompletedProcess:
+def launch(args: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
+    """Two CPU processes running ``hf_relearn ARGS`` (or ``script ARGS``) under ``accelerate launch``."""
     accelerate = Path(sys.executable).with_name("accelerate")
+    target = [str(script)] if script else ["-m", "hf_relearn"]
     cmd = [
         str(accelerate),
         "launch",
@@ -29,8 +31,7 @@ def launch(args: list[str]) -> subprocess.CompletedProcess:
         str(CONFIG),
         "--main_process_port",
         str(_free_port()),
-        "-m",
-        "hf_relearn",
+        *target,
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from test_distributed import CONFIG, _free_port
+from test_distributed import launch
 from test_relearn import GPT2, base_run, relearn_run
 from transformers import TrainerCallback
 
@@ -54,9 +54,6 @@ def test_trainable_all_has_nothing_frozen_so_a_moving_tensor_is_allowed(base, tm
 
 def test_a_frozen_tensor_moved_on_one_of_two_processes_refuses_the_run(base, tmp_path):
     """Only process 1 moves the tensor: the gathered verdict must still refuse the run on the main process."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = tmp_path / "nudge.py"
@@ -84,17 +81,7 @@ def test_a_frozen_tensor_moved_on_one_of_two_processes_refuses_the_run(base, tmp
             """
         )
     )
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [
-        str(accelerate),
-        "launch",
-        "--config_file",
-        str(CONFIG),
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-    ]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = launch([], script=script)
     assert proc.returncode != 0
     assert f"rank 1 refused: frozen tensors changed during training: {FROZEN}" in proc.stdout
     assert "rank 0 refused: frozen tensors changed during training: on another process" in proc.stdout
