@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_runs import HF_COMMANDS
 from .errors import RelearnError
 
 
@@ -178,62 +179,6 @@ def cmd_swap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hf_parse(dataclass_types, argv: list[str], prog: str):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dataclass_types, prog=prog)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return loader(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def cmd_pretrain(argv: list[str]) -> int:
-    """``hf-relearn pretrain --model gpt2 --config-overrides ... --train_file F --max_steps N --output_dir D``."""
-    from .data import DataArguments
-    from .runner import ModelArguments, PretrainArguments, pretrain
-
-    model_args, data_args, args = _hf_parse(
-        (ModelArguments, DataArguments, PretrainArguments), argv, "hf-relearn pretrain"
-    )
-    info = pretrain(model_args, data_args, args)
-    if not args.should_log:
-        return 0
-    kept = f" ({info['stopped']}; best at step {info['budget_steps']}, the budget)" if args.until_converged else ""
-    print(
-        f"pretrained {model_args.model}: {info['steps']} steps{kept}, {info['tokens']:,} tokens, "
-        f"eval loss {info['curve'][0][1]:.4f} (step {info['curve'][0][0]}) -> {info['final_eval_loss']:.4f} "
-        f"-> {args.output_dir}"
-    )
-    for w in info["warnings"]:
-        print(f"warning: {w}")
-    return 0
-
-
-def cmd_relearn(argv: list[str]) -> int:
-    """``hf-relearn relearn --model runs/base --original_run runs/base --block decoder.1 --output_dir D``."""
-    from .data import DataArguments
-    from .runner import ModelArguments, relearn
-    from .trainer import RelearnArguments
-
-    model_args, data_args, args = _hf_parse(
-        (ModelArguments, DataArguments, RelearnArguments), argv, "hf-relearn relearn"
-    )
-    result = relearn(model_args, data_args, args)
-    if not args.should_log:
-        return 0  # one summary per launch, from the main process
-    print(result.summary())
-    cache = result.prefix_cache or {}
-    if cache.get("enabled"):
-        print(f"prefix cache: skipped {cache['skipped']}; computed it for {cache.get('prefix_forwards', 0)} rows")
-    elif cache:
-        print(f"prefix cache: off ({cache.get('reason')})")
-    for w in result.warnings:
-        print(f"warning: {w}")
-    print(f"result: {Path(args.output_dir) / 'relearn_result.json'}")
-    return 0
-
-
 def cmd_study(args: argparse.Namespace) -> int:
     from .report import build_report
     from .study import Recipe, run_study
@@ -318,9 +263,6 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-HF_COMMANDS = {"pretrain": cmd_pretrain, "relearn": cmd_relearn}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-relearn",
@@ -398,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     # parsed by HfArgumentParser (every TrainingArguments flag works); listed here for --help
     sub.add_parser("pretrain", help="train a base model from config with a known budget (see pretrain --help)")
     sub.add_parser("relearn", help="reset one block and re-learn it until recovered (see relearn --help)")
+    sub.add_parser("probe", help="the loss right after resetting each block, no training: which blocks matter")
     return parser
 
 

@@ -107,6 +107,36 @@ def position_words(rows: list[dict]) -> list[str]:
     return out
 
 
+def reset_jump(row: dict) -> float:
+    """How much the reset alone raised the recovery metric (what ``hf-relearn probe`` measures): relative to the
+    intact model, or absolute where the intact model scores 0 (distill)."""
+    base, after = row["baseline_metric"], row["after_reset_metric"]
+    return (after - base) / abs(base) if base else after - base
+
+
+def jump_words(rows: list[dict]) -> list[str]:
+    """Per grid point and arm: does the loss jump right after the reset predict the cost of re-learning?"""
+    out = []
+    runs = [r for r in rows if not r.get("swap") and r.get("original_steps")]
+    for (grid, arm), rs in _groups(runs).items():
+        pairs = [(reset_jump(r), run_cost(r)) for r in rs if not math.isnan(run_cost(r))]
+        if len({p[0] for p in pairs}) < 3:
+            continue
+        rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
+        verdict = (
+            ("a larger jump costs more" if rc.rho > 0 else "a larger jump costs less")
+            if rc.p_value < 0.05
+            else "no significant relation"
+        )
+        censored = sum(not r["recovered"] for r in rs)
+        lower = f" ({censored} unrecovered runs enter at their lower bound)" if censored else ""
+        out.append(
+            f"Zero-shot jump ({_label(json.loads(grid))}, arm {arm}): the loss rise right after the reset, with no "
+            f"training (what `hf-relearn probe` measures), vs the cost of re-learning{lower}: {rc}: {verdict}."
+        )
+    return out
+
+
 def _edges_words(rows: list[dict], tolerance: float | None) -> str:
     """A rank correlation misses a U shape: compare the first and last layers with the ones between them."""
     last = max(r["layer"] for r in rows)

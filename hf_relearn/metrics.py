@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,38 @@ def distill_loss(student_out, teacher_out, mask: torch.Tensor | None, temperatur
         return per_token.mean()
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+class Teacher:
+    """The distill objective's teacher (the model before surgery, frozen) and its outputs for evaluation rows.
+
+    ``outputs(inputs, rows)`` equals ``model(**inputs)`` in what ``distill_loss`` reads. Rows given (evaluation rows,
+    the same every time) are computed once and kept on the host, up to ``max_bytes``; a row of another length, or
+    rows beyond the budget, are computed again. One ``Teacher`` may serve several runs over the same rows.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_bytes: int = 1 << 30) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.max_bytes = max_bytes
+        self.rows: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+        self.field = "logits"
+
+    def outputs(self, inputs: dict, rows: torch.Tensor | None = None):
+        with torch.no_grad():
+            length = inputs["input_ids"].shape[1]
+            rows = rows.tolist() if rows is not None else []
+            if not rows or any(r not in self.rows or self.rows[r].shape[0] != length for r in rows):
+                out = self.model(**inputs)
+                self.field = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
+                value = getattr(out, self.field)
+                size = value.numel() * value.element_size()
+                if rows and self.bytes + size <= self.max_bytes:
+                    self.bytes += size
+                    self.rows.update(zip(rows, value.detach().cpu(), strict=True))
+                return out
+            value = torch.stack([self.rows[r] for r in rows]).to(inputs["input_ids"].device)
+            return SimpleNamespace(**{self.field: value})
 
 
 def argmax_logits(logits, labels):

@@ -210,6 +210,11 @@ def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     return path, model.get_submodule(path)
 
 
+def zero_init_applies(block: Block) -> bool:
+    """Whether ``init='zero'`` can make ``block`` an identity (it has residual output projections to zero)."""
+    return bool(_output_projections(block))
+
+
 def _output_projections(block: Block) -> list[str]:
     """The block's parameters that belong to residual-stream output projections (GPT-2 c_proj, T5 o/wo, ...)."""
     out = []

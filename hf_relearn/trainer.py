@@ -13,6 +13,7 @@ It stays a normal ``Trainer``: callbacks, checkpoints, ``resume_from_checkpoint`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -35,7 +36,7 @@ from .config import (
 from .errors import RelearnError
 from .files import CURVE_FILE, OBJECTIVES, RESULT_FILE, RUN_FILE, TRAINABLE
 from .io import versions, write_json_atomic
-from .metrics import argmax_logits, build_compute_metrics, distill_loss
+from .metrics import Teacher, argmax_logits, build_compute_metrics, distill_loss
 from .plots import plot_curve
 from .prefix_cache import PrefixCache
 from .prefix_plan import ROW_COLUMN
@@ -76,6 +77,8 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         args: RelearnArguments | None = None,
         model_name: str | None = None,
         prefix_cache: PrefixCache | None = None,
+        baseline: dict[str, float] | None = None,
+        teacher: Teacher | None = None,
         **kwargs,
     ):
         if not isinstance(args, RelearnArguments):
@@ -92,9 +95,10 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         if args.objective == "distill":
             self.label_names = []
-        self.teacher = None
+        self.teacher: Teacher | None = teacher  # distill: the intact model, made in prepare_relearn unless given
         self.surgery: SurgeryReport | None = None
-        self.measured: dict[str, dict] = {}
+        # the intact model's metrics, when the caller measured them already on the same data (a study, a probe)
+        self.measured: dict[str, dict] = {"baseline": dict(baseline)} if baseline else {}
         self.data_warnings: list[str] = []
         self.recovery: RecoveryCallback | None = None
         self._frozen_before: dict[str, str] | None = None
@@ -147,9 +151,9 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             return
         args = self.args
         self.model.eval()
-        if args.objective == "distill":
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if args.objective != "distill":
+        if args.objective == "distill" and self.teacher is None:
+            self.teacher = Teacher(copy.deepcopy(self.model))
+        if args.objective != "distill" and "baseline" not in self.measured:
             self.measured["baseline"] = self._measure("relearn: baseline (intact model)")
         if args.swap_encoder:
             self._swap_encoder()
@@ -242,34 +246,30 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         self.model = self.model_wrapped = model
 
     # ---------------------------------------------------------------- losses
-    def _distill_loss(self, model, inputs) -> torch.Tensor:
+    def _distill_loss(self, model, inputs, rows: torch.Tensor | None = None) -> torch.Tensor:
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad():
-            teacher_out = self.teacher(**inputs)
+        teacher_out = self.teacher.outputs(inputs, rows)
         student_out = model(**inputs)
         return distill_loss(student_out, teacher_out, inputs.get("attention_mask"), self.args.distill_temperature)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop(ROW_COLUMN, None)
         split = "train" if model.training else "eval"
-        if rows is not None and self.prefix_cache is not None and split in self._prefix_splits:
-            with self._serving_prefix(inputs, rows, split):
-                return super().compute_loss(
-                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-                )
-        if self.args.objective == "distill":
-            loss = self._distill_loss(model, inputs)
-            return (loss, None) if return_outputs else loss
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
+        serving = rows is not None and self.prefix_cache is not None and split in self._prefix_splits
+        with self._serving_prefix(inputs, rows, split) if serving else contextlib.nullcontext():
+            if self.args.objective == "distill":
+                loss = self._distill_loss(model, inputs, rows if split == "eval" else None)
+                return (loss, None) if return_outputs else loss
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self.args.objective != "distill":
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self._distill_loss(model, inputs)
+            loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):

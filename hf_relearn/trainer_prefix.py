@@ -18,8 +18,6 @@ class PrefixCacheMixin:
             return "an encoder swap changes the encoder itself", set()
         if args.trainable != "block":
             return f"trainable={args.trainable}: layers below the block train too", set()
-        if args.objective == "distill":
-            return "the distill objective runs a full teacher anyway", set()
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             return "FSDP / DeepSpeed shard the frozen layers, so they cannot be run alone to fill the cache", set()
         if args.gradient_checkpointing:
@@ -35,16 +33,18 @@ class PrefixCacheMixin:
             self.prefix_cache_info = {"enabled": False, "reason": "prefix_cache=false"}
             return
         reason, splits = self._prefix_cache_refusal()
-        plan = None
+        plan, train_off = None, None
         if reason is None:
             plan, reason = plan_prefix(self.model, self._trainable_names, block_map=self.block_map)
             reason = reason or None
         if reason is None and args.prefix_cache == "auto":
             dropout = active_dropout(self.model, plan.skipped)
-            if dropout:
-                reason = (
+            if dropout and "train" in splits:
+                # evaluation runs in eval mode anyway, so its rows stay exact; training rows would lose the dropout
+                splits = splits - {"train"}
+                train_off = (
                     f"dropout is active in the frozen layers ({', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''}"
-                    "): the cache would run them in eval mode; set prefix_cache=true to accept that"
+                    "): cached training rows would run them in eval mode; set prefix_cache=true to accept that"
                 )
         if reason is not None:
             if args.prefix_cache == "true":
@@ -63,6 +63,8 @@ class PrefixCacheMixin:
         self.eval_dataset = with_row_index(self.eval_dataset)
         self.data_collator = RowCollator(self.data_collator)
         self.prefix_cache_info = {"enabled": True, "splits": sorted(splits), "skipped": plan.describe()}
+        if train_off:
+            self.prefix_cache_info["train_rows"] = train_off
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

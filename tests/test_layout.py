@@ -26,11 +26,11 @@ LAYERS: dict[str, int] = {
     # 4: the trainer
     "trainer_prefix": 4, "trainer": 4,
     # 5: the runs a user starts, and the Hub
-    "runner": 5, "hub": 5,
+    "runner": 5, "probe": 5, "hub": 5,
     # 6: studies and their reports
     "recipe": 6, "study": 6, "findings": 6, "grid_findings": 6, "study_plots": 6, "report": 6,
     # 7: the command line
-    "cli": 7, "__main__": 7,
+    "cli_runs": 7, "cli": 7, "__main__": 7,
     # the package facade: re-exports public names lazily from every layer
     "__init__": 8,
 }  # fmt: skip

@@ -206,9 +206,13 @@ def test_a_relearn_with_the_cache_gives_the_same_curve(quiet_base, tmp_path):
 
 
 def test_auto_stays_off_where_it_would_not_be_exact_and_true_refuses(gpt2_base, tmp_path):
-    # the default GPT-2 has dropout 0.1 in its layers: auto leaves the cache off and says why
-    result = relearn_run(tmp_path / "auto", gpt2_base, "decoder.2", max_steps=10)
-    assert not result.prefix_cache["enabled"] and "dropout" in result.prefix_cache["reason"]
+    # the default GPT-2 has dropout 0.1 in its layers: auto caches evaluation rows only (eval mode has no dropout
+    # anyway), says why training rows are not cached, and every number equals a run without the cache
+    result = relearn_run(tmp_path / "auto", gpt2_base, "decoder.2", max_steps=10, eval_steps=5)
+    info = result.prefix_cache
+    assert info["enabled"] and info["splits"] == ["eval"] and "dropout" in info["train_rows"]
+    off = relearn_run(tmp_path / "off", gpt2_base, "decoder.2", max_steps=10, eval_steps=5, prefix_cache="false")
+    assert result.curve == off.curve and result.train_curve == off.train_curve and len(off.curve) == 3
     # true accepts eval-mode frozen layers
     result = relearn_run(tmp_path / "true", gpt2_base, "decoder.2", max_steps=10, prefix_cache="true")
     assert result.prefix_cache["enabled"]

@@ -42,3 +42,25 @@ def test_permutation_difference():
     assert permutation_difference([10, 11, 12, 13], [1, 2, 3, 4]) == pytest.approx(2 / 70, abs=0.01)
     assert permutation_difference([1, 5, 2, 6], [5, 1, 6, 2]) > 0.9  # the same values: no difference at all
     assert math.isnan(permutation_difference([], [1.0]))
+
+
+def test_the_report_says_whether_the_zero_shot_jump_predicts_the_cost():
+    from hf_relearn.grid_findings import jump_words
+
+    def row(jump, steps, recovered=True, base=2.0):
+        return dict(grid={"n_layer": 4}, trainable="block", swap=None, original_steps=1000, tolerance=0.01,
+                    baseline_metric=base, after_reset_metric=base * (1 + jump) if base else jump, recovered=recovered,
+                    steps_to_recover=steps if recovered else None, steps_trained=steps)  # fmt: skip
+
+    ordered = [row(0.01 * i, 100 * i + 50) for i in range(1, 9)]
+    (words,) = jump_words(ordered)
+    assert "rho = +1.00" in words and words.endswith("a larger jump costs more.") and "unrecovered" not in words
+    shuffled = [row(0.01 * i, s) for i, s in zip(range(1, 9), [500, 200, 800, 100, 700, 300, 600, 400], strict=True)]
+    assert jump_words(shuffled)[0].endswith("no significant relation.")
+    # unrecovered runs enter at their lower bound (the steps they trained) and are counted; distill (baseline 0)
+    # ranks the absolute jump
+    censored = ordered[:-1] + [row(0.08, 3000, recovered=False)]
+    assert "(1 unrecovered runs enter at their lower bound)" in jump_words(censored)[0]
+    distill = [row(0.01 * i, 100 * i, base=0.0) for i in range(1, 9)]
+    assert "rho = +1.00" in jump_words(distill)[0]
+    assert jump_words(ordered[:2]) == []  # too few distinct jumps to rank
