@@ -33,6 +33,8 @@ _LAZY = {
     "ConvergenceCallback": "callbacks",
     "pretrain": "runner",
     "relearn": "runner",
+    "probe": "probe",
+    "ProbeArguments": "probe",
     "Recipe": "recipe",
     "run_study": "study",
     "build_report": "report",

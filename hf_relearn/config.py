@@ -68,6 +68,24 @@ class RelearnArguments(HfRelearnTrainingArguments):
     original_run: str | None = field(
         default=None, metadata={"help": "folder of the base run (its trainer_state.json gives steps, tokens, curve)"}
     )
+    original_checkpoints: str | None = field(
+        default=None,
+        metadata={
+            "help": "the base's published checkpoints, evaluated on this run's validation rows to give the original "
+            "curve: a Hub id or folder (with original_revisions), or a glob of checkpoint folders (runs/x/checkpoint-*)"
+        },
+    )
+    original_revisions: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated REVISION[=STEP] of original_checkpoints (step1000,step2000: the step is "
+                  "the last number in the name)"},
+    )  # fmt: skip
+    original_tokens_per_step: int | None = field(
+        default=None, metadata={"help": "tokens per optimizer step of the original training (for token figures)"}
+    )
+    original_curve_cache: str | None = field(
+        default=None, metadata={"help": "folder caching each checkpoint's evaluation (default: HF_HOME/hf_relearn)"}
+    )
     trainable: str = field(default="block", metadata={"help": "block | all | lora-rest | block+lora-rest"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank for the lora-rest arms"})
     swap_encoder: str | None = field(
@@ -142,6 +160,16 @@ class RelearnArguments(HfRelearnTrainingArguments):
             raise RelearnError("eval_strategy 'no' cannot measure recovery: use steps (and eval_steps)")
         if self.original_run is not None:
             read_original_run(self.original_run)  # fail now, not after training
+        if self.original_revisions and not self.original_checkpoints:
+            raise RelearnError("original_revisions needs original_checkpoints (the Hub id or folder they belong to)")
+        if self.original_checkpoints:
+            from .original_curve import parse_checkpoints
+
+            if self.objective == "distill" or self.metric_key != "eval_loss":
+                raise RelearnError(
+                    "original_checkpoints give a curve of eval_loss; not with distill or another metric"
+                )
+            parse_checkpoints(self.original_checkpoints, self.original_revisions)  # syntax only: no network yet
         check_swap_warmup(self)
 
     @property

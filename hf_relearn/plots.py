@@ -15,6 +15,10 @@ def plot_curve(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     steps, values = zip(*result["curve"], strict=True)
     ax.plot(steps, values, "-o", ms=3, label=f"re-learning {result['block']}")
+    if result.get("original_curve"):  # the original training from scratch, on the same rows and step axis
+        o_steps, o_values = zip(*result["original_curve"], strict=True)
+        ax.plot(o_steps, o_values, "-s", ms=3, color="tab:orange", label="original training (its checkpoints)")
+        ax.set_xlim(0, max(steps) * 1.05)
     ax.axhline(result["baseline_metric"], color="k", lw=1, label="intact model")
     ax.axhline(result["recovery_threshold"], color="grey", ls="--", lw=1, label="recovery threshold")
     if result["recovered"]:

@@ -31,13 +31,15 @@ def read_original_run(path: str | Path) -> dict[str, Any]:
             "(or of a Trainer run that called save_state()), or give original_steps / original_tokens instead."
         )
     state = json.loads(state_file.read_text())
-    curve = [(e["step"], e["eval_loss"]) for e in state.get("log_history", []) if "eval_loss" in e]
+    evals = [e for e in state.get("log_history", []) if "eval_loss" in e]
+    curve = [(e["step"], e["eval_loss"]) for e in evals]
     run_file = Path(path) / RUN_FILE
     info = json.loads(run_file.read_text()) if run_file.exists() else {}
     return {
         "steps": info.get("budget_steps") or state.get("global_step") or None,
         "tokens": info.get("budget_tokens") or state.get("num_input_tokens_seen") or None,
         "curve": curve,
+        "tokens_at": {e["step"]: e["num_input_tokens_seen"] for e in evals if e.get("num_input_tokens_seen")},
         "warnings": attach_codes(info["warnings"], info.get("warning_codes"))
         if "warnings" in info
         else base_run_warnings(curve, state.get("global_step") or 0),
@@ -167,6 +169,8 @@ class RelearnResult:
     versions: dict
     stopped: str = "recovered"
     prefix_cache: dict | None = None
+    original_tokens_to_same_loss: int | None = None
+    original_curve: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -37,6 +37,7 @@ from .errors import RelearnError
 from .files import CURVE_FILE, OBJECTIVES, RESULT_FILE, RUN_FILE, TRAINABLE
 from .io import versions, write_json_atomic
 from .metrics import Teacher, argmax_logits, build_compute_metrics, distill_loss
+from .original_curve import published_curve
 from .plots import plot_curve
 from .prefix_cache import PrefixCache
 from .prefix_plan import ROW_COLUMN
@@ -151,6 +152,8 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             return
         args = self.args
         self.model.eval()
+        if args.original_checkpoints:  # every revision checked and evaluated before any surgery or training
+            self.original_curve = published_curve(self.model, self.eval_dataset, self.data_collator, args)
         if args.objective == "distill" and self.teacher is None:
             self.teacher = Teacher(copy.deepcopy(self.model))
         if args.objective != "distill" and "baseline" not in self.measured:
@@ -390,9 +393,15 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
                     f"the baseline {base:.4f}; this block did little, so its cheap 'recovery' says nothing",
                 )
             )
-        orig_same = None
-        if original.get("curve") and key == "eval_loss":
-            orig_same = first_reach(original["curve"], self.threshold, False)
+        published = getattr(self, "original_curve", None)
+        orig_curve = published or original.get("curve")
+        orig_steps = orig_steps or (published[-1][0] if published else None)
+        orig_same = first_reach(orig_curve, self.threshold, False) if orig_curve and key == "eval_loss" else None
+        per_step = args.original_tokens_per_step
+        orig_same_tokens = original.get("tokens_at", {}).get(orig_same) if orig_same is not None else None
+        if orig_same is not None and per_step:
+            orig_same_tokens = orig_same * per_step
+        orig_tokens = orig_tokens or (orig_steps * per_step if orig_steps and per_step else None)
         return dict(
             curve=[[s, v] for s, v in curve],
             recovered=step is not None,
@@ -404,6 +413,8 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             fraction_of_original=step / orig_steps if step is not None and orig_steps else None,
             fraction_of_original_tokens=tokens_at / orig_tokens if tokens_at is not None and orig_tokens else None,
             original_steps_to_same_loss=orig_same,
+            original_tokens_to_same_loss=orig_same_tokens,
+            original_curve=[[st, v] for st, v in published] if published else None,
             warnings=warnings,
             warning_codes=codes_of(warnings),
         )
