@@ -125,13 +125,11 @@ def cmd_swap(args: argparse.Namespace) -> int:
     from transformers import EncoderDecoderModel
 
     from .io import check_output_dir, versions, write_dir_atomic, write_json_atomic
-    from .modeling import load_model
-    from .swap import check_forward_backward, check_reloads, swap_encoder, unsaveable_reason
+    from .swap import check_forward_backward, check_reloads, load_encoder, swap_encoder, unsaveable_reason
 
     out = check_output_dir(args.output_dir, args.overwrite)
     model = _load(args)
-    new = load_model(args.encoder, args.encoder_overrides, head="base", seed=args.encoder_seed)
-    encoder = new.get_encoder() if getattr(new.config, "is_encoder_decoder", False) else new
+    encoder = load_encoder(args.encoder, args.encoder_overrides, seed=args.encoder_seed)
     report = swap_encoder(model, encoder, args.cross_attention, args.freeze, args.seed)
     reason = unsaveable_reason(model, report)
     if reason:

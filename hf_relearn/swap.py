@@ -67,6 +67,22 @@ def _width(config) -> int:
     raise RelearnError(f"cannot tell the hidden width of {type(config).__name__}")
 
 
+def load_encoder(spec: str, config_overrides: str | dict | None = None, seed: int = 0) -> nn.Module:
+    """The encoder ``spec`` names, as users have one: a model type built from its config (``t5``, ``bert``: the bare
+    encoder), or a folder / Hub id holding an encoder-only model (``T5EncoderModel``, ``BertModel``, ...) or a whole
+    encoder-decoder (its encoder). An encoder-only wrapper is loaded as the class it was saved as, so its weights
+    load as they are; ``swap_encoder`` takes the stack out of it."""
+    from .modeling import is_config_name, load_model, resolve_architecture
+
+    head = "base"
+    if not is_config_name(spec):
+        _, cls = resolve_architecture(spec, config_overrides, None)
+        if cls.__name__.endswith("EncoderModel"):
+            head = None  # the folder's own class (T5EncoderModel), not AutoModel's whole encoder-decoder
+    new = load_model(spec, config_overrides, head=head, seed=seed)
+    return new.get_encoder() if getattr(new.config, "is_encoder_decoder", False) else new
+
+
 def _unwrap_encoder(new_encoder: nn.Module, old_encoder: nn.Module) -> nn.Module:
     """An encoder-only wrapper (``T5EncoderModel``, ``MT5EncoderModel``) whose stack is of the model's own kind
     (``T5Stack``): take the stack out of it, as one loads "a T5 encoder" from the Hub or a config."""

@@ -190,12 +190,10 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
     def _swap_encoder(self) -> None:
         """The encoder-swap surgery: a new encoder, the decoder adapted to its width, cross-attention reset."""
         from .blocks import Block
-        from .modeling import load_model
-        from .swap import swap_encoder
+        from .swap import load_encoder, swap_encoder
 
         args = self.args
-        new = load_model(args.swap_encoder, args.swap_encoder_overrides, head="base", seed=args.reset_seed)
-        encoder = new.get_encoder() if getattr(new.config, "is_encoder_decoder", False) else new
+        encoder = load_encoder(args.swap_encoder, args.swap_encoder_overrides, seed=args.reset_seed)
         report = swap_encoder(
             self.model,
             encoder.to(self.model.device),

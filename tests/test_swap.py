@@ -388,3 +388,31 @@ def test_a_t5_encoder_model_of_another_width_swaps_into_a_t5(width):
     assert model.get_encoder() is encoder.encoder  # the T5Stack inside the wrapper
     assert report.old_width == 64 and report.new_width == width and report.adapter == "resized-kv"
     assert torch.isfinite(check_forward_backward(model, 256))
+
+
+def test_relearn_swaps_in_a_saved_t5_encoder_model_folder_with_its_own_weights(tmp_path):
+    """`relearn --swap_encoder FOLDER` where FOLDER holds a T5EncoderModel of another width (what one saves after
+    loading "a T5 encoder"): its trained weights go in as they are, not a fresh init or AutoModel's T5Model."""
+    from safetensors.torch import load_file
+    from test_relearn import T5, base_run, relearn_run
+    from transformers import T5Config, T5EncoderModel
+
+    base_run(tmp_path / "base", "t5", T5, objective="seq2seq", steps=40)
+    config = T5Config(num_layers=2, d_model=32, d_ff=128, num_heads=2, d_kv=16, vocab_size=259)
+    torch.manual_seed(7)
+    encoder = T5EncoderModel(config)
+    with torch.no_grad():  # weights no fresh init would draw: a swap that re-initialised them would show
+        for p in encoder.parameters():
+            p.add_(0.5)
+    encoder.save_pretrained(tmp_path / "enc")
+    saved = load_file(tmp_path / "enc" / "model.safetensors")
+    result = relearn_run(
+        tmp_path / "rl", tmp_path / "base", "decoder.0", objective="seq2seq", swap_encoder=str(tmp_path / "enc"),
+        max_steps=10, stop_at_recovery=False, save_final_model=True,
+    )  # fmt: skip
+    assert result.surgery["new_width"] == 32 and result.surgery["old_width"] == 64 and result.frozen_unchanged
+    swapped = load_file(tmp_path / "rl" / "model.safetensors")
+    # the frozen encoder in the re-learned model is the saved one, tensor for tensor
+    for name, tensor in saved.items():
+        if name.startswith("encoder.block") or name == "encoder.final_layer_norm.weight":
+            assert torch.equal(swapped[name], tensor), name
