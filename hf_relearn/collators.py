@@ -57,8 +57,16 @@ def mask_once(blocks: np.ndarray, tokenizer: PreTrainedTokenizerBase, seed: int)
 def to_dataset(columns: dict[str, np.ndarray]) -> datasets.Dataset:
     """A 🤗 dataset of ``columns`` (one row per array row), every column stored as int64 lists whatever its dtype."""
     # int64 explicitly: datasets would store a column called input_ids as int32, and int32 labels break the loss
+    import pyarrow as pa
+
     features = datasets.Features({name: datasets.Sequence(datasets.Value("int64")) for name in columns})
-    return datasets.Dataset.from_dict({name: array.astype(np.int64) for name, array in columns.items()}, features)
+    # built as Arrow list arrays straight from the numpy buffers (from_dict walks Python lists: 1.4 s for 15k blocks)
+    arrays = {}
+    for name, array in columns.items():
+        rows = np.ascontiguousarray(array, dtype=np.int64)  # (examples, tokens)
+        offsets = np.arange(rows.shape[0] + 1, dtype=np.int64) * rows.shape[1]
+        arrays[name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1)))
+    return datasets.Dataset(pa.table(arrays).cast(features.arrow_schema))
 
 
 def denoise_source(blocks: np.ndarray, mask_id: int, seed: int) -> np.ndarray:

@@ -6,7 +6,9 @@ Knows nothing of ``DataArguments``: ``data.py`` reads the settings and passes th
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +93,52 @@ def _separator_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return None
 
 
+def _stream_key(text: Text, tokenizer: PreTrainedTokenizerBase, separator: int | None) -> str | None:
+    """What a token stream depends on: the rows' text (hashed from its Arrow buffers), the column, the separator and
+    the whole tokenizer (its serialised form). None for a tokenizer without one (a slow tokenizer: not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or text.rows._indices is not None:  # a selection's buffers hold rows it does not show
+        return None
+    h = hashlib.sha256(f"v1|{text.documents}|{separator}|".encode())
+    h.update(backend.to_str().encode())
+    for chunk in text.rows.data.column(text.column).chunks:
+        h.update(f"|{chunk.offset}:{len(chunk)}|".encode())
+        for buffer in chunk.buffers():
+            if buffer is not None:
+                h.update(buffer)
+    return h.hexdigest()[:40]
+
+
+def _stream_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "hf_relearn" / "token_streams"
+
+
 def token_stream(text: Text, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """All rows tokenised and concatenated into one int64 array (documents end with eos, lines stay as they are).
 
     Guarantees: rows in their order, no special tokens added; each non-empty document row is followed by the
     tokenizer's eos (else sep) token when it has one; line rows are joined as they are; an empty int64 array when
-    there are no rows.
+    there are no rows. The stream of the same text and tokenizer is read back from ``HF_HOME/hf_relearn/token_streams``
+    (keyed on the text's content and the serialised tokenizer) instead of tokenising again.
     """
     separator = _separator_id(tokenizer) if text.documents else None
+    key = _stream_key(text, tokenizer, separator)
+    cached = _stream_cache() / f"{key}.npy"
+    if key is not None and cached.exists():
+        return np.load(cached).astype(np.int64)
+    stream = _tokenize_rows(text, tokenizer, separator)
+    if key is not None and len(stream):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        small = stream.astype(np.int32) if stream.max() < 2**31 else stream
+        tmp = cached.with_name(f".{key}.{os.getpid()}.npy")
+        np.save(tmp, small)
+        os.replace(tmp, cached)  # atomic: a concurrent run reads the whole file or none
+    return stream
+
+
+def _tokenize_rows(text: Text, tokenizer: PreTrainedTokenizerBase, separator: int | None) -> np.ndarray:
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         # verbose=False: rows longer than model_max_length are fine here, they are cut into blocks afterwards

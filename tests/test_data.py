@@ -1,5 +1,6 @@
 """Data pipeline: byte tokenizer, corpora, blocks per objective, the fixed MLM eval set, bad input."""
 
+import copy
 import json
 import math
 import re
@@ -479,3 +480,27 @@ def test_seq2seq_target_tokens_sets_the_split_of_a_continue_block(tok):
         DataArguments(seq2seq_target_tokens=64, block_size=64)
     with pytest.raises(RelearnError, match="applies to seq2seq_task 'continue' only"):
         DataArguments(seq2seq_target_tokens=8, seq2seq_task="denoise")
+
+
+def test_a_token_stream_is_read_back_for_the_same_text_and_tokenizer_only(tok, tmp_path, monkeypatch):
+    from hf_relearn import texts
+
+    monkeypatch.setattr(texts, "_stream_cache", lambda: tmp_path / "streams")
+    path = tmp_path / "a.txt"
+    path.write_text("to be or not to be\nthat is the question\n" * 50)
+    first = texts.token_stream(texts.load_file(str(path), "text"), tok)
+    assert len(list((tmp_path / "streams").glob("*.npy"))) == 1
+    # a second read comes from the cache (the tokenizer is not called) and is the same int64 stream
+    monkeypatch.setattr(texts, "_tokenize_rows", lambda *a: pytest.fail("tokenised the same text again"))
+    again = texts.token_stream(texts.load_file(str(path), "text"), tok)
+    assert again.dtype == np.int64 and np.array_equal(again, first)
+    monkeypatch.undo()
+    monkeypatch.setattr(texts, "_stream_cache", lambda: tmp_path / "streams")
+    # the same length of other text, or another tokenizer, is tokenised afresh
+    path.write_text("to be or not to be\nthat is the questioN\n" * 50)
+    changed = texts.token_stream(texts.load_file(str(path), "text"), tok)
+    assert len(changed) == len(first) and not np.array_equal(changed, first)
+    other = copy.deepcopy(tok)
+    other.add_tokens(["be"])  # another tokenizer: "be" is one token now
+    with_other = texts.token_stream(texts.load_file(str(path), "text"), other)
+    assert len(with_other) < len(changed) and len(list((tmp_path / "streams").glob("*.npy"))) == 3
