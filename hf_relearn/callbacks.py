@@ -108,3 +108,39 @@ class SwapWarmupCallback(TrainerCallback):
                 p.requires_grad_(True)
             self.unfrozen_at = state.global_step
         return control
+
+
+class ConsoleCallback(TrainerCallback):
+    """What a single relearn shows while it runs (in place of the Trainer's raw log dictionaries and nested bars):
+    one progress bar over the steps, and one line per evaluation: the step, the recovery metric and its distance to
+    the recovery threshold."""
+
+    def __init__(self, metric_key: str, threshold: float, higher_is_better: bool):
+        self.metric_key, self.threshold, self.higher_is_better = metric_key, threshold, higher_is_better
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero and not args.disable_tqdm:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="relearn", unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric_key)
+        if value is None or not state.is_world_process_zero:
+            return
+        gap = (self.threshold - value) if self.higher_is_better else (value - self.threshold)
+        where = "within the threshold" if gap <= 0 else f"{gap:.4f} above the threshold {self.threshold:.4f}"
+        if self.higher_is_better and gap > 0:
+            where = f"{gap:.4f} below the threshold {self.threshold:.4f}"
+        line = f"step {state.global_step}: {self.metric_key} {value:.4f} ({where})"
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

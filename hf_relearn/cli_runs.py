@@ -44,10 +44,13 @@ def cmd_relearn(argv: list[str]) -> int:
     from .runner import ModelArguments, relearn
     from .trainer import RelearnArguments
 
+    verbose = "--verbose" in argv  # the Trainer's own log lines and progress bars, as a plain Trainer shows them
+    argv = [a for a in argv if a != "--verbose"]
     model_args, data_args, args = _hf_parse(
         (ModelArguments, DataArguments, RelearnArguments), argv, "hf-relearn relearn"
     )
-    result = relearn(model_args, data_args, args)
+    verbose = verbose or args.log_level in ("info", "debug")
+    result = relearn(model_args, data_args, args, console=not verbose)
     if not args.should_log:
         return 0  # one summary per launch, from the main process
     print(result.summary())

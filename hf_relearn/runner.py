@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
 from transformers import Trainer
 
-from .callbacks import ConvergenceCallback
+from .callbacks import ConsoleCallback, ConvergenceCallback
 from .caveats import codes_of
 from .config import ModelArguments, PretrainArguments, RelearnArguments
 from .data import DataArguments, build_datasets, get_tokenizer
@@ -174,6 +175,22 @@ def inherit_data_args(data_args: DataArguments, original_run: str | None) -> Dat
     return DataArguments(**merged)
 
 
+def _cost_line(args: RelearnArguments, train_rows: int, eval_rows: int) -> str:
+    """What the run will cost before it starts: steps, evaluations and their rows, and the flag to change where
+    evaluation would outweigh training."""
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * train_rows / batch)
+    every = args.eval_steps if args.eval_steps >= 1 else max(1, int(args.eval_steps * steps))
+    evaluations = steps // int(every)
+    line = (
+        f"relearn {args.block}: at most {steps} steps x {batch} examples ({steps * batch:,} rows, stops at recovery); "
+        f"{evaluations} evaluations x {eval_rows} rows ({evaluations * eval_rows:,} rows)"
+    )
+    if evaluations * eval_rows > steps * batch:
+        line += "; evaluation outweighs training: raise --eval_steps or lower --max_eval_samples"
+    return line
+
+
 def relearn(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -181,6 +198,7 @@ def relearn(
     callbacks=None,
     quiet: bool = False,
     prefix_cache: PrefixCache | None = None,
+    console: bool = False,
 ) -> RelearnResult:
     """Run one re-learn: load, reset ``args.block``, train until recovered; returns (and writes) the result.
 
@@ -218,6 +236,11 @@ def relearn(
         raise
     if trainer.is_world_process_zero():
         write_json_atomic(out / DATA_FILE, dataclasses.asdict(data_args))
+    if console:  # one bar and one line per evaluation instead of the Trainer's dictionaries and nested bars
+        _quiet(trainer)
+        trainer.add_callback(ConsoleCallback(args.metric_key, trainer.threshold, args.higher_is_better))
+        if trainer.is_world_process_zero():
+            print(_cost_line(args, len(train), len(evals)))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if args.save_final_model:
         trainer.save_final()
