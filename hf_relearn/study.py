@@ -34,6 +34,7 @@ from .io import write_results as _write_results
 from .prefix_cache import PrefixCache
 from .recipe import (  # noqa: F401  (re-exported: hf_relearn.study.Recipe, ...)
     RECIPE_KEYS,
+    STUDY_BASE,
     SWAP_KEYS,
     SWAP_OPTIONS,
     SWEEP_KEYS,
@@ -65,14 +66,32 @@ def _train_base(recipe: Recipe, base: BaseSpec, folder: Path) -> dict:
         model_seed=base.seed,
     )
     settings = {"disable_tqdm": True, "seed": base.seed, **recipe.pretrain, "output_dir": str(folder)}
-    # a checkpoint is complete once its trainer_state.json is written (the Trainer writes it last)
+    resume = _resume_point(folder)
+    if resume is not None:  # a killed base run that saved checkpoints goes on from its last unfinished one
+        settings["resume_from_checkpoint"] = str(resume)
+    args = PretrainArguments(objective=recipe.base.get("objective", "clm"), **settings)
+    return pretrain(model_args, DataArguments(**recipe.data), args, quiet=True)
+
+
+def _resume_point(folder: Path) -> Path | None:
+    """The last checkpoint a killed base run can go on from; the checkpoints after it are deleted.
+
+    A checkpoint is complete once its trainer_state.json is written (the Trainer writes it last). One saved when the
+    training had ended (``should_training_stop``: the last step, or converged) is not resumed from: the Trainer only
+    checks for the end after a step, so it would train one step more (a base of 61 steps instead of 60) or go on past
+    the convergence; the segment before it is trained again instead (resuming is exact), or the whole run.
+    """
     checkpoints = sorted(
         (c.parent for c in folder.glob("checkpoint-*/trainer_state.json")), key=lambda c: int(c.name.split("-")[-1])
     )
-    if checkpoints:  # a killed base run that saved checkpoints goes on from its last one
-        settings["resume_from_checkpoint"] = str(checkpoints[-1])
-    args = PretrainArguments(objective=recipe.base.get("objective", "clm"), **settings)
-    return pretrain(model_args, DataArguments(**recipe.data), args, quiet=True)
+    while checkpoints:
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        control = state.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+        ended = control.get("should_training_stop") or 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+        if not ended:
+            break
+        shutil.rmtree(checkpoints.pop())
+    return checkpoints[-1] if checkpoints else None
 
 
 def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, prefix_cache=None) -> dict:
@@ -91,8 +110,11 @@ def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, 
     if base_dir is not None:
         settings["original_run"] = str(base_dir)
     if run.swap is not None:
+        encoder = run.swap_encoder
+        if encoder.startswith(STUDY_BASE):  # a donor base this study trained: its folder
+            encoder = str(base_dir.parent / encoder.removeprefix(STUDY_BASE))
         settings.update(
-            swap_encoder=run.swap_encoder,
+            swap_encoder=encoder,
             swap_encoder_overrides=_swap_overrides(run, base_dir),
             swap_cross_attention=run.swap_cross_attention,
             swap_freeze=run.swap_freeze,
@@ -239,7 +261,7 @@ def _open_study(recipe: Recipe, out: Path, rank: int) -> tuple[list[BaseSpec], l
     bases = recipe.bases()
     plan = [(b, r) for b in bases for r in recipe.runs_for(b)]
     if rank == 0:
-        _remove_unfinished(out, bases, plan)
+        _remove_unfinished(out, bases + recipe.donors(), plan)
         if not recipe_file.exists():
             tmp = out / ".recipe.yaml.tmp"
             tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -311,11 +333,12 @@ def run_study(
     mine = [item for i, item in enumerate(plan) if i % shares == share]
     bar = tqdm(total=len(mine), desc=f"study {recipe.name}", unit="run", disable=not progress or rank != 0)
     if recipe.pretrain is not None:
-        for i, base in enumerate(bases):
+        trained = bases + recipe.donors()  # donors: bases trained only to give their encoders to swaps
+        for i, base in enumerate(trained):
             if i % shares == share:
                 bar.set_postfix_str(f"training base {base.id}")
                 _train_base(recipe, base, out / "bases" / base.id)
-        _wait_for([out / "bases" / b.id / RUN_FILE for b in bases], "the other processes' base models")
+        _wait_for([out / "bases" / b.id / RUN_FILE for b in trained], "the other processes' base models")
     _run_share(recipe, bases, plan, mine, out, bar, write_rows=rank == 0 or shares > 1)
     if shares > 1:
         _wait_for([out / "runs" / r.id / RESULT_FILE for _, r in plan], "the other processes' runs")

@@ -8,12 +8,14 @@ import pytest
 import torch
 from hub_server import FakeHub, fake_hub, fake_hub_endpoint
 from huggingface_hub import ModelCard
+from pngs import assert_plot
 from test_relearn import GPT2, base_run, relearn_run
 
 from hf_relearn import RelearnError, load_relearned
 from hf_relearn.cli import main
 from hf_relearn.hub import push, relearn_card, stage, study_card
 from hf_relearn.modeling import load_model
+from hf_relearn.study import read_results
 
 hub = pytest.fixture(fake_hub)
 
@@ -64,7 +66,7 @@ def test_push_uploads_model_card_result_and_plot(run, hub):
         "relearn_curve.png",
     } <= set(files)
     assert files["model.safetensors"] == (run / "model.safetensors").read_bytes()
-    assert files["relearn_curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert_plot(files["relearn_curve.png"], (6, 3.6))
     card = ModelCard.load("me/gpt2-relearned")  # downloaded from the loopback Hub
     result = json.loads(files["relearn_result.json"])
     assert {e.metric_type: e.metric_value for e in card.data.eval_results}["eval_loss"] == pytest.approx(
@@ -142,20 +144,27 @@ def test_trainer_push_to_hub_writes_our_card(run, hub, tmp_path, monkeypatch):
     assert metrics["steps_to_recover"] == result.steps_to_recover and "model.safetensors" in files
 
 
-def test_study_card_has_the_table_and_plots(tmp_path):
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A finished tiny study (one base, two layers re-learned) with its report."""
     from test_study import TINY_RECIPE
 
     from hf_relearn.report import build_report
     from hf_relearn.study import Recipe, run_study
 
+    out = tmp_path_factory.mktemp("study")
     recipe = {**TINY_RECIPE, "sweep": {"blocks": ["decoder.0", "decoder.1"], "seeds": [0]}}
     recipe["base"] = {
         **TINY_RECIPE["base"],
         "config_overrides": {**TINY_RECIPE["base"]["config_overrides"], "n_layer": 2},
     }
-    run_study(Recipe.from_dict(recipe), tmp_path, progress=False)
-    build_report(tmp_path)
-    card = study_card(tmp_path)
+    run_study(Recipe.from_dict(recipe), out, progress=False)
+    build_report(out)
+    return out
+
+
+def test_study_card_has_the_table_and_plots(study):
+    card = study_card(study)
     assert (
         "hf-relearn study: tiny" in card.text
         and "| decoder.0 |" in card.text
@@ -168,3 +177,26 @@ def test_stage_is_atomic_and_complete(run):
     folder = stage(run, "me/x")
     assert (folder / "README.md").exists() and (folder / "model.safetensors").exists()
     assert not list(folder.parent.glob(".*.tmp"))
+
+
+def test_push_of_a_study_uploads_its_card_table_plots_and_recipe(study, hub):
+    assert main(["push", str(study), "--repo-id", "me/tiny-study"]) == 0
+    files = hub.files("me/tiny-study")
+    plots = [f"plots/{p.name}" for p in sorted((study / "plots").glob("*.png"))]
+    assert plots == ["plots/cost_vs_layer.png", "plots/cost_vs_relative_depth.png", "plots/curves.png"]
+    assert set(files) == {"README.md", "results.csv", "recipe.yaml", *plots}  # no run folders, no models
+    for name in ("results.csv", "recipe.yaml", *plots):
+        assert files[name] == (study / name).read_bytes(), name
+    card = ModelCard.load("me/tiny-study")  # downloaded from the loopback Hub
+    assert "relearn-study" in card.data.tags and card.text.startswith("\n# hf-relearn study: tiny\n")
+    rows = read_results(study / "results.csv")
+    assert [r["block"] for r in rows] == ["decoder.0", "decoder.1"]
+    assert f"An hf-relearn study: 2 relearn runs on {rows[0]['base_model']}." in card.text
+    for r in rows:  # one seed: each run's own numbers, as the study measured them
+        jump = 100 * (r["after_reset_eval_loss"] / r["baseline_eval_loss"] - 1)
+        share = 100 * r["steps_to_recover"] / r["original_steps"]
+        assert (
+            f"| base | {r['block']} | block | {jump:.2f}% | {r['steps_to_recover']} | {share:.1f}% | "
+            f"{r['tokens_to_recover']} | 1/1 | {r['original_steps_to_same_loss']} |"
+        ) in card.text
+    assert all(f"![{Path(p).stem}]({p})" in card.text for p in plots)  # the pushed plots, shown in the card

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from pngs import assert_plot
 from test_relearn import relearn_run
 
 from hf_relearn.cli import main
@@ -76,7 +77,8 @@ def test_probe_on_the_real_minilm_checkpoint(minilm_dir, shared_data, tmp_path, 
     assert json.loads((tmp_path / "probe.json").read_text())["objective"] == "distill"
     assert [r["block"] for r in rows] == [f"encoder.{i}" for i in range(6)] + ["encoder.5.norms"]
     assert all(float(r["baseline_loss"]) == 0 and float(r["loss"]) > 0 for r in rows)
-    assert all(f"| {r['block']} |" in printed for r in rows) and (tmp_path / "probe.png").stat().st_size > 0
+    assert all(f"| {r['block']} |" in printed for r in rows)
+    assert_plot(tmp_path / "probe.png", (6, 3.8))  # 7 bars, one init: the 6-inch minimum width
     # the teacher's outputs and the prefix, computed once and served from then on, change no number
     uncached = probe(
         ModelArguments(model=str(minilm_dir)),

@@ -89,6 +89,48 @@ def test_a_frozen_tensor_moved_on_one_of_two_processes_refuses_the_run(base, tmp
     assert result["world_size"] == 2 and result["frozen_unchanged"] is False
 
 
+def test_a_reset_that_differs_on_one_of_two_processes_is_recorded(base, tmp_path):
+    """Process 1 nudges one tensor of its freshly reset block: the gathered digests differ, and the result says so
+    (DDP then trains from process 0's copy; nothing frozen moved, so the run is not refused)."""
+    script = tmp_path / "differ.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, os, sys
+            import torch
+            import hf_relearn.trainer
+            from hf_relearn.config import ModelArguments, RelearnArguments
+            from hf_relearn.data import DataArguments
+            from hf_relearn.runner import relearn
+
+            rank = int(os.environ["RANK"])
+            original = hf_relearn.trainer.reset
+
+            def nudged(model, block, **kwargs):
+                report = original(model, block, **kwargs)
+                with torch.no_grad():
+                    dict(model.named_parameters())[report.tensors[0]].add_(1e-4)
+                return report
+
+            if rank == 1:
+                hf_relearn.trainer.reset = nudged
+            args = RelearnArguments(output_dir={str(tmp_path / "two")!r}, block="decoder.2",
+                                    original_run={str(base)!r}, max_steps=4, eval_steps=2,
+                                    per_device_train_batch_size=8, disable_tqdm=True, report_to=[])
+            result = relearn(ModelArguments(model={str(base)!r}), DataArguments(), args, quiet=True)
+            print(f"rank {{rank}}: " + json.dumps([result.reset_identical_across_ranks, result.frozen_unchanged]))
+            """
+        )
+    )
+    proc = launch([], script=script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: [false, true]" in proc.stdout and "rank 1: [false, true]" in proc.stdout
+    result = json.loads((tmp_path / "two" / "relearn_result.json").read_text())
+    assert result["world_size"] == 2 and result["reset_identical_across_ranks"] is False
+    assert result["frozen_unchanged"] is True and result["frozen_changed"] == []
+    assert (tmp_path / "two" / "model.safetensors").exists()  # the run went through to its save
+
+
 # ------------------------------------------------------------------------------------------ recovery settings
 def test_tolerance_abs_sets_the_threshold_and_the_recovery_step(base, tmp_path):
     r = relearn_run(tmp_path / "abs", base, "decoder.0", tolerance_abs=0.005, max_steps=100, eval_steps=5)

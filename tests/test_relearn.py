@@ -367,7 +367,9 @@ def test_the_relearn_console_is_one_bar_and_one_line_per_evaluation(gpt2_base, t
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "plain" / "relearn_result.json").read_text())
     # before training: what the run will cost; then one line per evaluation with its distance to the threshold
-    assert out.startswith("relearn decoder.2: at most 10 steps x 8 examples (80 rows, stops at recovery); 2 evaluations x 234 ")
+    assert out.startswith(
+        "relearn decoder.2: at most 10 steps x 8 examples (80 rows, stops at recovery); 2 evaluations x 234 "
+    )
     threshold = result["recovery_threshold"]
     for step, value in result["curve"][1:]:
         gap = value - threshold

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pngs import assert_plot
+
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results" / "tinyshakespeare-gpt2"
 
 # runs in a fresh interpreter: every import of torch or transformers (and their submodules) raises ImportError
@@ -52,9 +54,9 @@ def test_report_rebuilds_a_published_study_without_torch(tmp_path):
 
     assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     report = (study / "report.md").read_text()
-    for png in ("curves.png", "cost_vs_layer.png", "arms.png"):
-        data = (study / "plots" / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    # one grid point, 4 blocks x 2 arms: each plot at its figure size, with its data drawn in colour across it
+    for png, inches in {"curves.png": (6.5, 4.5), "cost_vs_layer.png": (7, 4.5), "arms.png": (6, 4.5)}.items():
+        assert_plot(study / "plots" / png, inches)
         assert f"plots/{png}" in report
     # the study's table, as published: decoder.1 re-learned alone in 350 ± 99 steps (23.3% of the 1500-step budget)
     row = "| base | decoder.1 | block | 5.26 ± 0.44% | 350 ± 99 | 23.3 ± 6.6% | 716800 ± 202742 | 2/2 | 1400 |"

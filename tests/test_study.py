@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pngs import assert_plot
 
 from hf_relearn.cli import main
 from hf_relearn.errors import RelearnError
@@ -68,9 +69,10 @@ def test_study_runs_every_layer_of_every_grid_point_and_reports(tiny_study):
         for r in rows
     ]
     assert points == expected
-    for png in ("curves.png", "cost_vs_layer.png", "cost_vs_relative_depth.png"):
-        data = (tiny_study / "plots" / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    # each plot at its figure size (curves: a panel per grid point), with its data drawn in colour across it
+    sizes = {"curves.png": (13, 4.5), "cost_vs_layer.png": (7, 4.5), "cost_vs_relative_depth.png": (7.5, 4.8)}
+    for png, inches in sizes.items():
+        assert_plot(tiny_study / "plots" / png, inches)
         assert f"plots/{png}" in report
 
 
@@ -235,8 +237,8 @@ def test_study_sweeps_encoder_swaps_and_reports_them(tmp_path):
     assert "all cross-attention wiped (decoder.*.cross_attention, same encoder)" in text
     assert "Verdict, against the" in text and "From scratch = the base run's own validation curve" in text
     assert "| swap:narrower | reset, decoder-except-cross |" in text
-    png = (tmp_path / "plots" / "swap_recovery.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "plots/swap_recovery.png" in text
+    assert_plot(tmp_path / "plots" / "swap_recovery.png", (13, 4.8))
+    assert "plots/swap_recovery.png" in text
 
 
 @pytest.mark.parametrize(

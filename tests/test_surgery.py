@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -167,6 +168,50 @@ def test_meta_device_and_bad_init_are_refused():
         reset(meta, "decoder.1")
     with pytest.raises(RelearnError, match="unknown init 'gaussian'"):
         reset(tiny("gpt2"), "decoder.1", init="gaussian")
+
+
+def _nan_init(self, module):
+    """A model's ``_init_weights`` that writes NaN into every tensor it is allowed to initialise."""
+    for p in module.parameters(recurse=False):
+        if not getattr(p, "_is_hf_initialized", False):
+            p.data.fill_(float("nan"))
+
+
+def _give_nan_init(model, monkeypatch):
+    """``_nan_init`` for the model and its sub-models (each initialises its own modules: GPT2Model, BertModel)."""
+    from transformers import PreTrainedModel
+
+    for cls in {type(m) for m in model.modules() if isinstance(m, PreTrainedModel)}:
+        monkeypatch.setattr(cls, "_init_weights", _nan_init)
+
+
+def test_a_reset_left_nan_by_the_model_init_is_refused_and_the_block_restored(monkeypatch):
+    """The reset fills the block with NaN before the model's own init; what is still NaN after it and after the
+    modules' reset_parameters() (GPT-2's Conv1D has none) is refused, never trained."""
+    model = _trained(tiny("gpt2"))
+    before = fingerprint(model)
+    _give_nan_init(model, monkeypatch)
+    still = ["attn.c_attn.bias", "attn.c_attn.weight", "attn.c_proj.bias", "attn.c_proj.weight", "mlp.c_fc.bias"]
+    message = "GPT2LMHeadModel's own initialisation does not cover "
+    message += ", ".join(f"transformer.h.1.{n}" for n in still) + " ..., and no reset_parameters() is available"
+    with pytest.raises(RelearnError, match=f"^{re.escape(message)}"):
+        reset(model, "decoder.1")
+    assert changed_tensors(before, fingerprint(model)) == []  # restored bit for bit, NaN nowhere
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_reset_left_nan_by_the_model_init_falls_back_on_reset_parameters(monkeypatch):
+    model = _trained(tiny("bert"))
+    before = fingerprint(model)
+    _give_nan_init(model, monkeypatch)
+    report = reset(model, "encoder.1", seed=3)
+    layer = "bert.encoder.layer.1"
+    parts = ["attention.output.LayerNorm", "attention.output.dense", "attention.self.key", "attention.self.query"]
+    parts += ["attention.self.value", "intermediate.dense", "output.LayerNorm", "output.dense"]
+    assert report.fallback_reset_parameters == [f"{layer}.{p}" for p in parts]
+    assert set(changed_tensors(before, fingerprint(model))) == set(report.tensors)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model.bert.encoder.layer[1].output.LayerNorm.weight, torch.ones(64))  # its constructor init
 
 
 def test_freeze_except_and_fingerprint_prove_the_frozen_weights_did_not_move():
