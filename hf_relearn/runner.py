@@ -199,11 +199,13 @@ def relearn(
     quiet: bool = False,
     prefix_cache: PrefixCache | None = None,
     console: bool = False,
+    baseline: dict[str, float] | None = None,
 ) -> RelearnResult:
     """Run one re-learn: load, reset ``args.block``, train until recovered; returns (and writes) the result.
 
     ``prefix_cache``: a cache shared with other runs over the same base and data (a study); by default the run
-    makes its own where ``args.prefix_cache`` allows one.
+    makes its own where ``args.prefix_cache`` allows one. ``baseline``: the intact model's metrics on the same data
+    and evaluation settings, measured by an earlier run (a study's first run of this base), instead of measuring again.
     """
     data_args = inherit_data_args(data_args, args.original_run)
     tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
@@ -223,6 +225,7 @@ def relearn(
         processing_class=tokenizer,
         callbacks=callbacks,
         prefix_cache=prefix_cache,
+        baseline=baseline,
     )
     if quiet:
         _quiet(trainer)

@@ -94,7 +94,9 @@ def _resume_point(folder: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, prefix_cache=None) -> dict:
+def _run_one(
+    recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, prefix_cache=None, baseline: dict | None = None
+) -> dict:
     from .data import DataArguments
     from .runner import ModelArguments, relearn
     from .trainer import RelearnArguments
@@ -124,7 +126,7 @@ def _run_one(recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, 
     data_args = DataArguments(**recipe.data)
     model_args = ModelArguments(model=model, head=recipe.base.get("head"))
     args = RelearnArguments(**settings)
-    return relearn(model_args, data_args, args, quiet=True, prefix_cache=prefix_cache).to_dict()
+    return relearn(model_args, data_args, args, quiet=True, prefix_cache=prefix_cache, baseline=baseline).to_dict()
 
 
 def _swap_overrides(run: RunSpec, base_dir: Path | None) -> str | None:
@@ -284,6 +286,7 @@ def _run_share(
     # fill computes every lower layer boundary on its way and stores them all (prefix_cache.py)
     mine.sort(key=lambda item: (bases.index(item[0]), -(item[1].layer if item[1].layer is not None else -1)))
     cache, cache_base = None, None
+    baselines: dict[str, dict] = {}  # base id -> the intact model's metrics, measured by its first run here
     for base, run in mine:
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
         bar.set_postfix_str(run.id)
@@ -291,7 +294,13 @@ def _run_share(
             if cache is not None:
                 cache.close()
             cache, cache_base = PrefixCache(capture_all=True), base.id
-        result = _run_one(recipe, run, base_dir, out / "runs" / run.id, prefix_cache=cache)
+        result = _run_one(
+            recipe, run, base_dir, out / "runs" / run.id, prefix_cache=cache, baseline=baselines.get(base.id)
+        )
+        if result["objective"] != "distill":  # the same base, data and evaluation settings give the same numbers
+            key = result["recovery_metric"]
+            key = key if key.startswith("eval_") else f"eval_{key}"
+            baselines[base.id] = {"eval_loss": result["baseline_eval_loss"], key: result["baseline_metric"]}
         if write_rows:
             write_results(out / RESULTS, _collect_rows(recipe, plan, out))
         steps = result["steps_to_recover"]

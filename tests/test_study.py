@@ -262,3 +262,23 @@ def test_bad_swap_sweeps_fail_before_any_training(change, message):
     recipe = {**SWAP_RECIPE, **change}
     with pytest.raises(RelearnError, match=re.escape(message)):
         Recipe.from_dict(recipe)
+
+
+def test_a_study_measures_each_base_once(tmp_path, monkeypatch):
+    from hf_relearn.trainer import RelearnTrainer
+
+    measured = []
+    own = RelearnTrainer._measure
+
+    def counting(self, description):
+        measured.append(description)
+        return own(self, description)
+
+    monkeypatch.setattr(RelearnTrainer, "_measure", counting)
+    rows = run_study(Recipe.from_dict(TINY_RECIPE), tmp_path, progress=False)
+    # 2 bases (n_layer 2 and 3), 5 runs: the intact model is measured once per base, the reset model once per run
+    assert sum(d.startswith("relearn: baseline") for d in measured) == 2
+    assert sum(d.startswith("relearn: after reset") for d in measured) == len(rows) == 5
+    for base in ("n_layer=2-seed0", "n_layer=3-seed0"):
+        mine = [r for r in rows if r["base_id"] == base]
+        assert len({r["baseline_eval_loss"] for r in mine}) == 1 and mine[0]["baseline_eval_loss"] > 0
