@@ -118,10 +118,14 @@ class ConsoleCallback(TrainerCallback):
     def __init__(self, metric_key: str, threshold: float, higher_is_better: bool):
         self.metric_key, self.threshold, self.higher_is_better = metric_key, threshold, higher_is_better
         self.bar = None
+        self.started: tuple[float, int] | None = None  # (time, step) when training began, for the pace estimate
 
     def on_train_begin(self, args, state, control, **kwargs):
+        import time
+
         from tqdm.auto import tqdm
 
+        self.started = (time.perf_counter(), state.global_step)
         if state.is_world_process_zero and not args.disable_tqdm:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="relearn", unit="step")
 
@@ -138,6 +142,14 @@ class ConsoleCallback(TrainerCallback):
         if self.higher_is_better and gap > 0:
             where = f"{gap:.4f} below the threshold {self.threshold:.4f}"
         line = f"step {state.global_step}: {self.metric_key} {value:.4f} ({where})"
+        if self.started is not None and state.global_step > self.started[1]:  # the first evaluation: the pace
+            import time
+
+            took = time.perf_counter() - self.started[0]
+            left = (state.max_steps - state.global_step) * took / (state.global_step - self.started[1])
+            line += f"; at this pace the remaining {state.max_steps - state.global_step} steps take about "
+            line += f"{left / 60:.1f} min, evaluations included (less if it recovers)"
+            self.started = None
         (self.bar.write if self.bar is not None else print)(line)
 
     def on_train_end(self, args, state, control, **kwargs):

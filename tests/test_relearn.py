@@ -371,10 +371,12 @@ def test_the_relearn_console_is_one_bar_and_one_line_per_evaluation(gpt2_base, t
         "relearn decoder.2: at most 10 steps x 8 examples (80 rows, stops at recovery); 2 evaluations x 234 "
     )
     threshold = result["recovery_threshold"]
-    for step, value in result["curve"][1:]:
+    for i, (step, value) in enumerate(result["curve"][1:]):
         gap = value - threshold
         where = "within the threshold" if gap <= 0 else f"{gap:.4f} above the threshold {threshold:.4f}"
-        assert f"step {step}: eval_loss {value:.4f} ({where})\n" in out
+        # the first evaluation also says what the rest will take at the pace so far
+        end = "; at this pace the remaining 5 steps take about " if i == 0 else "\n"
+        assert f"step {step}: eval_loss {value:.4f} ({where}){end}" in out
     assert "{'loss'" not in out and "'eval_loss'" not in out  # none of the Trainer's raw dictionaries
     assert "evaluation outweighs training: raise --eval_steps or lower --max_eval_samples" in out
     # --verbose: the Trainer's own log lines, as a plain Trainer prints them
