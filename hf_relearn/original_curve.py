@@ -118,7 +118,8 @@ def _rows_digest(dataset, objective: str, batch_size: int) -> str:
 
 
 def _check_same_model(model, reference, c: Checkpoint) -> None:
-    """A revision must be this model at another step: same class, same tensor names and shapes."""
+    """A revision must be this model at another step: the same tensor names and shapes (its model_type is checked
+    before loading, and it is loaded as the run's own class)."""
     mine = {n: tuple(p.shape) for n, p in reference.state_dict().items()}
     theirs = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     if mine != theirs:
@@ -134,7 +135,7 @@ def original_curve(
 ) -> list[tuple[int, float]]:
     """``[(step, eval_loss)]`` of each checkpoint on ``eval_dataset`` (the run's validation rows, collated as the run
     collates them), read from ``cache_dir`` where evaluated before. ``reference`` is the run's model before surgery:
-    every checkpoint must have its class, tensor names and shapes. Raises ``RelearnError`` naming the checkpoint
+    every checkpoint must have its model_type, tensor names and shapes (it is loaded as the reference's class). Raises ``RelearnError`` naming the checkpoint
     (unknown revision, another architecture, unreachable Hub) before any evaluation."""
     identities = [_identity(c) for c in checkpoints]  # every revision resolves before anything is evaluated
     digest = _rows_digest(eval_dataset, args.objective, args.per_device_eval_batch_size)

@@ -81,7 +81,7 @@ def test_only_block_rebuilds_the_recovered_model(run, hub):
     assert main(["push", str(run), "--repo-id", "me/block-only", "--only-block"]) == 0
     files = hub.files("me/block-only")
     assert set(files) == {"block.safetensors", "surgery.json", "README.md", "relearn_result.json", "relearn_curve.png"}
-    assert len(files["block.safetensors"]) < len((run / "model.safetensors").read_bytes()) / 3
+    assert len(files["block.safetensors"]) < len((run / "model.safetensors").read_bytes()) / 4  # README: a quarter
     assert "load_relearned" in files["README.md"].decode()
     base = json.loads(files["relearn_result.json"])["model"]
     rebuilt = load_relearned(base, "me/block-only").eval()

@@ -215,7 +215,7 @@ def test_auto_stays_off_where_it_would_not_be_exact_and_true_refuses(gpt2_base, 
     assert result.curve == off.curve and result.train_curve == off.train_curve and len(off.curve) == 3
     # true accepts eval-mode frozen layers
     result = relearn_run(tmp_path / "true", gpt2_base, "decoder.2", max_steps=10, prefix_cache="true")
-    assert result.prefix_cache["enabled"]
+    assert result.prefix_cache["enabled"] and result.prefix_cache["splits"] == ["eval", "train"]  # through dropout
     with pytest.raises(RelearnError, match="cannot be exact here: trainable=all"):
         relearn_run(tmp_path / "all", gpt2_base, "decoder.2", max_steps=10, prefix_cache="true", trainable="all")
     with pytest.raises(RelearnError, match="nothing below it to cache"):

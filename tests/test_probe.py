@@ -59,7 +59,11 @@ def test_probe_refuses_bad_input_before_any_work(gpt2_base, tmp_path):
     with pytest.raises(RelearnError, match="decoder.9"):
         _probe(gpt2_base, tmp_path / "bad", blocks="decoder.9")
     assert not (tmp_path / "bad").exists()
-    _probe(gpt2_base, tmp_path / "once", blocks="decoder.3", inits="zero")
+    # zero only where a block has output projections to zero: none for a norms part
+    rows = _probe(gpt2_base, tmp_path / "once", blocks="decoder.3,decoder.0.norms", inits="scratch,zero")
+    assert [(r["block"], r["init"]) for r in rows] == [
+        ("decoder.0.norms", "scratch"), ("decoder.3", "scratch"), ("decoder.3", "zero"),
+    ]  # fmt: skip
     with pytest.raises(RelearnError, match="already holds a probe"):
         _probe(gpt2_base, tmp_path / "once", blocks="decoder.3", inits="zero")
 
