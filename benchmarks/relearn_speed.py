@@ -282,8 +282,10 @@ def sweep(args) -> dict:
 
     from hf_relearn.prefix_cache import PrefixCache
 
-    for mode in ("false", "auto"):
-        shared = PrefixCache(capture_all=True) if mode == "auto" else None
+    for mode in ("false", "auto", "auto+baseline"):
+        # "auto+baseline": as a study does, the intact model measured by the first run only and handed to the others
+        shared = PrefixCache(capture_all=True) if mode != "false" else None
+        baseline = None
         profiler = cProfile.Profile() if args.profile_sweep and mode == "auto" else None
         if profiler:
             profiler.enable()
@@ -292,10 +294,18 @@ def sweep(args) -> dict:
         for layer in reversed(range(n)):  # top first: its fill stores every lower boundary too
             rargs = _args(RelearnArguments, str(tmp / f"{mode}{layer}"), args.device, args.batch,
                           block=f"decoder.{layer}", original_run=str(tmp / "base"), max_steps=base_steps,
-                          learning_rate=1e-3, eval_steps=10, prefix_cache=mode, save_final_model=False)  # fmt: skip
+                          learning_rate=1e-3, eval_steps=10, prefix_cache=mode.split("+")[0],
+                          save_final_model=False)  # fmt: skip
             r = relearn(
-                ModelArguments(model=str(tmp / "base")), DataArguments(), rargs, quiet=True, prefix_cache=shared
+                ModelArguments(model=str(tmp / "base")),
+                DataArguments(),
+                rargs,
+                quiet=True,
+                prefix_cache=shared,
+                baseline=baseline,
             )
+            if mode == "auto+baseline":
+                baseline = {"eval_loss": r.baseline_eval_loss}
             steps.append(r.steps_trained)
         if profiler:
             profiler.disable()
@@ -314,7 +324,11 @@ def sweep(args) -> dict:
         f"\nL-sweep of {n} layers, top first, each to recovery (at most {base_steps} steps), vs the base training of "
         f"{base_steps} steps: wall {base_s:.1f} s, CPU {base_cpu:.1f} s"
     )
-    for mode, label in (("false", "without the cache"), ("auto", "with one shared cache")):
+    for mode, label in (
+        ("false", "without the cache"),
+        ("auto", "with one shared cache"),
+        ("auto+baseline", "with one shared cache and one baseline evaluation (as a study runs it)"),
+    ):
         wall, cpu = out[f"sweep_s_cache_{mode}"], out[f"sweep_cpu_s_cache_{mode}"]
         print(
             f"  {label}: wall {wall:.1f} s = {wall / base_s:.2f}x, CPU {cpu:.1f} s = {cpu / base_cpu:.2f}x of the base; "

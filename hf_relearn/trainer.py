@@ -114,12 +114,16 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
     def _measure(self, description: str) -> dict[str, float]:
         # loss only unless metrics need predictions (as Trainer.evaluate does): otherwise every batch's logits are
         # gathered and concatenated, which cost more than the forward passes themselves (measured: 43 s of 100)
-        out = self.evaluation_loop(
-            self.get_eval_dataloader(),
-            description=description,
-            prediction_loss_only=True if self.compute_metrics is None else None,
-            metric_key_prefix="eval",
-        )
+        # the global RNG is left as it was: iterating a DataLoader draws a seed from it, so a run handed its baseline
+        # (a study's later runs) would otherwise train with other dropout masks than one that measured it
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            out = self.evaluation_loop(
+                self.get_eval_dataloader(),
+                description=description,
+                prediction_loss_only=True if self.compute_metrics is None else None,
+                metric_key_prefix="eval",
+            )
         metrics = out.metrics
         if self.args.metric_key not in metrics:
             have = ", ".join(sorted(k for k in metrics if k.startswith("eval_")))

@@ -260,7 +260,7 @@ def test_the_cli_states_the_cache_size_first_and_reports_what_it_did(quiet_base,
     # one line per stored output and split, before any row is stored: hidden states of 64 tokens x 64 wide, float32
     assert sizes and all("transformer.h.2 for " in m and "x 16.0 KiB = " in m and "in memory" in m for m in sizes)
     out = capsys.readouterr().out
-    assert "prefix cache: skipped decoder layers 0-2; computed it for " in out
+    assert "prefix cache: skipped decoder layers 0-2 for training and evaluation rows; computed it for " in out
     assert main([*argv[:-4], "--output_dir", str(tmp_path / "off"), "--prefix_cache", "false"]) == 0
     assert "prefix cache: off (prefix_cache=false)" in capsys.readouterr().out
 

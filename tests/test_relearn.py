@@ -383,3 +383,15 @@ def test_the_relearn_console_is_one_bar_and_one_line_per_evaluation(gpt2_base, t
     assert main([*argv, "--output_dir", str(tmp_path / "verbose"), "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "'eval_loss'" in out and "step 5: eval_loss" not in out
+
+
+def test_a_run_handed_its_baseline_trains_exactly_like_one_that_measured_it(gpt2_base, tmp_path):
+    # gpt2_base has dropout: the training depends on the RNG, which measuring the baseline must not move
+    measured = relearn_run(tmp_path / "a", gpt2_base, "decoder.2", max_steps=10, eval_steps=5)
+    args = RelearnArguments(output_dir=str(tmp_path / "b"), block="decoder.2", original_run=str(gpt2_base),
+                            max_steps=10, per_device_train_batch_size=16, learning_rate=3e-3, eval_steps=5,
+                            disable_tqdm=True, seed=0)  # fmt: skip
+    handed = relearn(ModelArguments(model=str(gpt2_base)), DataArguments(), args,
+                     baseline={"eval_loss": measured.baseline_eval_loss})  # fmt: skip
+    assert handed.train_curve == measured.train_curve and handed.curve == measured.curve
+    assert handed.baseline_eval_loss == measured.baseline_eval_loss
