@@ -72,14 +72,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir, args.overwrite)
     model = _load(args)
     report = reset(model, args.block, init=args.init, seed=args.seed, allow_shared=args.allow_shared)
-    tokenizer = None
-    if Path(args.model).is_dir():
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # a folder without tokenizer files
+    tokenizer = _folder_tokenizer(args.model)  # None for a folder without tokenizer files (not an empty one)
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -178,7 +178,9 @@ class RelearnArguments(HfRelearnTrainingArguments):
 
     @property
     def higher_is_better(self) -> bool:
-        if self.greater_is_better is not None and self.metric_for_best_model == self.recovery_metric:
+        # --greater_is_better declares the direction, unless it belongs to another metric_for_best_model
+        best = self.metric_for_best_model
+        if self.greater_is_better is not None and best in (None, self.recovery_metric, self.metric_key):
             return bool(self.greater_is_better)
         return not self.metric_key.endswith("loss")
 

@@ -51,8 +51,9 @@ class Teacher:
                 self.field = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
                 value = getattr(out, self.field)
                 size = value.numel() * value.element_size()
-                if rows and self.bytes + size <= self.max_bytes:
-                    self.bytes += size
+                replaced = sum(self.rows[r].numel() * self.rows[r].element_size() for r in rows if r in self.rows)
+                if rows and self.bytes - replaced + size <= self.max_bytes:
+                    self.bytes += size - replaced  # rows seen before at another length are replaced, not added
                     self.rows.update(zip(rows, value.detach().cpu(), strict=True))
                 return out
             value = torch.stack([self.rows[r] for r in rows]).to(inputs["input_ids"].device)
