@@ -261,12 +261,6 @@ def test_same_width_swap_drops_an_existing_enc_to_dec_proj(tmp_path):
     assert not hasattr(reloaded, "enc_to_dec_proj")
 
 
-# ------------------------------------------------------------------------------------ 8. uneven eval split
-@pytest.mark.skip(reason="needs 2 processes (torchrun); an uneven evaluation split cannot be made in one")
-def test_an_uneven_evaluation_split_across_processes():
-    pass
-
-
 # ------------------------------------------------------------------------------------ 9. push with a bad token
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
