@@ -92,6 +92,20 @@ def _unwrap_encoder(new_encoder: nn.Module, old_encoder: nn.Module) -> nn.Module
     return inner if type(inner) is type(old_encoder) else new_encoder
 
 
+def _decoder_only(cfg) -> bool:
+    """An architecture that transformers knows only as a causal LM (GPT-2, Llama, ...): its stack attends causally,
+    so it cannot serve as an encoder even with ``is_decoder`` unset. BERT-like models (also masked LMs) pass."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(cfg, "model_type", None)
+    encoder_kinds = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in encoder_kinds
+
+
 def _check_is_encoder(encoder: nn.Module) -> None:
     cfg = getattr(encoder, "config", None)
     if cfg is None:
@@ -99,7 +113,7 @@ def _check_is_encoder(encoder: nn.Module) -> None:
     # an encoder stack of an enc-dec (T5Stack) shares its parent's config, is_encoder_decoder included: judge the module
     inner = getattr(encoder, "model", None)
     whole = getattr(encoder, "decoder", None) is not None or getattr(inner, "decoder", None) is not None
-    if getattr(cfg, "is_decoder", False) or whole:
+    if getattr(cfg, "is_decoder", False) or whole or _decoder_only(cfg):
         raise RelearnError(
             f"new encoder {type(encoder).__name__} is not an encoder (it is a decoder or a whole encoder-decoder; "
             "pass model.get_encoder() or an encoder-only model)"

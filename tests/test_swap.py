@@ -361,7 +361,10 @@ def test_cli_swap_native_same_width_saves_and_other_widths_are_refused(tmp_path,
         (["--encoder-overrides", enc.replace("num_layers=4", "num_layers=2")], "is missing (the config describes it)"),
         (["--encoder-overrides", enc.replace("vocab_size=256", "vocab_size=300")], "vocabularies differ"),
         (["--encoder-overrides", "no_such_field=1"], "has no such field"),
-        (["--encoder", "gpt2", "--encoder-overrides", "n_layer=2,vocab_size=256"], "needs an encoder of its own kind"),
+        (
+            ["--encoder", "bert", "--encoder-overrides", "num_hidden_layers=2,vocab_size=256"],
+            "needs an encoder of its own kind",
+        ),
     ]
     for extra, message in bad:
         args = ["swap", str(src), "--encoder", "t5", "--output-dir", str(tmp_path / "bad"), *extra]
