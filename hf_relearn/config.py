@@ -84,7 +84,8 @@ class RelearnArguments(HfRelearnTrainingArguments):
         default=None, metadata={"help": "tokens per optimizer step of the original training (for token figures)"}
     )
     original_curve_cache: str | None = field(
-        default=None, metadata={"help": "folder caching each checkpoint's evaluation (default: HF_HOME/hf_relearn)"}
+        default=None,
+        metadata={"help": "folder caching each checkpoint's evaluation (default: HF_HOME/hf_relearn/original_curves)"},
     )
     trainable: str = field(default="block", metadata={"help": "block | all | lora-rest | block+lora-rest"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank for the lora-rest arms"})
@@ -174,7 +175,7 @@ class RelearnArguments(HfRelearnTrainingArguments):
 
     @property
     def metric_key(self) -> str:
-        return self.recovery_metric if self.recovery_metric.startswith("eval_") else f"eval_{self.recovery_metric}"
+        return eval_key(self.recovery_metric)
 
     @property
     def higher_is_better(self) -> bool:
@@ -183,6 +184,11 @@ class RelearnArguments(HfRelearnTrainingArguments):
         if self.greater_is_better is not None and best in (None, self.recovery_metric, self.metric_key):
             return bool(self.greater_is_better)
         return not self.metric_key.endswith("loss")
+
+
+def eval_key(metric: str) -> str:
+    """The key under which evaluation reports ``metric`` (``accuracy`` -> ``eval_accuracy``; ``eval_loss`` as is)."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
 def cpu_distributed_default(args: TrainingArguments) -> None:

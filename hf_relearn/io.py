@@ -63,6 +63,13 @@ def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> P
     return path
 
 
+def cache_dir(name: str) -> Path:
+    """``HF_HOME/hf_relearn/NAME``: where hf-relearn keeps what it computed once (token streams, original curves)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "hf_relearn" / name
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages a result depends on (from the installed metadata: no import of torch)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from .errors import RelearnError
-from .io import write_json_atomic
+from .io import cache_dir, write_json_atomic
 
 _STEP = re.compile(r"(\d+)(?!.*\d)")  # the last number in a name: step1000 -> 1000, checkpoint-500 -> 500
 
@@ -180,8 +180,6 @@ def published_curve(model, eval_dataset, collator, args) -> list[tuple[int, floa
     """The original curve a ``RelearnArguments`` names (``original_checkpoints`` + ``original_revisions``),
     evaluated on ``eval_dataset`` with ``collator``; cached under ``original_curve_cache`` (default
     ``HF_HOME/hf_relearn/original_curves``)."""
-    from huggingface_hub import constants
-
     checkpoints = parse_checkpoints(args.original_checkpoints, args.original_revisions)
-    cache = args.original_curve_cache or Path(constants.HF_HOME) / "hf_relearn" / "original_curves"
+    cache = args.original_curve_cache or cache_dir("original_curves")
     return original_curve(checkpoints, model, eval_dataset, collator, args, cache)

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from .caveats import codes_of
+from .config import eval_key
 from .errors import RelearnError
 from .files import RESULT_FILE, RESULTS, RUN_FILE
 from .io import read_results  # noqa: F401  (re-exported: hf_relearn.study.read_results)
@@ -298,8 +299,7 @@ def _run_share(
             recipe, run, base_dir, out / "runs" / run.id, prefix_cache=cache, baseline=baselines.get(base.id)
         )
         if result["objective"] != "distill":  # the same base, data and evaluation settings give the same numbers
-            key = result["recovery_metric"]
-            key = key if key.startswith("eval_") else f"eval_{key}"
+            key = eval_key(result["recovery_metric"])
             baselines[base.id] = {"eval_loss": result["baseline_eval_loss"], key: result["baseline_metric"]}
         if write_rows:
             write_results(out / RESULTS, _collect_rows(recipe, plan, out))

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from .errors import RelearnError
+from .io import cache_dir
 
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -110,9 +111,7 @@ def _stream_key(text: Text, tokenizer: PreTrainedTokenizerBase, separator: int |
 
 
 def _stream_cache() -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "hf_relearn" / "token_streams"
+    return cache_dir("token_streams")
 
 
 def token_stream(text: Text, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
