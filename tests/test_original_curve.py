@@ -86,12 +86,12 @@ def test_hub_revisions_give_the_same_curve_and_bad_ones_fail_before_training(pub
             with pytest.raises(RelearnError, match=match):
                 _relearn(tmp_path / "bad", published, tmp_path / "cache", original_checkpoints="fake-user/tiny",
                          original_revisions=revisions)  # fmt: skip
-            assert not (tmp_path / "bad" / "relearn_result.json").exists()
+            assert not (tmp_path / "bad").exists()  # refused before anything trained: nothing half-written
     # the Hub gone: one clear error, nothing trained
     with pytest.raises(RelearnError, match="the Hub could not be reached"):
         _relearn(tmp_path / "gone", published, tmp_path / "cache2", original_checkpoints="fake-user/tiny",
                  original_revisions=REVISIONS)  # fmt: skip
-    assert not (tmp_path / "gone" / "relearn_result.json").exists()
+    assert not (tmp_path / "gone").exists()
 
 
 def test_bad_checkpoint_lists_are_refused_when_the_arguments_are_made(tmp_path):
