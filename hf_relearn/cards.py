@@ -60,8 +60,9 @@ def _dataset_name(run_dir: Path, result: dict) -> str:
 def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_block: bool = False):
     """A ``huggingface_hub.ModelCard`` for a relearn run, rendered from ``templates/relearn.md``.
 
-    Its model-index (``eval_results``) carries baseline, after-reset and recovered eval loss, perplexity, steps and
-    tokens to recover and the fraction of the original budget, with the values of relearn_result.json.
+    Its model-index (``eval_results``) carries baseline, after-reset and recovered eval loss and perplexity, steps,
+    examples and tokens to recover, the fraction of the original budget and the original run's steps to the same
+    loss, with the values of relearn_result.json.
     """
     from huggingface_hub import ModelCard
 
@@ -101,14 +102,23 @@ def _relearn_card_data(r: dict, base: str, name: str, dataset: str):
     task = TASKS.get(r["objective"], "text-generation")
     is_hub_id = not Path(base).exists() and base.count("/") == 1
     final = r["final_eval_loss"]
+
+    def ppl(loss):
+        return math.exp(loss) if loss is not None and r["objective"] != "distill" else None
+
     metrics = [
         ("eval_loss", "eval loss after re-learning", final),
         ("baseline_eval_loss", "eval loss of the intact model", r["baseline_eval_loss"]),
         ("after_reset_eval_loss", "eval loss right after the reset", r["after_reset_eval_loss"]),
-        ("perplexity", "perplexity after re-learning", math.exp(final) if final is not None and r["objective"] != "distill" else None),
+        ("perplexity", "perplexity after re-learning", ppl(final)),
+        ("baseline_perplexity", "perplexity of the intact model", ppl(r["baseline_eval_loss"])),
+        ("after_reset_perplexity", "perplexity right after the reset", ppl(r["after_reset_eval_loss"])),
         ("steps_to_recover", "optimizer steps to recover", r["steps_to_recover"]),
+        ("examples_to_recover", "training examples to recover", r["examples_to_recover"]),
         ("tokens_to_recover", "tokens to recover", r["tokens_to_recover"]),
         ("fraction_of_original", "fraction of the original training budget", r["fraction_of_original"]),
+        ("original_steps_to_same_loss", "the original run's steps to the same loss (from scratch)",
+         r["original_steps_to_same_loss"]),
     ]  # fmt: skip
     eval_results = [
         EvalResult(

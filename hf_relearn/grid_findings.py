@@ -207,6 +207,31 @@ def depth_width_words(rows: list[dict]) -> list[str]:
     )
 
 
+def arm_words(rows: list[dict]) -> list[str]:
+    """Where a grid point ran other arms beside ``block`` and runs miss the study's tolerance: each arm's cost at the
+    looser tolerances, read from the curves, against the block's, paired by base and layer (the study's own
+    tolerance is compared over recovered runs in ``findings``)."""
+    out = []
+    groups = _groups(layer_runs(rows))
+    for (grid, arm), rs in groups.items():
+        block = {(r["base_id"], r["layer"]): r for r in groups.get((grid, "block"), [])}
+        pairs = [(r, block[(r["base_id"], r["layer"])]) for r in rs if (r["base_id"], r["layer"]) in block]
+        if arm == "block" or not pairs:
+            continue
+        for tol in _tolerances([r for pair in pairs for r in pair])[1:]:
+            mine = [run_cost(a, tol) for a, _ in pairs]
+            theirs = [run_cost(b, tol) for _, b in pairs]
+            cheaper = sum(m < t for m, t in zip(mine, theirs, strict=True))
+            reached = [sum(steps_within(r, tol)[1] for r in side) for side in zip(*pairs, strict=True)]
+            out.append(
+                f"Arms ({_label(json.loads(grid))}, to within {100 * tol:g}%): '{arm}' {_pct_sd(mine)} "
+                f"({reached[0]} of {len(pairs)} reached) vs 'block' {_pct_sd(theirs)} ({reached[1]} of {len(pairs)}); "
+                f"'{arm}' cheaper in {cheaper} of {len(pairs)} pairs (same base and layer; an unreached run counts at "
+                "the steps it trained)."
+            )
+    return out
+
+
 def grid_table(rows: list[dict]) -> str:
     """One line per grid point and arm: base budget, runs, unrecovered, mean cost, the dearest and cheapest layer."""
     looser = [t for t in LOOSER_TOLERANCES if all(t > r["tolerance"] for r in rows)]

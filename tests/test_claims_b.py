@@ -297,3 +297,30 @@ def test_a_push_with_a_rejected_token_gives_one_error_and_keeps_everything_local
         push(tiny_run, "me/denied", token="hf_good")
         assert set(server.files("me/denied")) == set(_digest(staged))
     assert os.environ.get("HF_TOKEN") != "hf_bad"
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set size from /proc (Linux)")
+def test_memory_is_committed_only_for_rows_met():
+    """Storage sized for 16,000 rows (256 MiB) holds, after 4 rows are met, about 4 rows' worth of resident memory."""
+    model = load_model("gpt2", TINY["gpt2"]).eval()
+    cache = PrefixCache(max_memory_bytes=2**31)
+    cache.attach(model, plan_prefix(model, freeze_except(model, "decoder.3"))[0])
+    with torch.no_grad():
+        model(**_batch(9, length=64))  # the forward's own buffers, before measuring
+        before = _rss_bytes()
+        for seed in range(2):
+            with cache.serving(_batch(seed, length=64), torch.tensor([2 * seed, 2 * seed + 1]), "train", 16_000):
+                model(**_batch(seed, length=64))
+        grown = _rss_bytes() - before
+    store = cache.splits["train"].captures["transformer.h.2"]
+    allocated = sum(t.numel() * t.element_size() for t in store.tensors)
+    cache.close()
+    assert allocated >= 16_000 * 64 * 64 * 4  # 16,000 rows x 64 tokens x 64 wide x float32 = 250 MiB
+    assert grown < 16 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB for 4 rows"

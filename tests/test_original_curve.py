@@ -109,3 +109,28 @@ def test_bad_checkpoint_lists_are_refused_when_the_arguments_are_made(tmp_path):
     with pytest.raises(RelearnError, match="not with distill"):
         RelearnArguments(**make, objective="distill", original_checkpoints="o/m", original_revisions="s1,s2")
     assert [c.step for c in oc.parse_checkpoints("o/m", "step20, step10,final=30")] == [10, 20, 30]
+
+
+def test_a_revision_whose_commit_changed_is_evaluated_again(published, tmp_path, monkeypatch):
+    """The cache is keyed on the revision's commit: new weights pushed to the same branch are evaluated afresh."""
+
+    def weights(step: int) -> dict[str, bytes]:
+        return {n: (published / f"checkpoint-{step}" / n).read_bytes() for n in ("config.json", "model.safetensors")}
+
+    logged = _logged_curve(published)
+    with FakeHub() as hub, fake_hub_endpoint(hub, cache_dir=tmp_path / "hub-cache"):
+        hub.commit("fake-user/tiny", weights(40), branch="step40")
+        hub.commit("fake-user/tiny", weights(80), branch="step80")
+        first = _relearn(tmp_path / "rl", published, tmp_path / "cache", original_checkpoints="fake-user/tiny",
+                         original_revisions="step40,step80")  # fmt: skip
+        assert first.original_curve[0][1] == pytest.approx(logged[40], rel=1e-6)
+        hub.commit("fake-user/tiny", weights(120), branch="step40")  # the branch now points at other weights
+        evaluated = []
+        monkeypatch.setattr(
+            oc, "_evaluate", lambda c, *a, _real=oc._evaluate: evaluated.append(c.name) or _real(c, *a)
+        )
+        again = _relearn(tmp_path / "rl2", published, tmp_path / "cache", original_checkpoints="fake-user/tiny",
+                         original_revisions="step40,step80")  # fmt: skip
+    assert evaluated == ["fake-user/tiny@step40"]  # step80, unchanged, is read from the cache
+    assert again.original_curve[0][1] == pytest.approx(logged[120], rel=1e-6)
+    assert logged[120] < logged[40] * 0.99  # the two evaluations are told apart

@@ -419,3 +419,41 @@ def test_relearn_swaps_in_a_saved_t5_encoder_model_folder_with_its_own_weights(t
     for name, tensor in saved.items():
         if name.startswith("encoder.block") or name == "encoder.final_layer_norm.weight":
             assert torch.equal(swapped[name], tensor), name
+
+
+def test_an_mt5_encoder_model_swaps_into_an_mt5():
+    """The README's "(or MT5EncoderModel)": its MT5Stack is taken out of the wrapper, as for T5."""
+    from transformers import MT5Config, MT5EncoderModel
+
+    model = load_model("mt5", {**TINY["t5"], "decoder_start_token_id": 0, "pad_token_id": 0})
+    encoder = MT5EncoderModel(MT5Config(**{**TINY["t5"], "d_model": 32, "d_ff": 128, "num_layers": 2}))
+    report = swap_encoder(model, encoder)
+    assert model.get_encoder() is encoder.encoder
+    assert report.new_width == 32 and report.adapter == "resized-kv"
+    assert torch.isfinite(check_forward_backward(model, 256))
+
+
+def test_a_t5_encoder_model_given_as_a_hub_id_loads_with_its_own_weights(tmp_path):
+    """`--swap_encoder NS/NAME` where the Hub repo holds a T5EncoderModel: loaded as that class, tensors unchanged."""
+    from hub_server import FakeHub, fake_hub_endpoint
+    from safetensors.torch import load_file
+    from transformers import T5Config, T5EncoderModel
+
+    from hf_relearn.swap import load_encoder
+
+    torch.manual_seed(3)
+    T5EncoderModel(T5Config(num_layers=2, d_model=32, d_ff=128, num_heads=2, d_kv=16, vocab_size=256)).save_pretrained(
+        tmp_path / "enc"
+    )
+    saved = load_file(tmp_path / "enc" / "model.safetensors")
+    with FakeHub() as hub, fake_hub_endpoint(hub, cache_dir=tmp_path / "hub-cache"):
+        files = {n: (tmp_path / "enc" / n).read_bytes() for n in ("config.json", "model.safetensors")}
+        hub.commit("fake-user/t5-enc", files)
+        encoder = load_encoder("fake-user/t5-enc")
+    assert type(encoder).__name__ == "T5EncoderModel"
+    loaded = encoder.state_dict()
+    assert saved.keys() - {"shared.weight"} <= loaded.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
+    model = _native("t5", 64)
+    assert swap_encoder(model, encoder).new_width == 32 and model.get_encoder() is encoder.encoder
