@@ -199,8 +199,8 @@ def test_a_relearn_with_the_cache_gives_the_same_curve(quiet_base, tmp_path):
     assert 0 < n_train < 60 * 16 and info["prefix_forwards"] == n_train + info["rows_filled"]["eval"]
     assert len(on.curve) == len(off.curve) == 7
     for (s1, v1), (s2, v2) in zip(on.curve, off.curve, strict=True):
-        assert s1 == s2 and v1 == pytest.approx(v2, abs=1e-4)
-    assert on.frozen_unchanged and on.steps_to_recover == off.steps_to_recover
+        assert s1 == s2 and v1 == v2  # bit-identical: the cached rows are the very tensors the prefix computes
+    assert on.train_curve == off.train_curve and on.frozen_unchanged and on.steps_to_recover == off.steps_to_recover
     saved = json.loads((tmp_path / "auto" / "relearn_result.json").read_text())
     assert saved["prefix_cache"]["enabled"] is True
 
