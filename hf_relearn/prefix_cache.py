@@ -135,8 +135,8 @@ class _Split:
 class PrefixCache:
     """Outputs of a frozen prefix for fixed datasets, filled lazily per example; see the module docstring.
 
-    ``max_memory_bytes``: above this total the stores go to memory-mapped files in ``directory`` (default: a
-    temporary folder, removed by ``close()``). ``capture_all``: fill every lower layer boundary too (for studies).
+    ``max_memory_bytes``: above this total the stores go to memory-mapped files in ``directory`` (default: a temporary
+    folder), which ``close()`` deletes. ``capture_all``: fill every lower layer boundary too (for studies).
     """
 
     def __init__(
@@ -155,7 +155,7 @@ class PrefixCache:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._serving: dict[str, Any] | None = None
         self._patched: dict[str, tuple[nn.Module, Any]] = {}
-        self._files = 0
+        self._files: list[Path] = []  # the memory-mapped files this cache created (close() deletes them)
 
     # ------------------------------------------------------------ patching the model
     def attach(self, model: nn.Module, plan: PrefixPlan) -> None:
@@ -177,9 +177,12 @@ class PrefixCache:
         self._patched = {}
 
     def close(self) -> None:
-        """Detach and delete any on-disk stores this cache created."""
+        """Detach and delete any on-disk stores this cache created (in ``directory`` too: the folder stays)."""
         self.detach()
         self.splits = {}
+        for file in self._files:
+            file.unlink(missing_ok=True)
+        self._files = []
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -313,8 +316,8 @@ class PrefixCache:
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool, name: str) -> torch.Tensor:
         if not on_disk:
             return torch.empty(shape, dtype=dtype)  # pages are committed only when rows are written
-        self._files += 1
-        file = self._dir() / f"{name}.{os.getpid()}.{self._files}.bin"
+        file = self._dir() / f"{name}.{os.getpid()}.{len(self._files) + 1}.bin"
+        self._files.append(file)
         return torch.from_file(str(file), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
     def _store_inputs(self, data: _Split, sub: dict[str, Any], slots: torch.Tensor) -> None:

@@ -353,5 +353,8 @@ def _meta_model(recipe: Recipe, base: BaseSpec):
     from .modeling import resolve_architecture
 
     config, cls = resolve_architecture(base.model, dict(base.overrides) or None, recipe.base.get("head"))
-    with torch.device("meta"):
-        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    except ValueError as err:  # sizes that do not fit together (n_embd not divisible by n_head, ...)
+        raise RelearnError(f"recipe {recipe.name!r}, base {base.id}: the model cannot be built: {err}") from None

@@ -40,7 +40,9 @@ Pointing an already-imported client at the fake (what ``fake_hub_endpoint`` does
   ``hf_hub_download``/``hf_hub_url`` when no ``endpoint=`` is passed) and ``huggingface_hub.hf_api.api.endpoint``
   (the module-level ``HfApi`` behind ``huggingface_hub.upload_file``, ``model_info``... which ModelCard.push_to_hub
   uses). ``HfApi`` instances copy the endpoint at ``__init__``: make them inside the context, or pass
-  ``HfApi(endpoint=hub.url)``.
+  ``HfApi(endpoint=hub.url)``. transformers keeps one such instance (``transformers.utils.hub._hf_api``, made at
+  its first Hub call and used by ``from_pretrained`` to resolve a revision): the fixture empties it, so one made
+  inside the context points at this hub and not at an earlier, stopped one.
 * ``constants.HF_HUB_OFFLINE`` (tests/conftest.py sets ``HF_HUB_OFFLINE=1`` before import) must be ``False`` or every
   request raises ``OfflineModeIsEnabled``; transformers' ``is_offline_mode`` reads the same constant.
 * ``constants.HF_HUB_DISABLE_TELEMETRY`` is import-time too: while False, building headers fetches
@@ -80,6 +82,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -703,6 +706,7 @@ def fake_hub_endpoint(
         env["HF_TOKEN"] = token
 
     saved_attrs = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in attrs]
+    saved_transformers_api = _swap_transformers_hf_api(None)
     saved_env = {key: os.environ.get(key) for key in env}
     close_session()  # no pooled connection to an earlier server (same port, maybe) may be reused
     try:
@@ -721,7 +725,18 @@ def fake_hub_endpoint(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _swap_transformers_hf_api(saved_transformers_api)  # also if transformers was first imported inside
         close_session()
+
+
+def _swap_transformers_hf_api(value: Any) -> Any:
+    """Set transformers' shared ``HfApi`` (``transformers.utils.hub._hf_api``, None = made afresh at its next use)
+    where transformers is imported; return the one it had (None if none or not imported)."""
+    module = sys.modules.get("transformers.utils.hub")
+    if module is None or not hasattr(module, "_hf_api"):
+        return None
+    old, module._hf_api = module._hf_api, value
+    return old
 
 
 def fake_hub(cache_dir: str | os.PathLike | None = None, **endpoint_kwargs: Any) -> Iterator[FakeHub]:

@@ -82,8 +82,12 @@ def test_only_block_rebuilds_the_recovered_model(run, hub):
     files = hub.files("me/block-only")
     assert set(files) == {"block.safetensors", "surgery.json", "README.md", "relearn_result.json", "relearn_curve.png"}
     assert len(files["block.safetensors"]) < len((run / "model.safetensors").read_bytes()) / 4  # README: a quarter
-    assert "load_relearned" in files["README.md"].decode()
     base = json.loads(files["relearn_result.json"])["model"]
+    card = files["README.md"].decode()  # names the base model it is rebuilt on
+    assert f"This is **{base}** after hf-relearn surgery" in card
+    assert f"load_relearned({base!r}, 'me/block-only')" in card
+    staged = run / "hub" / "block"  # everything was written there first
+    assert {p.name: p.read_bytes() for p in staged.iterdir()} == files
     rebuilt = load_relearned(base, "me/block-only").eval()
     full = load_model(str(run)).eval()
     ids = torch.randint(0, 256, (2, 32))
@@ -142,6 +146,8 @@ def test_trainer_push_to_hub_writes_our_card(run, hub, tmp_path, monkeypatch):
     card = ModelCard(files["README.md"].decode())
     metrics = {e.metric_type: e.metric_value for e in card.data.eval_results}
     assert metrics["steps_to_recover"] == result.steps_to_recover and "model.safetensors" in files
+    # the very card `hf-relearn push` stages for the same run and repo id
+    assert files["README.md"].decode() == (stage(tmp_path / "r", "me/trainer-push") / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")

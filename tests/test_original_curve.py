@@ -2,6 +2,7 @@
 loopback Hub (tests/hub_server.py)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,16 @@ def published(tmp_path_factory) -> Path:
     return out
 
 
-def _relearn(out: Path, base: Path, cache: Path, **kw):
-    args = RelearnArguments(
-        output_dir=str(out), block="decoder.1", max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
-        eval_steps=20, disable_tqdm=True, original_curve_cache=str(cache), original_tokens_per_step=16 * 64, **kw,
-    )  # fmt: skip
-    return relearn(ModelArguments(model=str(base)), DataArguments(**DATA), args)
+def _relearn(out: Path, base: Path, cache: Path | None, data: dict | None = None, **kw):
+    """A relearn of ``base`` (``cache`` None: no ``original_curve_cache``, the default folder)."""
+    kw = dict(
+        block="decoder.1", max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3, eval_steps=20,
+        disable_tqdm=True, original_tokens_per_step=16 * 64,
+    ) | kw  # fmt: skip
+    if cache is not None:
+        kw["original_curve_cache"] = str(cache)
+    args = RelearnArguments(output_dir=str(out), **kw)
+    return relearn(ModelArguments(model=str(base)), DataArguments(**{**DATA, **(data or {})}), args)
 
 
 def _logged_curve(base: Path) -> dict[int, float]:
@@ -134,3 +139,63 @@ def test_a_revision_whose_commit_changed_is_evaluated_again(published, tmp_path,
     assert evaluated == ["fake-user/tiny@step40"]  # step80, unchanged, is read from the cache
     assert again.original_curve[0][1] == pytest.approx(logged[120], rel=1e-6)
     assert logged[120] < logged[40] * 0.99  # the two evaluations are told apart
+
+
+def _counting_evaluations(monkeypatch) -> list[str]:
+    evaluated: list[str] = []
+    real = oc._evaluate
+    monkeypatch.setattr(oc, "_evaluate", lambda c, *a: evaluated.append(c.name) or real(c, *a))
+    return evaluated
+
+
+SHORT = dict(max_steps=2, eval_steps=1, stop_at_recovery=False)
+
+
+def test_other_validation_rows_are_evaluated_again(published, tmp_path, monkeypatch):
+    """The cache is keyed on the validation rows too: the same checkpoints on other rows are evaluated afresh."""
+    glob = str(published / "checkpoint-*")
+    evaluated = _counting_evaluations(monkeypatch)
+    first = _relearn(tmp_path / "rl16", published, tmp_path / "cache", {"max_eval_samples": 16},
+                     original_checkpoints=glob, **SHORT)  # fmt: skip
+    names = [str(published / f"checkpoint-{s}") for s in (40, 80, 120)]
+    assert evaluated == names
+    evaluated.clear()
+    other = _relearn(tmp_path / "rl8", published, tmp_path / "cache", {"max_eval_samples": 8},
+                     original_checkpoints=glob, **SHORT)  # fmt: skip
+    assert evaluated == names  # none read from the evaluations of the 16 rows
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 6
+    assert [s for s, _ in other.original_curve] == [40, 80, 120] and other.original_curve != first.original_curve
+    evaluated.clear()
+    again = _relearn(tmp_path / "rl8-again", published, tmp_path / "cache", {"max_eval_samples": 8},
+                     original_checkpoints=glob, **SHORT)  # fmt: skip
+    assert evaluated == [] and again.original_curve == other.original_curve  # the same rows: read from the cache
+
+
+def test_the_original_curve_cache_defaults_to_hf_home(published, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from huggingface_hub import constants
+
+    # HF_HOME, as the environment sets it, is where hf-relearn keeps what it computed once
+    home = tmp_path / "hf-home"
+    code = "from hf_relearn.io import cache_dir; print(cache_dir('original_curves'))"
+    env = {**os.environ, "HF_HOME": str(home)}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == str(home / "hf_relearn" / "original_curves")
+    # a relearn given no original_curve_cache writes its evaluations there
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    result = _relearn(tmp_path / "rl", published, None, original_checkpoints=str(published / "checkpoint-*"),
+                      **SHORT)  # fmt: skip
+    saved = [json.loads(f.read_text()) for f in (home / "hf_relearn" / "original_curves").glob("*.json")]
+    assert sorted((d["step"], d["eval_loss"]) for d in saved) == [tuple(p) for p in result.original_curve]
+    assert len(saved) == 3
+
+
+def test_original_steps_overrides_the_last_checkpoint_as_the_budget(published, tmp_path):
+    result = _relearn(tmp_path / "rl", published, tmp_path / "cache", original_checkpoints=str(published / "checkpoint-*"),
+                      original_steps=100, tolerance=0.05)  # fmt: skip
+    assert [s for s, _ in result.original_curve] == [40, 80, 120]  # the last checkpoint is 120 ...
+    assert result.original_steps == 100  # ... but the budget is what original_steps says
+    assert result.original_tokens == 100 * 16 * 64
+    assert result.recovered and result.fraction_of_original == pytest.approx(result.steps_to_recover / 100)

@@ -131,6 +131,10 @@ def test_an_overfit_base_is_flagged_at_the_top_of_the_report(tmp_path):
         ({"base": {}}, "needs base.model"),
         ({"data": {"train_file": "/no/such/file.txt"}}, "no such file"),
         ({"pretrain": None}, "needs relearn.original_steps"),
+        (
+            {"base": {**TINY_RECIPE["base"], "config_overrides": {"n_embd": 32, "n_head": 3, "n_positions": 32}}},
+            "base n_layer=2-seed0: the model cannot be built: `embed_dim` must be divisible by num_heads",
+        ),
     ],
 )
 def test_bad_recipes_fail_before_any_training(tmp_path, change, message):
