@@ -222,11 +222,15 @@ def _unrecovered_words(summary: list[dict]) -> list[str]:
     """The (block, arm) groups where not every run recovered within its step limit (empty when all did)."""
     out = []
     not_rec = [s for s in summary if s["recovered"] < s["runs"]]
+    several = len({json.dumps(s["grid"], sort_keys=True) for s in summary}) > 1
     if not_rec:
         out.append(
             "Not every run recovered within its step limit: "
-            + ", ".join(
-                f"{s['block']} [{s['arm']}] {s['runs'] - s['recovered']} of {s['runs']} unrecovered" for s in not_rec
+            + "; ".join(
+                f"{s['block']} [{s['arm']}]"
+                + (f" at ({_grid_label(s['grid'])})" if several else "")
+                + f" {s['runs'] - s['recovered']} of {s['runs']} unrecovered"
+                for s in not_rec
             )
             + " (their cost is a lower bound)."
         )

@@ -31,6 +31,17 @@ from .study_plots import make_plots
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _base_models(rows: list[dict]) -> str:
+    """The base model, or for a grid its values (each row's ``base_model`` holds its own grid point's overrides)."""
+    models = list(dict.fromkeys(r["base_model"] for r in rows))
+    if len(models) == 1:
+        return f"Base model: {models[0]}."
+    keys = list(dict.fromkeys(k for r in rows for k in r["grid"]))
+    values = {k: sorted({r["grid"][k] for r in rows if k in r["grid"]}, key=str) for k in keys}
+    grid = " x ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in values.items())
+    return f"Base models: {len(models)} grid points, {grid}; the first is {models[0]}."
+
+
 def build_report(study_dir: str | os.PathLike) -> dict:
     """Rebuild ``report.md`` and ``plots/`` from ``results.csv`` alone; returns paths, the table and the answer."""
     study_dir = Path(study_dir)
@@ -42,7 +53,7 @@ def build_report(study_dir: str | os.PathLike) -> dict:
     words = answer_in_words(rows, summary)
     warnings = _warnings(rows)
     first = rows[0]
-    lines = [f"# hf-relearn study: {first['study']}", "", f"Base model: {first['base_model']}.", ""]
+    lines = [f"# hf-relearn study: {first['study']}", "", _base_models(rows), ""]
     if warnings:
         lines += ["> **Read this first — these make recovery numbers mislead:**", ">"]
         lines += [f"> - {w}" for w in warnings] + [""]

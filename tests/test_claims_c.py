@@ -329,3 +329,15 @@ def test_the_arms_are_compared_at_2_and_5_percent_where_runs_miss_the_tolerance(
     # where every run of both arms reached the study's own tolerance, nothing is restated at looser ones
     rows = [_run(4, 64, layer, 0, 50 * 4, trainable=arm) for layer in range(4) for arm in ("block", "all")]
     assert not [w for w in answer_in_words(rows, summarise(rows)) if w.startswith("Arms (")]
+
+
+def test_a_grid_reports_its_grid_points_and_names_the_grid_point_of_each_unrecovered_block(tmp_path):
+    """A grid's header names the grid, not only the first grid point; the unrecovered blocks say where they ran."""
+    rows = [{**r, "base_model": f"gpt2 (n_layer={r['grid']['n_layer']},n_embd=32)"} for r in _looser_rows()]
+    report = _report(tmp_path, rows)
+    assert report.splitlines()[2] == (
+        "Base models: 2 grid points, n_layer in {2, 4} x n_embd in {32}; the first is gpt2 (n_layer=2,n_embd=32)."
+    )
+    unrecovered = next(line for line in report.splitlines() if "Not every run recovered" in line)
+    assert "decoder.0 [block] at (n_embd=32, n_layer=2) 3 of 3 unrecovered; " in unrecovered
+    assert "decoder.3 [all] at (n_embd=32, n_layer=4) 3 of 3 unrecovered" in unrecovered
