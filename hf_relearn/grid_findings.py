@@ -71,9 +71,12 @@ def _pct_sd(values: list[float]) -> str:
 
 
 def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Runs per (grid point, arm); an encoder-decoder's stacks apart (layer 0 of the encoder is not the decoder's)."""
+    several_stacks = len({r.get("stack") for r in rows if r.get("stack")}) > 1
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(json.dumps(r["grid"], sort_keys=True), r["trainable"])].append(r)
+        grid = {**r["grid"], "stack": r.get("stack")} if several_stacks else r["grid"]
+        groups[(json.dumps(grid, sort_keys=True), r["trainable"])].append(r)
     return groups
 
 

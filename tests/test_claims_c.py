@@ -341,3 +341,16 @@ def test_a_grid_reports_its_grid_points_and_names_the_grid_point_of_each_unrecov
     unrecovered = next(line for line in report.splitlines() if "Not every run recovered" in line)
     assert "decoder.0 [block] at (n_embd=32, n_layer=2) 3 of 3 unrecovered; " in unrecovered
     assert "decoder.3 [all] at (n_embd=32, n_layer=4) 3 of 3 unrecovered" in unrecovered
+
+
+def test_an_encoder_decoders_stacks_are_compared_apart():
+    """Layer 0 of an encoder is not layer 0 of the decoder: the position table has a line per stack."""
+    rows = []
+    for stack, steps in (("encoder", 100), ("decoder", 300)):
+        for layer in range(2):
+            for seed in range(3):
+                row = _run(2, 32, layer, seed, steps * (1 + layer))
+                rows.append({**row, "stack": stack, "block": f"{stack}.{layer}", "grid": {}})
+    table = grid_table(rows).splitlines()
+    cells = {line.split("|")[1].strip(): line.split("|")[7].strip() for line in table[2:]}
+    assert cells == {"stack=encoder": "15.0 ± 5.5%", "stack=decoder": "45.0 ± 16.4%"}
