@@ -40,7 +40,7 @@ from .metrics import Teacher, argmax_logits, build_compute_metrics, distill_loss
 from .original_curve import published_curve
 from .plots import plot_curve
 from .prefix_cache import PrefixCache
-from .prefix_plan import ROW_COLUMN
+from .prefix_plan import ROW_COLUMN, RowCollator, with_row_index
 from .result import (
     RelearnResult,
     base_run_warnings,
@@ -175,6 +175,10 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             )
             self._apply_trainable()
         self._setup_prefix_cache()
+        if args.objective == "distill" and not isinstance(self.data_collator, RowCollator):
+            # the teacher keeps its outputs per evaluation row: batches carry their rows' indices without a cache too
+            self.eval_dataset = with_row_index(self.eval_dataset)
+            self.data_collator = RowCollator(self.data_collator)
         self._frozen_before = normalised_fingerprint(self.model)
         self._reset_digest = digest_int(
             [self._frozen_before[n] for n in sorted(self.surgery.tensors) if n in self._frozen_before]
