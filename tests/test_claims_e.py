@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_claims_b import QUIET_GPT2
 from test_relearn import base_run, relearn_run
 from transformers import TrainerCallback, TrainingArguments
 
@@ -22,7 +23,6 @@ from hf_relearn.prefix_cache import PrefixCache
 from hf_relearn.probe import ProbeArguments
 from hf_relearn.trainer import RelearnArguments, RelearnTrainer
 
-QUIET_GPT2 = "n_layer=3,n_embd=32,n_head=2,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_claims_b import QUIET_GPT2
+from test_claims_e import _readme_says
 from test_distributed import launch
 from test_relearn import base_run, relearn_run
 from transformers import AutoConfig, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -18,14 +20,6 @@ from hf_relearn.files import RESULT_FILE
 from hf_relearn.metrics import Teacher
 from hf_relearn.probe import ProbeArguments, probe
 from hf_relearn.runner import ModelArguments
-
-QUIET_GPT2 = "n_layer=3,n_embd=32,n_head=2,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-
-def _readme_says(text: str) -> bool:
-    """``text`` occurs in the README, line breaks and runs of spaces read as one space."""
-    return " ".join(text.split()) in " ".join(README.split())
 
 
 @pytest.fixture(scope="module")
