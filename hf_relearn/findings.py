@@ -14,6 +14,7 @@ from collections import defaultdict
 from .files import ARM_LABELS
 from .grid_findings import arm_words, depth_width_words, jump_words, position_words
 from .stats import mean_sd
+from .swap_findings import swap_mechanism_words
 
 _mean_sd = mean_sd
 
@@ -322,7 +323,7 @@ def swap_answer(summary: list[dict]) -> list[str]:
     if scratch_steps:
         out.append(_swap_verdict(swaps, scratch_steps))
     out += _swap_same_steps(swaps)
-    return out
+    return out + swap_mechanism_words(summary)
 
 
 def _swap_comparison(heads: list[dict], one: dict | None, scratch_steps: float | None) -> list[str]:

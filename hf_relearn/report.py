@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .caveats import RESET_BARELY_MATTERED, UNIGRAM_LEVEL, codes_of
@@ -27,6 +28,7 @@ from .findings import (  # noqa: F401  (re-exported: hf_relearn.report.summarise
 )
 from .grid_findings import grid_table, layer_runs
 from .io import read_results
+from .recipe import STUDY_BASE
 from .study_plots import make_plots
 
 
@@ -93,8 +95,8 @@ def build_report(study_dir: str | os.PathLike) -> dict:
         f"{sum(bool(r['frozen_unchanged']) for r in rows)}/{len(rows)} runs), then training until recovered.",
         *(
             [
-                "- Encoder swaps (rows with a `swap` name): a new encoder built from config (fresh weights, the width in "
-                "`swap_width`), the decoder's cross-attention reset (or zeroed) and every cross-attention key/value "
+                f"- Encoder swaps (rows with a `swap` name): {_swap_encoders(rows)}, the width in `swap_width`; the "
+                "decoder's cross-attention reset (or zeroed) and every cross-attention key/value "
                 "resized to the new width where the model has no projection (see README, encoder swaps); the "
                 "decoder's other tensors frozen and proven unchanged; arms in `swap_cross_attention`, `swap_freeze`, "
                 "`swap_warmup_steps`. From scratch = the base run's own validation curve (`base_curve`)."
@@ -112,6 +114,26 @@ def build_report(study_dir: str | os.PathLike) -> dict:
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, report)
     return {"report": report, "plots": plots, "table": table_text(summary), "answer": words, "warnings": warnings}
+
+
+def _swap_encoders(rows: list[dict]) -> str:
+    """Where the swapped-in encoders came from, as the rows' ``swap_encoder`` says."""
+    kinds = []
+    encoders = {str(r.get("swap_encoder")) for r in rows if r.get("swap")}
+
+    def is_config_name(e: str) -> bool:  # a model type (t5, mt5): transformers' own check would import it
+        return re.fullmatch(r"[a-z0-9_]+", e) is not None and not os.path.exists(e)
+
+    if any(e.startswith(STUDY_BASE) for e in encoders):
+        kinds.append(
+            "a trained encoder taken from a donor model the study trained to convergence on the same data with its own "
+            "seed (`swap_encoder` names it under `bases/`)"
+        )
+    if any(is_config_name(e) for e in encoders):
+        kinds.append("a new encoder built from config (fresh weights)")
+    if any(not e.startswith(STUDY_BASE) and not is_config_name(e) for e in encoders):
+        kinds.append("a saved or Hub encoder (`swap_encoder`)")
+    return "; ".join(kinds)
 
 
 def _bases_line(rows: list[dict]) -> str:

@@ -1,0 +1,121 @@
+"""The swap study's causes in words (hf_relearn.swap_findings): which arm is cheaper, and the report built from the
+published swap study's real results.csv saying what separates the arms."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hf_relearn.report import build_report
+from hf_relearn.swap_findings import compare, mismatch_words, noise_words
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results" / "swap-encoder-t5"
+
+
+def arm(cost, recovered=3, runs=3, final=1.0, baseline=1.0, trained=None, block="swap:x", name_arm="a"):
+    """A summary as findings.summarise makes it, with only the fields the comparison reads."""
+    return {
+        "cost": cost,
+        "recovered": recovered,
+        "runs": runs,
+        "censored": recovered < runs,
+        "steps_trained": cost if trained is None else trained,
+        "final_loss": final,
+        "baseline": baseline,
+        "block": block,
+        "arm": name_arm,
+        "swap": block.removeprefix("swap:") if block.startswith("swap:") else None,
+        "old_width": 32,
+        "swap_width": 32,
+    }
+
+
+def test_recovered_beats_a_run_that_had_not_after_more_steps():
+    assert compare(arm(500), arm(3000, recovered=0, final=1.2)) == -1
+    assert compare(arm(3000, recovered=0, final=1.2), arm(500)) == 1
+
+
+def test_a_lower_bound_below_the_other_cost_decides_nothing():
+    # stopped unrecovered at 400 steps: it might still need fewer or more than 500
+    assert compare(arm(400, recovered=0, final=1.2), arm(500)) == 0
+
+
+def test_costs_within_ten_percent_are_undecided():
+    assert compare(arm(950), arm(1000)) == 0
+    assert compare(arm(800), arm(1000)) == -1
+
+
+def test_two_unrecovered_arms_compare_by_where_they_ended():
+    a = arm(3000, recovered=0, final=1.05)
+    b = arm(3000, recovered=0, final=1.20)
+    assert compare(a, b) == -1 and compare(b, a) == 1
+    # 1.20 vs 1.19: within 10% of the larger excess (0.2)
+    assert compare(arm(3000, recovered=0, final=1.19), b) == 0
+    # different step counts: not comparable by the end loss
+    assert compare(arm(2000, recovered=0, final=1.05), b) == 0
+
+
+def test_mismatch_words_blame_the_encoder_only_when_every_swap_is_dearer():
+    own = arm(300, block="decoder.*.cross_attention", name_arm="block")
+    dear = arm(3000, recovered=0, final=1.1, block="swap:same", name_arm="reset, decoder-except-cross")
+    cheap = arm(250, block="swap:wide", name_arm="reset, decoder-except-cross")
+    assert "the extra cost is the encoder's" in mismatch_words([own, dear])[0]
+    assert "no mismatch shows" in mismatch_words([own, cheap])[0]
+    mixed = mismatch_words([own, dear, cheap])[0]
+    assert "Own encoder cheaper than 1 of 2 swaps" in mixed and "extra cost" not in mixed
+
+
+def test_noise_words_count_zero_against_reset_per_encoder():
+    rows = [
+        arm(3000, recovered=0, final=1.30, block="swap:a", name_arm="reset, all-trainable"),
+        arm(3000, recovered=0, final=1.10, block="swap:a", name_arm="zero, all-trainable"),
+        arm(3000, recovered=0, final=1.05, block="swap:a", name_arm="reset, decoder-except-cross"),
+    ]
+    words = noise_words(rows)
+    assert any(
+        "everything trainable): the zeroed one was cheaper for 1 of 1 encoders, the reset one for 0" in w
+        for w in words
+    )
+    assert any("frozen was cheaper for 1 of 1" in w and "costs extra" in w for w in words)
+
+
+@pytest.fixture
+def published(tmp_path):
+    if not (PUBLISHED / "results.csv").exists():
+        pytest.skip("the published swap study is not in this checkout")
+    study = tmp_path / "swap"
+    shutil.copytree(PUBLISHED, study)
+    return study
+
+
+def test_the_published_swap_study_reports_the_mismatch_its_numbers_show(published):
+    """Real rows (docs/results/swap-encoder-t5): the base's own cross-attention wipe recovered in 310 steps on
+    average; every swapped encoder with only the cross-attention trainable stopped unrecovered at 500."""
+    out = build_report(published)
+    line = next(w for w in out["answer"] if "Representation mismatch" in w)
+    assert "with the base's own encoder, recovered in 310 steps (2/2 seeds)" in line
+    assert line.count("not recovered in 500 steps") == 3
+    assert "the extra cost is the encoder's" in line
+    report = (published / "report.md").read_text()
+    assert "a new encoder built from config (fresh weights)" in report
+    assert "trained encoder taken from a donor" not in report
+
+
+def test_a_study_of_trained_donors_says_where_its_encoders_came_from(published):
+    path = published / "results.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["swap"]:
+            r["swap_encoder"] = f"study-base:donor-{r['swap']}-seed1000"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    build_report(published)
+    report = (published / "report.md").read_text()
+    assert "a trained encoder taken from a donor model the study trained" in report
+    assert "fresh weights" not in report
