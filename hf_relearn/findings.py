@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 
 from .files import ARM_LABELS
-from .grid_findings import arm_words, depth_width_words, jump_words, position_words
+from .grid_findings import arm_words, depth_width_words, jump_words, position_words, repaired_words
 from .stats import mean_sd
 from .swap_findings import swap_mechanism_words
 
@@ -170,7 +170,7 @@ def answer_in_words(rows: list[dict], summary: list[dict]) -> list[str]:
     out = _layer_cost_words(rows, summary, layer_rows)
     out += _unrecovered_words(summary)
     out += _arm_words(summary)
-    out += position_words(rows) + jump_words(rows) + depth_width_words(rows) + arm_words(rows)
+    out += position_words(rows) + repaired_words(rows) + jump_words(rows) + depth_width_words(rows) + arm_words(rows)
     return out + swap_answer(summary)
 
 

@@ -110,6 +110,42 @@ def position_words(rows: list[dict]) -> list[str]:
     return out
 
 
+def repaired(row: dict) -> float:
+    """The share of the reset's damage a run undid by its last step: (after reset - final) / (after reset - intact)."""
+    damage = row["after_reset_eval_loss"] - row["baseline_eval_loss"]
+    return (row["after_reset_eval_loss"] - row["final_eval_loss"]) / damage if damage > 0 else math.nan
+
+
+def repaired_words(rows: list[dict]) -> list[str]:
+    """For a study whose runs all trained the same steps (``stop_at_recovery: false``, or none recovered before the
+    cap): per grid point and arm, the share of the damage each reset layer's runs undid in those steps (mean ± sd
+    over seeds), and whether it follows the layer's position. Empty when runs stopped at different steps (some
+    stopped at recovery: then the steps to recover are the answer)."""
+    if not rows or len({r["steps_trained"] for r in rows}) > 1:
+        return []
+    out = []
+    for (grid, arm), rs in _groups(layer_runs(rows)).items():
+        by_layer: dict[int, list[float]] = defaultdict(list)
+        for r in rs:
+            by_layer[r["layer"]].append(repaired(r))
+        cells = ", ".join(f"{layer}: {_pct_sd(v)}" for layer, v in sorted(by_layer.items()))
+        line = (
+            f"Damage repaired in the fixed budget of {rs[0]['steps_trained']} steps ({_label(json.loads(grid))}, "
+            f"arm {arm}; 1 - (final - intact) / (after reset - intact), mean ± sd over seeds), by layer: {cells}."
+        )
+        pairs = [(r["layer"], repaired(r)) for r in rs if not math.isnan(repaired(r))]
+        if len({p[0] for p in pairs}) >= 3:
+            rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
+            trend = (
+                ("later layers repaired more" if rc.rho > 0 else "earlier layers repaired more")
+                if rc.p_value < 0.05
+                else "no significant trend with position"
+            )
+            line += f" Layer index vs share repaired {rc}: {trend}."
+        out.append(line)
+    return out
+
+
 def reset_jump(row: dict) -> float:
     """How much the reset alone raised the recovery metric (what ``hf-relearn probe`` measures): relative to the
     intact model, or absolute where the intact model scores 0 (distill)."""
