@@ -226,7 +226,9 @@ def swap_encoder(
     if freeze == "all-trainable":
         for p in model.parameters():
             p.requires_grad_(True)
-        trainable = [n for n, _ in model.named_parameters()]
+        # every name, tied ones included (T5's lm_head and decoder.embed_tokens are the shared embedding): the
+        # frozen-tensor proof checks by name, and a tied name left out would read as a frozen tensor that moved
+        trainable = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     else:
         trainable = freeze_except(model, *blocks, block_map=swapped)
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -211,6 +211,18 @@ def test_encoder_decoder_model_swap_recovers_on_real_text(shared_data, tmp_path,
     assert result.recovered and result.frozen_unchanged
 
 
+def test_an_all_trainable_swap_trains_the_tied_embedding_under_all_its_names(t5_real_base, shared_data, tmp_path):
+    """A T5 ties lm_head and decoder.embed_tokens to its shared embedding: with everything trainable they move (as
+    the one tensor they are) and the frozen-tensor proof must not call them frozen tensors that changed."""
+    enc = "num_layers=2,d_model=32,d_ff=128,num_heads=2,d_kv=16,vocab_size=259"
+    result = _relearn(
+        tmp_path, t5_real_base, _real_data(shared_data), swap_encoder="t5", swap_encoder_overrides=enc,
+        swap_freeze="all-trainable", max_steps=3, eval_steps=3, stop_at_recovery=False,
+    )  # fmt: skip
+    assert result.frozen_unchanged and not result.frozen_changed
+    assert {"shared.weight", "lm_head.weight", "decoder.embed_tokens.weight"} <= set(result.surgery["trainable"])
+
+
 def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data, tmp_path):
     from transformers import TrainerCallback
 
