@@ -97,9 +97,11 @@ def build_report(study_dir: str | os.PathLike) -> dict:
             [
                 f"- Encoder swaps (rows with a `swap` name): {_swap_encoders(rows)}, the width in `swap_width`; the "
                 "decoder's cross-attention reset (or zeroed) and every cross-attention key/value "
-                "resized to the new width where the model has no projection (see README, encoder swaps); the "
-                "decoder's other tensors frozen and proven unchanged; arms in `swap_cross_attention`, `swap_freeze`, "
-                "`swap_warmup_steps`. From scratch = the base run's own validation curve (`base_curve`)."
+                "resized to the new width where the model has no projection (see README, encoder swaps); arms in "
+                "`swap_cross_attention`, `swap_freeze` (`decoder-except-cross`: only the cross-attention trains, the "
+                "new encoder and the decoder's other tensors frozen and proven unchanged; `encoder-trainable`: the "
+                "new encoder trains too; `all-trainable`: everything trains), `swap_warmup_steps`. From scratch = "
+                "the base run's own validation curve (`base_curve`)."
             ]
             if any(r.get("swap") for r in rows)
             else []

@@ -35,16 +35,22 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
     if layer_sum:
         made.append(_cost_vs_layer_plot(layer_sum, grids, plots_dir / "cost_vs_layer.png"))
 
-    # 3. arms side by side
-    arms = list(dict.fromkeys(s["arm"] for s in summary))
+    # 3. arms side by side, at the grid point that ran the most arms
+    grid = arms_grid(summary, grids)
+    arms = list(dict.fromkeys(s["arm"] for s in summary if json.dumps(s["grid"], sort_keys=True) == grid))
     if len(arms) > 1:
-        made.append(_arms_plot(summary, arms, grids[0], plots_dir / "arms.png"))
+        made.append(_arms_plot(summary, arms, grid, plots_dir / "arms.png"))
 
     # 4. depth and width: cost vs relative position, one line per grid value
     made += _relative_depth_plot(rows, plots_dir)
     if any(r.get("swap") for r in rows):
         made.append(_swap_plot(rows, plots_dir / "swap_recovery.png"))
     return made
+
+
+def arms_grid(summary: list[dict], grids: list[str]) -> str:
+    """The grid point whose arms the arms plot compares: the one that ran the most arms (the first such, in order)."""
+    return max(grids, key=lambda g: len({s["arm"] for s in summary if json.dumps(s["grid"], sort_keys=True) == g}))
 
 
 def _pyplot():
@@ -138,30 +144,45 @@ def _cost_vs_layer_plot(layer_sum: list[dict], grids: list[str], path: Path) -> 
     return _save(fig, path)
 
 
+def arm_bars(
+    summary: list[dict], arms: list[str], grid: str
+) -> tuple[list[str], list[list[float]], list[list[bool]], str]:
+    """What the arms plot draws at one grid point: its blocks, per arm a bar per block, which bars are lower bounds,
+    and the axis label. Steps to recover (a run that did not recover counts at the steps it trained: a lower bound);
+    when every bar would be a lower bound (each arm had runs that did not recover), most bars sit at the same cap,
+    so it draws instead how far above the intact model's loss each arm's runs ended (%, mean)."""
+    mine = [s for s in summary if json.dumps(s["grid"], sort_keys=True) == grid]
+    blocks = list(dict.fromkeys(s["block"] for s in mine))
+    none_recovered = bool(mine) and all(s["censored"] for s in mine)  # every bar a lower bound: most at the cap
+    values, bounds = [], []
+    for arm in arms:
+        found = [next((s for s in mine if s["block"] == b and s["arm"] == arm), None) for b in blocks]
+        if none_recovered:
+            values.append([100 * (s["final_loss"] / s["baseline"] - 1) if s else 0 for s in found])
+            bounds.append([False for _ in found])
+        else:
+            values.append([s["cost"] if s else 0 for s in found])
+            bounds.append([bool(s and s["censored"]) for s in found])
+    label = (
+        "% above the intact loss at the end\n(mean; every arm had runs unrecovered)"
+        if none_recovered
+        else "steps to recover (mean; hatched = lower bound)"
+    )
+    return blocks, values, bounds, label
+
+
 def _arms_plot(summary: list[dict], arms: list[str], grid: str, path: Path) -> Path:
-    """The trainable arms' steps side by side per block, at one grid point (hatched bars: lower bounds)."""
+    """The trainable arms side by side per block, at one grid point (see ``arm_bars`` for what the bars are)."""
     plt = _pyplot()
-    blocks = list(dict.fromkeys(s["block"] for s in summary if json.dumps(s["grid"], sort_keys=True) == grid))
+    blocks, values, bounds, label = arm_bars(summary, arms, grid)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(blocks) * len(arms) / 2), 4.5))
     width = 0.8 / len(arms)
     for j, arm in enumerate(arms):
-        vals, hatches = [], []
-        for b in blocks:
-            s = next(
-                (
-                    s
-                    for s in summary
-                    if s["block"] == b and s["arm"] == arm and json.dumps(s["grid"], sort_keys=True) == grid
-                ),
-                None,
-            )
-            vals.append(s["cost"] if s else 0)  # unrecovered runs count with the steps they trained
-            hatches.append("//" if s and s["censored"] else "")
-        bars = ax.bar([i + j * width for i in range(len(blocks))], vals, width, label=ARM_LABELS.get(arm, arm))
-        for bar, hatch in zip(bars, hatches, strict=True):
-            bar.set_hatch(hatch)
+        bars = ax.bar([i + j * width for i in range(len(blocks))], values[j], width, label=ARM_LABELS.get(arm, arm))
+        for bar, bound in zip(bars, bounds[j], strict=True):
+            bar.set_hatch("//" if bound else "")
     ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(blocks))], blocks, rotation=30, ha="right")
-    ax.set_ylabel("steps to recover (mean; hatched = lower bound)")
+    ax.set_ylabel(label)
     ax.set_title(f"Trainable arms side by side ({_grid_label(json.loads(grid))})")
     ax.legend(fontsize=8)
     fig.tight_layout()

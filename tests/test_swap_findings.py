@@ -119,3 +119,39 @@ def test_a_study_of_trained_donors_says_where_its_encoders_came_from(published):
     report = (published / "report.md").read_text()
     assert "a trained encoder taken from a donor model the study trained" in report
     assert "fresh weights" not in report
+
+
+def test_the_arms_plot_draws_the_loss_left_when_nothing_recovered(published):
+    """Every bar at the cap says nothing: where no run recovered, the arms plot draws how far above the intact
+    loss each arm ended; where some did, steps to recover with lower bounds marked."""
+    from hf_relearn.findings import summarise
+    from hf_relearn.io import read_results
+    from hf_relearn.study_plots import arm_bars
+
+    summary = summarise(read_results(published / "results.csv"))
+    arms = list(dict.fromkeys(s["arm"] for s in summary))
+    blocks, values, bounds, label = arm_bars(summary, arms, "{}")
+    # some runs of the published swap study recovered (the cross-attention wipes): steps, lower bounds hatched
+    assert label.startswith("steps to recover") and any(any(b) for b in bounds)
+    none = [s for s in summary if s["recovered"] == 0]
+    blocks, values, bounds, label = arm_bars(none, arms, "{}")
+    assert label.startswith("% above the intact loss") and not any(any(b) for b in bounds)
+    first = next(s for s in none if s["block"] == blocks[0])
+    j = arms.index(first["arm"])
+    assert values[j][0] == pytest.approx(100 * (first["final_loss"] / first["baseline"] - 1))
+
+
+def test_the_arms_plot_compares_the_arms_where_they_ran():
+    """The decoder grid ran `all` and `lora-rest` only at N=4, D=64: that is the grid point its arms plot shows."""
+    import json
+
+    from hf_relearn.findings import summarise
+    from hf_relearn.io import read_results
+    from hf_relearn.study_plots import arms_grid
+
+    path = PUBLISHED.parent / "decoder-grid" / "results.csv"
+    if not path.exists():
+        pytest.skip("the published decoder grid is not in this checkout")
+    rows = read_results(path)
+    grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in rows))
+    assert json.loads(arms_grid(summarise(rows), grids)) == {"n_embd": 64, "n_layer": 4}
