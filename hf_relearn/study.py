@@ -125,7 +125,10 @@ def _run_one(
         )
     model = str(base_dir) if base_dir is not None else run.base.model
     data_args = DataArguments(**recipe.data)
-    model_args = ModelArguments(model=model, head=recipe.base.get("head"))
+    # a ready-trained base (no pretrain section) is loaded here, so its config overrides apply here (a base the
+    # study trained has them built in)
+    overrides = (dict(run.base.overrides) or None) if base_dir is None else None
+    model_args = ModelArguments(model=model, head=recipe.base.get("head"), config_overrides=overrides)
     args = RelearnArguments(**settings)
     return relearn(model_args, data_args, args, quiet=True, prefix_cache=prefix_cache, baseline=baseline).to_dict()
 

@@ -44,3 +44,29 @@ def test_a_study_that_stops_at_recovery_does_not_claim_a_fixed_budget(tmp_path):
     run_study(Recipe.from_dict(recipe), tmp_path, progress=False)
     assert any(r["stopped"] == "recovered" for r in read_results(tmp_path / "results.csv"))
     assert not any("Damage repaired" in w for w in build_report(tmp_path)["answer"])
+
+
+def test_a_ready_trained_base_gets_the_recipes_config_overrides(tmp_path):
+    """A recipe without pretrain (as minilm-distill, which turns dropout off) loads its base in each run: the base's
+    config_overrides must reach that model (they were dropped, and the runs trained with the checkpoint's dropout)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "ready"
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=259, resid_pdrop=0.1)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    recipe = {
+        "name": "ready",
+        "base": {"model": str(folder), "config_overrides": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                 "objective": "clm"},
+        "data": {"block_size": 32, "generated_chars": 20000, "max_eval_samples": 16},
+        "pretrain": None,
+        "sweep": {"blocks": ["decoder.1"], "trainable": ["block"], "seeds": [0]},
+        "relearn": {"max_steps": 2, "eval_steps": 1, "per_device_train_batch_size": 4, "stop_at_recovery": False,
+                    "original_steps": 100, "save_final_model": True},
+    }  # fmt: skip
+    run_study(Recipe.from_dict(recipe), tmp_path / "study", progress=False)
+    (row,) = read_results(tmp_path / "study" / "results.csv")
+    saved = GPT2Config.from_pretrained(tmp_path / "study" / "runs" / row["run_id"])
+    assert (saved.resid_pdrop, saved.embd_pdrop, saved.attn_pdrop) == (0.0, 0.0, 0.0)
+    # with no dropout left in the frozen layer below, the prefix cache serves training rows too
+    assert "train" in row["prefix_cache"]["splits"]
