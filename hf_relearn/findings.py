@@ -19,6 +19,13 @@ from .swap_findings import swap_mechanism_words
 _mean_sd = mean_sd
 
 
+def jump_text(s: dict, digits: int = 1) -> str:
+    """A summary's loss jump after the reset: relative ('+12.3%'), or absolute where the intact loss is 0."""
+    if math.isnan(s["jump"][0]):
+        return f"+{s['jump_abs']:.4f} (absolute)"
+    return f"+{100 * s['jump'][0]:.{digits}f}%"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -73,6 +80,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         fracs = [r["fraction_of_original"] for r in rec if r["fraction_of_original"] is not None]
         tokens = [r["tokens_to_recover"] for r in rec if r["tokens_to_recover"] is not None]
         jumps = [r["after_reset_eval_loss"] / r["baseline_eval_loss"] - 1 for r in rs if r["baseline_eval_loss"]]
+        # where the intact loss is 0 (distill) a relative jump is undefined: the absolute one is reported
+        jumps_abs = [r["after_reset_eval_loss"] - r["baseline_eval_loss"] for r in rs]
         scratch = [r["original_steps_to_same_loss"] for r in rs if r.get("original_steps_to_same_loss")]
         # cost with unrecovered runs counted at the steps they trained: a lower bound, marked "censored"
         cost = [r["steps_to_recover"] if r["recovered"] else r["steps_trained"] for r in rs]
@@ -95,6 +104,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "fraction_list": fracs,
                 "tokens": _mean_sd(tokens),
                 "jump": _mean_sd(jumps),
+                "jump_abs": statistics.fmean(jumps_abs),
                 "scratch_steps": _mean_sd(scratch),
                 "original_steps": budget,
                 "cost": statistics.fmean(cost),
@@ -120,6 +130,17 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _of_what(row: dict) -> str:
+    """What a distill run's tolerance is a share of (its intact loss is 0): the damage the reset did."""
+    return " of the reset's damage" if row["objective"] == "distill" and not row["baseline_eval_loss"] else ""
+
+
+def _jump_cell(s: dict) -> str:
+    if math.isnan(s["jump"][0]):
+        return f"+{s['jump_abs']:.4f} (abs.)"
+    return f"{_fmt(100 * s['jump'][0], 100 * s['jump'][1], 2)}%"
+
+
 def table_markdown(summary: list[dict]) -> str:
     """The results table (markdown): one line per grid point x block x arm."""
     lines = [
@@ -133,7 +154,7 @@ def table_markdown(summary: list[dict]) -> str:
         )
         lines.append(
             f"| {_grid_label(s['grid'])} | {s['block']}{'' if s['init'] == 'scratch' else ' (' + s['init'] + ')'} "
-            f"| {s['arm']} | {_fmt(100 * s['jump'][0], 100 * s['jump'][1], 2)}% | {_steps_cell(s)}{unrec} "
+            f"| {s['arm']} | {_jump_cell(s)} | {_steps_cell(s)}{unrec} "
             f"| {_frac_cell(s)} | {_fmt(*s['tokens'])} "
             f"| {s['recovered']}/{s['runs']} | {_fmt(*s['scratch_steps'])} |"
         )
@@ -203,10 +224,15 @@ def _layer_cost_words(rows: list[dict], summary: list[dict], layer_rows: list[di
         )
         out.append(
             f"**{label}** (original budget{'s' if len(budgets) > 1 else ''} {budget} steps): re-learning one reset layer with the rest frozen got the "
-            f"validation loss back within {100 * tol:g}% in {_cost(cheap)} to {_cost(dear)} of the original "
-            f"budget (mean {_pct(statistics.fmean(fr))}){censored}. Dearest: {dear['block']} ({_cost(dear)}; the reset "
-            f"raised the loss {100 * dear['jump'][0]:.1f}%). Cheapest: {cheap['block']} ({_cost(cheap)}; loss "
-            f"+{100 * cheap['jump'][0]:.1f}%)."
+            f"validation loss back within {100 * tol:g}%{_of_what(first)} in {_cost(cheap)} to {_cost(dear)} of the original "
+            f"budget (mean {_pct(statistics.fmean(fr))}){censored}. "
+            + (
+                f"Dearest: {dear['block']} ({_cost(dear)}; the reset raised the loss {jump_text(dear)}). Cheapest: "
+                f"{cheap['block']} ({_cost(cheap)}; loss {jump_text(cheap)})."
+                if dear["cost_fraction"] != cheap["cost_fraction"]
+                else "Every layer cost the same"
+                + (": no run recovered within its step limit." if all(s["recovered"] == 0 for s in mine) else ".")
+            )
         )
         scratch = [s["scratch_steps"][0] for s in mine if not math.isnan(s["scratch_steps"][0])]
         steps = [s["steps"][0] for s in mine if not math.isnan(s["steps"][0])]

@@ -97,6 +97,8 @@ def position_words(rows: list[dict]) -> list[str]:
             continue
         for tol in _tolerances(rs):
             pairs = [(r["layer"], run_cost(r, tol)) for r in rs if not math.isnan(run_cost(r, tol))]
+            if len({p[1] for p in pairs}) < 2:  # every run at the same cap: nothing to rank
+                continue
             rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
             if rc.p_value < 0.05:
                 verdict = "later layers cost more" if rc.rho > 0 else "earlier layers cost more"
@@ -116,12 +118,17 @@ def repaired(row: dict) -> float:
     return (row["after_reset_eval_loss"] - row["final_eval_loss"]) / damage if damage > 0 else math.nan
 
 
+def fixed_budget(rows: list[dict]) -> bool:
+    """Whether every run trained the same steps (``stop_at_recovery: false``, or none recovered before the cap)."""
+    return bool(rows) and len({r["steps_trained"] for r in rows}) == 1
+
+
 def repaired_words(rows: list[dict]) -> list[str]:
     """For a study whose runs all trained the same steps (``stop_at_recovery: false``, or none recovered before the
     cap): per grid point and arm, the share of the damage each reset layer's runs undid in those steps (mean ± sd
     over seeds), and whether it follows the layer's position. Empty when runs stopped at different steps (some
     stopped at recovery: then the steps to recover are the answer)."""
-    if not rows or len({r["steps_trained"] for r in rows}) > 1:
+    if not fixed_budget(rows):
         return []
     out = []
     for (grid, arm), rs in _groups(layer_runs(rows)).items():
@@ -157,21 +164,25 @@ def jump_words(rows: list[dict]) -> list[str]:
     """Per grid point and arm: does the loss jump right after the reset predict the cost of re-learning?"""
     out = []
     runs = [r for r in rows if not r.get("swap") and r.get("original_steps")]
+    fixed = fixed_budget(runs)  # every cost the same: relate the jump to the share of the damage repaired instead
+    measure = repaired if fixed else run_cost
     for (grid, arm), rs in _groups(runs).items():
-        pairs = [(reset_jump(r), run_cost(r)) for r in rs if not math.isnan(run_cost(r))]
-        if len({p[0] for p in pairs}) < 3:
+        pairs = [(reset_jump(r), measure(r)) for r in rs if not math.isnan(measure(r))]
+        if len({p[0] for p in pairs}) < 3 or len({p[1] for p in pairs}) < 2:
             continue
         rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
-        verdict = (
-            ("a larger jump costs more" if rc.rho > 0 else "a larger jump costs less")
-            if rc.p_value < 0.05
-            else "no significant relation"
-        )
+        more, less = ("is repaired more", "is repaired less") if fixed else ("costs more", "costs less")
+        verdict = (f"a larger jump {more if rc.rho > 0 else less}") if rc.p_value < 0.05 else "no significant relation"
         censored = sum(not r["recovered"] for r in rs)
-        lower = f" ({censored} unrecovered runs enter at their lower bound)" if censored else ""
+        lower = f" ({censored} unrecovered runs enter at their lower bound)" if censored and not fixed else ""
+        against = (
+            f"the share of the damage repaired in {rs[0]['steps_trained']} steps"
+            if fixed
+            else "the cost of re-learning"
+        )
         out.append(
             f"Zero-shot jump ({_label(json.loads(grid))}, arm {arm}): the loss rise right after the reset, with no "
-            f"training (what `hf-relearn probe` measures), vs the cost of re-learning{lower}: {rc}: {verdict}."
+            f"training (what `hf-relearn probe` measures), vs {against}{lower}: {rc}: {verdict}."
         )
     return out
 

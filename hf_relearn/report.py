@@ -76,8 +76,13 @@ def build_report(study_dir: str | os.PathLike) -> dict:
     lines += [
         "## Table",
         "",
-        f"Recovered = validation {first['recovery_metric']} back within {100 * first['tolerance']:g}% of the intact "
-        f"model's, held for {first['patience']} evaluation(s). Mean ± sd over seeds; runs that did not recover are "
+        f"Recovered = validation {first['recovery_metric']} back within {100 * first['tolerance']:g}% of "
+        + (
+            "the damage the reset did (distill: the intact model's loss is 0)"
+            if first["objective"] == "distill" and not first["baseline_eval_loss"]
+            else "the intact model's"
+        )
+        + f", held for {first['patience']} evaluation(s). Mean ± sd over seeds; runs that did not recover are "
         "left out of the means and counted in the 'recovered' column.",
         "",
         table_markdown(summary),

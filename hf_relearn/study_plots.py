@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .files import ARM_LABELS
 from .findings import DEFAULT_SWAP_ARM, _grid_label, run_arm, run_label
-from .grid_findings import layer_runs, run_cost
+from .grid_findings import fixed_budget, layer_runs, repaired, run_cost
 from .stats import mean_sd
 
 
@@ -32,7 +32,9 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
         for s in summary
         if s["layer"] is not None and s["init"] == "scratch" and s["cost_fraction"] == s["cost_fraction"]
     ]
-    if layer_sum:
+    if fixed_budget(layer_runs(rows)):  # every cost is the same budget: draw the damage repaired instead
+        made.append(_repaired_plot(rows, plots_dir / "repaired.png"))
+    elif layer_sum:
         made.append(_cost_vs_layer_plot(layer_sum, grids, plots_dir / "cost_vs_layer.png"))
 
     # 3. arms side by side, at the grid point that ran the most arms
@@ -42,10 +44,34 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
         made.append(_arms_plot(summary, arms, grid, plots_dir / "arms.png"))
 
     # 4. depth and width: cost vs relative position, one line per grid value
-    made += _relative_depth_plot(rows, plots_dir)
+    if not fixed_budget(layer_runs(rows)):
+        made += _relative_depth_plot(rows, plots_dir)
     if any(r.get("swap") for r in rows):
         made.append(_swap_plot(rows, plots_dir / "swap_recovery.png"))
     return made
+
+
+def _threshold_label(row: dict) -> str:
+    """The recovery line's legend: a share of the intact loss, or (distill, intact loss 0) of that run's damage."""
+    if row["objective"] == "distill" and not row["baseline_eval_loss"]:
+        return f"recovered: {100 * row['tolerance']:g}% of {row['block']}'s damage"
+    return f"baseline + {100 * row['tolerance']:g}%"
+
+
+def _repaired_plot(rows: list[dict], path: Path) -> Path:
+    """A fixed-budget study: the share of the damage each reset layer's runs repaired, mean ± sd over seeds."""
+    plt = _pyplot()
+    runs = layer_runs(rows)
+    layers = sorted({r["layer"] for r in runs})
+    stats = [mean_sd([repaired(r) for r in runs if r["layer"] == layer]) for layer in layers]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.bar(layers, [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats], capsize=4)
+    ax.set_xlabel("reset layer")
+    ax.set_ylabel(f"damage repaired in {runs[0]['steps_trained']} steps (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Share of the reset's damage re-learned (mean ± sd over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def arms_grid(summary: list[dict], grids: list[str]) -> str:
@@ -91,9 +117,7 @@ def _curves_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
                 lw=1.5,
                 label=f"relearn {run_label(r)}",
             )
-        ax.axhline(
-            rs[0]["recovery_threshold"], color="grey", ls="--", lw=1, label=f"baseline + {100 * rs[0]['tolerance']:g}%"
-        )
+        ax.axhline(rs[0]["recovery_threshold"], color="grey", ls="--", lw=1, label=_threshold_label(rs[0]))
         ax.set_xscale("log")
         ax.set_xlabel("optimizer steps (log)")
         ax.set_ylabel(rs[0]["recovery_metric"])

@@ -37,6 +37,9 @@ def test_a_fixed_budget_study_reports_the_damage_repaired_per_layer(tmp_path):
         cell = re.search(rf"\b{layer}: (-?[0-9.]+) ± ", line)
         assert cell and abs(float(cell.group(1)) - mean) < 0.051, (layer, mean, line)
     assert "Layer index vs share repaired rho" in line
+    # every cost is the same budget: the plot draws the damage repaired, not a flat cost per layer
+    plots = {p.name for p in (tmp_path / "plots").glob("*.png")}
+    assert "repaired.png" in plots and "cost_vs_layer.png" not in plots
 
 
 def test_a_study_that_stops_at_recovery_does_not_claim_a_fixed_budget(tmp_path):
@@ -70,3 +73,32 @@ def test_a_ready_trained_base_gets_the_recipes_config_overrides(tmp_path):
     assert (saved.resid_pdrop, saved.embd_pdrop, saved.attn_pdrop) == (0.0, 0.0, 0.0)
     # with no dropout left in the frozen layer below, the prefix cache serves training rows too
     assert "train" in row["prefix_cache"]["splits"]
+
+
+def test_a_distill_study_reports_absolute_jumps_and_the_damage_its_tolerance_is_a_share_of(tmp_path):
+    """Distill (as minilm-distill): the intact model's loss is 0, so a relative jump is undefined and the tolerance is
+    a share of the reset's damage; with every run at the same budget the jump is related to the share repaired."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "ready"
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=32, vocab_size=259)).save_pretrained(folder)
+    recipe = {
+        "name": "distill",
+        "base": {"model": str(folder), "objective": "distill"},
+        "data": {"block_size": 32, "generated_chars": 20000, "max_eval_samples": 16},
+        "pretrain": None,
+        "sweep": {"blocks": "all_layers", "trainable": ["block"], "seeds": [0]},
+        "relearn": {"objective": "distill", "max_steps": 3, "eval_steps": 1, "per_device_train_batch_size": 4,
+                    "stop_at_recovery": False, "tolerance": 0.001, "original_steps": 3, "learning_rate": 1e-4},
+    }  # fmt: skip
+    run_study(Recipe.from_dict(recipe), tmp_path / "study", progress=False)
+    rows = read_results(tmp_path / "study" / "results.csv")
+    assert all(r["baseline_eval_loss"] == 0 and not r["recovered"] for r in rows)
+    out = build_report(tmp_path / "study")
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "nan" not in report.lower() and "rho n/a" not in report
+    first = next(r for r in rows if r["layer"] == 0)
+    assert f"| +{first['after_reset_eval_loss']:.4f} (abs.) |" in report
+    assert "back within 0.1% of the damage the reset did" in report
+    assert any("back within 0.1% of the reset's damage" in w for w in out["answer"])
+    assert any("vs the share of the damage repaired in 3 steps" in w for w in out["answer"])
