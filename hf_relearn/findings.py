@@ -20,10 +20,10 @@ _mean_sd = mean_sd
 
 
 def jump_text(s: dict, digits: int = 1) -> str:
-    """A summary's loss jump after the reset: relative ('+12.3%'), or absolute where the intact loss is 0."""
+    """A summary's loss jump after the reset, unsigned: relative ('12.3%'), or absolute where the intact loss is 0."""
     if math.isnan(s["jump"][0]):
-        return f"+{s['jump_abs']:.4f} (absolute)"
-    return f"+{100 * s['jump'][0]:.{digits}f}%"
+        return f"{s['jump_abs']:.4f} (absolute)"
+    return f"{100 * s['jump'][0]:.{digits}f}%"
 
 
 def _pct(x: float | None) -> str:
@@ -228,7 +228,7 @@ def _layer_cost_words(rows: list[dict], summary: list[dict], layer_rows: list[di
             f"budget (mean {_pct(statistics.fmean(fr))}){censored}. "
             + (
                 f"Dearest: {dear['block']} ({_cost(dear)}; the reset raised the loss {jump_text(dear)}). Cheapest: "
-                f"{cheap['block']} ({_cost(cheap)}; loss {jump_text(cheap)})."
+                f"{cheap['block']} ({_cost(cheap)}; loss +{jump_text(cheap)})."
                 if dear["cost_fraction"] != cheap["cost_fraction"]
                 else "Every layer cost the same"
                 + (": no run recovered within its step limit." if all(s["recovered"] == 0 for s in mine) else ".")

@@ -44,8 +44,7 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
         made.append(_arms_plot(summary, arms, grid, plots_dir / "arms.png"))
 
     # 4. depth and width: cost vs relative position, one line per grid value
-    if not fixed_budget(layer_runs(rows)):
-        made += _relative_depth_plot(rows, plots_dir)
+    made += _relative_depth_plot(rows, plots_dir)
     if any(r.get("swap") for r in rows):
         made.append(_swap_plot(rows, plots_dir / "swap_recovery.png"))
     return made
