@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 
 from .files import ARM_LABELS
-from .grid_findings import arm_words, depth_width_words, jump_words, position_words, repaired_words
+from .grid_findings import arm_words, damage_relative, depth_width_words, jump_words, position_words, repaired_words
 from .stats import mean_sd
 from .swap_findings import swap_mechanism_words
 
@@ -132,7 +132,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def _of_what(row: dict) -> str:
     """What a distill run's tolerance is a share of (its intact loss is 0): the damage the reset did."""
-    return " of the reset's damage" if row["objective"] == "distill" and not row["baseline_eval_loss"] else ""
+    return " of the reset's damage" if damage_relative(row) else ""
 
 
 def _jump_cell(s: dict) -> str:

@@ -118,6 +118,12 @@ def repaired(row: dict) -> float:
     return (row["after_reset_eval_loss"] - row["final_eval_loss"]) / damage if damage > 0 else math.nan
 
 
+def damage_relative(row: dict) -> bool:
+    """Whether a run's tolerance is a share of the reset's damage, not of the intact loss (distill: the intact loss
+    is 0; see ``result.recovery_threshold``)."""
+    return row["objective"] == "distill" and not row["baseline_eval_loss"]
+
+
 def fixed_budget(rows: list[dict]) -> bool:
     """Whether every run trained the same steps (``stop_at_recovery: false``, or none recovered before the cap)."""
     return bool(rows) and len({r["steps_trained"] for r in rows}) == 1

@@ -26,7 +26,7 @@ from .findings import (  # noqa: F401  (re-exported: hf_relearn.report.summarise
     table_markdown,
     table_text,
 )
-from .grid_findings import grid_table, layer_runs
+from .grid_findings import damage_relative, grid_table, layer_runs
 from .io import read_results
 from .recipe import STUDY_BASE
 from .study_plots import make_plots
@@ -79,7 +79,7 @@ def build_report(study_dir: str | os.PathLike) -> dict:
         f"Recovered = validation {first['recovery_metric']} back within {100 * first['tolerance']:g}% of "
         + (
             "the damage the reset did (distill: the intact model's loss is 0)"
-            if first["objective"] == "distill" and not first["baseline_eval_loss"]
+            if damage_relative(first)
             else "the intact model's"
         )
         + f", held for {first['patience']} evaluation(s). Mean ± sd over seeds; runs that did not recover are "

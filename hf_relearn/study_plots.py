@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .files import ARM_LABELS
 from .findings import DEFAULT_SWAP_ARM, _grid_label, run_arm, run_label
-from .grid_findings import fixed_budget, layer_runs, repaired, run_cost
+from .grid_findings import damage_relative, fixed_budget, layer_runs, repaired, run_cost
 from .stats import mean_sd
 
 
@@ -52,7 +52,7 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
 
 def _threshold_label(row: dict) -> str:
     """The recovery line's legend: a share of the intact loss, or (distill, intact loss 0) of that run's damage."""
-    if row["objective"] == "distill" and not row["baseline_eval_loss"]:
+    if damage_relative(row):
         return f"recovered: {100 * row['tolerance']:g}% of {row['block']}'s damage"
     return f"baseline + {100 * row['tolerance']:g}%"
 

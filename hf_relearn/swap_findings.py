@@ -84,6 +84,22 @@ def mismatch_words(summary: list[dict]) -> list[str]:
     return [line]
 
 
+def _arm_pairs(swaps: list[dict], names: list[str], first: str, second: str) -> list[tuple[dict, dict]]:
+    """Per swapped encoder that ran both arms: (its ``first`` arm, its ``second`` arm)."""
+    found = [(_find(swaps, n, first), _find(swaps, n, second)) for n in names]
+    return [(a, b) for a, b in found if a and b]
+
+
+def _tally_words(pairs: list[tuple[dict, dict]], first: str, second: str) -> tuple[int, str]:
+    """How many encoders had the first arm cheaper, and the counts in words ('X was cheaper for a of n encoders,
+    Y for b, undecided c')."""
+    first_cheaper, second_cheaper, undecided = _tally(pairs)
+    words = f"{first} was cheaper for {first_cheaper} of {len(pairs)} encoders, {second} for {second_cheaper}" + (
+        f", undecided {undecided}" if undecided else ""
+    )
+    return first_cheaper, words
+
+
 def noise_words(summary: list[dict]) -> list[str]:
     """Reset vs zeroed cross-attention, and the decoder frozen vs trainable, per swapped encoder."""
     swaps = [s for s in summary if s["swap"]]
@@ -93,44 +109,24 @@ def noise_words(summary: list[dict]) -> list[str]:
         ("all-trainable", "everything trainable"),
         (ONLY_CROSS, "only the cross-attention trainable"),
     ):
-        pairs = [
-            (z, r)
-            for n in names
-            if (z := _find(swaps, n, f"zero, {freeze}")) and (r := _find(swaps, n, f"reset, {freeze}"))
-        ]
-        if not pairs:
-            continue
-        zero_cheaper, reset_cheaper, undecided = _tally(pairs)
-        out.append(
-            f"  Zeroed vs reset cross-attention ({what}): the zeroed one was cheaper for {zero_cheaper} of "
-            f"{len(pairs)} encoders, the reset one for {reset_cheaper}"
-            + (f", undecided {undecided}" if undecided else "")
-            + " ("
-            + "; ".join(f"{z['block']}: zero {outcome(z)}, reset {outcome(r)}" for z, r in pairs)
-            + ")."
-        )
-    pairs = [
-        (f, t)
-        for n in names
-        if (f := _find(swaps, n, f"reset, {ONLY_CROSS}")) and (t := _find(swaps, n, "reset, all-trainable"))
-    ]
+        pairs = _arm_pairs(swaps, names, f"zero, {freeze}", f"reset, {freeze}")
+        if pairs:
+            _, counts = _tally_words(pairs, "the zeroed one", "the reset one")
+            detail = "; ".join(f"{z['block']}: zero {outcome(z)}, reset {outcome(r)}" for z, r in pairs)
+            out.append(f"  Zeroed vs reset cross-attention ({what}): {counts} ({detail}).")
+    pairs = _arm_pairs(swaps, names, f"reset, {ONLY_CROSS}", "reset, all-trainable")
     if pairs:
-        frozen_cheaper, trainable_cheaper, undecided = _tally(pairs)
-        out.append(
-            f"  Decoder frozen vs trainable (cross-attention reset): frozen was cheaper for {frozen_cheaper} of "
-            f"{len(pairs)} encoders, trainable for {trainable_cheaper}"
-            + (f", undecided {undecided}" if undecided else "")
-            + ". "
-            + (
-                "Random cross-attention output reaching a decoder that can change costs extra: it moves the "
-                "decoder's trained weights before the cross-attention carries anything useful."
-                if frozen_cheaper == len(pairs)
-                else "Letting the decoder train did not make the swap dearer: no sign that random cross-attention "
-                "noise damages it."
-                if frozen_cheaper == 0
-                else "Mixed: the decoder's freedom helped some encoders and hurt others."
-            )
+        frozen_cheaper, counts = _tally_words(pairs, "frozen", "trainable")
+        verdict = (
+            "Random cross-attention output reaching a decoder that can change costs extra: it moves the decoder's "
+            "trained weights before the cross-attention carries anything useful."
+            if frozen_cheaper == len(pairs)
+            else "Letting the decoder train did not make the swap dearer: no sign that random cross-attention noise "
+            "damages it."
+            if frozen_cheaper == 0
+            else "Mixed: the decoder's freedom helped some encoders and hurt others."
         )
+        out.append(f"  Decoder frozen vs trainable (cross-attention reset): {counts}. {verdict}")
     return out
 
 
