@@ -246,6 +246,12 @@ class ModelArguments:
     config_overrides: str | None = field(default=None, metadata={"help": "e.g. n_layer=4,n_embd=64 (config builds)"})
     head: str | None = field(default=None, metadata={"help": "causal-lm | masked-lm | seq2seq-lm | base"})
     model_seed: int = field(default=0, metadata={"help": "init seed of a model built from config"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "eager | sdpa | flash_attention_2 ...; default: transformers' choice (SDPA where supported)"
+        },
+    )
 
     def __post_init__(self) -> None:
         from .modeling import packaged_checkpoint

@@ -120,6 +120,7 @@ def load_model(
     config_overrides: str | dict | None = None,
     head: str | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load or build the model ``spec`` names.
 
@@ -130,22 +131,42 @@ def load_model(
     * anything else is a Hub id (``org/name``), loaded with ``from_pretrained`` (needs the network or a cache).
 
     ``head`` is one of ``causal-lm``, ``masked-lm``, ``seq2seq-lm``, ``base``; by default the model type's usual one.
+    ``attn_implementation`` (``eager``, ``sdpa``, ``flash_attention_2`` ...): transformers' choice when None (SDPA
+    where the architecture supports it); one this model or machine cannot use is refused with transformers' reason.
     """
     config, cls = resolve_architecture(spec, config_overrides, head)
+    attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    if attn:
+        _check_attention(cls, config, spec, attn_implementation)
     if is_config_name(spec):
         transformers.set_seed(seed)
-        return cls.from_config(config)
+        return cls.from_config(config, **attn)
     if not Path(spec).is_dir():
-        return cls.from_pretrained(spec, config=config)
+        return cls.from_pretrained(spec, config=config, **attn)
     check_weight_files(Path(spec))
     try:
-        return cls.from_pretrained(spec, config=config)
+        return cls.from_pretrained(spec, config=config, **attn)
     except (OSError, RuntimeError, ValueError) as err:  # e.g. shapes that do not match config.json
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RelearnError(
             f"model folder {spec}: its weights do not load with its config.json ({first[:300]}); is the config the "
             "one saved with these weights?"
         ) from err
+
+
+def _check_attention(cls, config, spec: str, attn_implementation: str) -> None:
+    """Refuse an attention implementation this architecture or machine cannot run, before any weights load (the
+    model is built on the meta device, which allocates nothing)."""
+    import copy
+
+    import torch
+
+    try:
+        with torch.device("meta"):  # on a copy: from_config records the choice in the config it is given
+            cls.from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
+    except (ImportError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:300]
+        raise RelearnError(f"attn_implementation={attn_implementation!r} for {spec}: {reason}") from err
 
 
 def check_weight_files(folder: Path) -> None:

@@ -123,7 +123,11 @@ def probe(
         raise RelearnError(f"{out} already holds a probe; pass --overwrite_output_dir to replace it")
     tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
     intact = load_model(
-        model_args.model, model_args.config_overrides, head=model_args.head, seed=model_args.model_seed
+        model_args.model,
+        model_args.config_overrides,
+        head=model_args.head,
+        seed=model_args.model_seed,
+        attn_implementation=model_args.attn_implementation,
     )
     objective = default_objective(intact) if args.objective == "auto" else args.objective
     block_map = BlockMap(intact)

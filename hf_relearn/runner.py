@@ -74,7 +74,13 @@ def pretrain(
     overrides = parse_overrides(model_args.config_overrides)
     if is_config_name(model_args.model):
         overrides = {**_tokenizer_overrides(tokenizer, model_args.model, args.objective), **overrides}
-    model = load_model(model_args.model, overrides, head=model_args.head, seed=model_args.model_seed)
+    model = load_model(
+        model_args.model,
+        overrides,
+        head=model_args.head,
+        seed=model_args.model_seed,
+        attn_implementation=model_args.attn_implementation,
+    )
     _check_positions(model, data_args.block_size, args.objective)
     train, evals, collator = build_datasets(data_args, tokenizer, args.objective)
     convergence = (
@@ -209,7 +215,13 @@ def relearn(
     """
     data_args = inherit_data_args(data_args, args.original_run)
     tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
-    model = load_model(model_args.model, model_args.config_overrides, head=model_args.head, seed=model_args.model_seed)
+    model = load_model(
+        model_args.model,
+        model_args.config_overrides,
+        head=model_args.head,
+        seed=model_args.model_seed,
+        attn_implementation=model_args.attn_implementation,
+    )
     _check_positions(model, data_args.block_size, args.objective)
     objective = args.objective
     train, evals, collator = build_datasets(data_args, tokenizer, objective)
