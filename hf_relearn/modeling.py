@@ -163,7 +163,8 @@ def _check_attention(cls, config, spec: str, attn_implementation: str) -> None:
 
     try:
         with torch.device("meta"):  # on a copy: from_config records the choice in the config it is given
-            cls.from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
+            build = getattr(cls, "from_config", None) or cls._from_config  # an Auto class, or a model class
+            build(copy.deepcopy(config), attn_implementation=attn_implementation)
     except (ImportError, ValueError) as err:
         reason = str(err).strip().splitlines()[0][:300]
         raise RelearnError(f"attn_implementation={attn_implementation!r} for {spec}: {reason}") from err

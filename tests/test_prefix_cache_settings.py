@@ -35,6 +35,13 @@ def test_each_attention_implementation_is_served_exactly(kind, block, attn):
         assert cached_loss == loss and all(torch.equal(cached_grads[n], g) for n, g in grads.items())
 
 
+def test_a_saved_model_loads_with_the_attention_implementation_asked_for(quiet_base):  # noqa: F811
+    for attn in ("eager", "sdpa"):
+        assert load_model(str(quiet_base), attn_implementation=attn).config._attn_implementation == attn
+    with pytest.raises(RelearnError, match="attn_implementation='flash_attention_2' for .*FlashAttention2"):
+        load_model(str(quiet_base), attn_implementation="flash_attention_2")
+
+
 def test_an_attention_implementation_the_machine_lacks_is_refused_before_loading():
     with pytest.raises(RelearnError, match="attn_implementation='flash_attention_2' for gpt2: .*FlashAttention2"):
         load_model("gpt2", TINY["gpt2"], attn_implementation="flash_attention_2")
