@@ -258,6 +258,16 @@ class ModelArguments:
 
         self.model = packaged_checkpoint(self.model)  # pkg:MODULE -> the checkpoint folder that package ships
 
+    def load(self, config_overrides: str | dict | None = None):
+        """The model these arguments name (``modeling.load_model``: head, init seed, attention implementation), with
+        ``config_overrides`` in place of the field's when given."""
+        from .modeling import load_model
+
+        overrides = self.config_overrides if config_overrides is None else config_overrides
+        return load_model(
+            self.model, overrides, head=self.head, seed=self.model_seed, attn_implementation=self.attn_implementation
+        )
+
 
 @dataclass
 class PretrainArguments(HfRelearnTrainingArguments):

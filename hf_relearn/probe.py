@@ -19,7 +19,6 @@ from .config import ModelArguments, RelearnArguments
 from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
 from .io import versions, write_json_atomic, write_results
-from .modeling import load_model
 from .plots import plot_probe
 from .prefix_cache import PrefixCache
 from .stats import mean_sd
@@ -122,13 +121,7 @@ def probe(
     if out.exists() and any(out.glob("probe.*")) and not args.overwrite_output_dir:
         raise RelearnError(f"{out} already holds a probe; pass --overwrite_output_dir to replace it")
     tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
-    intact = load_model(
-        model_args.model,
-        model_args.config_overrides,
-        head=model_args.head,
-        seed=model_args.model_seed,
-        attn_implementation=model_args.attn_implementation,
-    )
+    intact = model_args.load()
     objective = default_objective(intact) if args.objective == "auto" else args.objective
     block_map = BlockMap(intact)
     blocks = select_blocks(block_map, args.blocks)

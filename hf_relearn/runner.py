@@ -22,7 +22,7 @@ from .data import DataArguments, build_datasets, get_tokenizer
 from .errors import RelearnError
 from .files import DATA_FILE, RUN_FILE
 from .io import versions, write_json_atomic
-from .modeling import is_config_name, load_model, parse_overrides
+from .modeling import is_config_name, parse_overrides
 from .prefix_cache import PrefixCache
 from .result import RelearnResult, base_run_warnings
 from .trainer import RelearnTrainer
@@ -74,13 +74,7 @@ def pretrain(
     overrides = parse_overrides(model_args.config_overrides)
     if is_config_name(model_args.model):
         overrides = {**_tokenizer_overrides(tokenizer, model_args.model, args.objective), **overrides}
-    model = load_model(
-        model_args.model,
-        overrides,
-        head=model_args.head,
-        seed=model_args.model_seed,
-        attn_implementation=model_args.attn_implementation,
-    )
+    model = model_args.load(overrides)
     _check_positions(model, data_args.block_size, args.objective)
     train, evals, collator = build_datasets(data_args, tokenizer, args.objective)
     convergence = (
@@ -215,13 +209,7 @@ def relearn(
     """
     data_args = inherit_data_args(data_args, args.original_run)
     tokenizer = get_tokenizer(data_args.tokenizer, model_args.model)
-    model = load_model(
-        model_args.model,
-        model_args.config_overrides,
-        head=model_args.head,
-        seed=model_args.model_seed,
-        attn_implementation=model_args.attn_implementation,
-    )
+    model = model_args.load()
     _check_positions(model, data_args.block_size, args.objective)
     objective = args.objective
     train, evals, collator = build_datasets(data_args, tokenizer, objective)
