@@ -174,13 +174,22 @@ def cmd_swap(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from .report import build_report
     from .study import Recipe, run_study
+    from .workers import quiet_libraries
 
     recipe = Recipe.load(_recipe_path(args.recipe), args.set)
     out = Path(args.output_dir or f"studies/{recipe.name}")
-    _quiet_libraries()  # one study progress bar, not one per tokenisation, load and save
-    print(f"study {recipe.name}: {args.recipe} -> {out}")
+    quiet_libraries()
+    workers = f" ({args.workers} workers)" if args.workers > 1 else ""
+    print(f"study {recipe.name}: {args.recipe} -> {out}{workers}")
     rank = int(os.environ.get("RANK", "0"))  # read before run_study, which may hide the launch from Trainers
-    run_study(recipe, out, progress=not args.no_progress, parallel=args.parallel)
+    run_study(
+        recipe,
+        out,
+        progress=not args.no_progress,
+        parallel=args.parallel,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+    )
     if rank != 0:
         return 0  # the main process reports
     return _print_report(build_report(out))
@@ -190,15 +199,6 @@ def _recipe_path(recipe: str) -> str:
     """A recipe file, or the name of one shipped in the package (``hf-relearn study gpt2-layer-sweep``)."""
     shipped = Path(__file__).resolve().parent / "recipes" / f"{recipe.removesuffix('.yaml')}.yaml"
     return str(shipped) if not Path(recipe).exists() and shipped.exists() else recipe
-
-
-def _quiet_libraries() -> None:
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def _print_report(rep: dict) -> int:
@@ -226,6 +226,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recipe = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
     args.recipe = str(recipe)
     args.output_dir = args.output_dir or "relearn-demo"
+    # 2 processes of 1 thread: twice the work of one process of 2 threads on this small model, and the numbers are
+    # those of docs/results/demo-stdlib-gpt2 on any machine (they depend on the threads per run, not on the cores)
+    args.workers = 2 if args.workers is None else args.workers
+    args.threads_per_worker = args.threads_per_worker or 1
     return cmd_study(args)
 
 
@@ -253,6 +257,39 @@ def cmd_push(args: argparse.Namespace) -> int:
     what = "the re-learned block" if args.only_block else "the re-learned model"
     print(f"pushed {what} of {src} -> {url}")
     return 0
+
+
+def _add_study_parsers(sub) -> None:
+    """``study`` and ``demo``: the same options (``demo`` runs the shipped recipe, 2 workers of 1 thread)."""
+    for name, helptext in (
+        ("study", "run a study recipe: base training, a sweep of relearns, results.csv, report and plots"),
+        ("demo", "the embedded default study (recipes/demo.yaml): offline, 2 CPU cores, a few minutes"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "study":
+            p.add_argument("recipe", help="a YAML recipe file, or the name of a shipped one (hf_relearn/recipes/)")
+        p.add_argument("--output-dir", default=None, help="study folder (default: studies/NAME; demo: relearn-demo)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--parallel",
+            choices=["data", "runs"],
+            default="data",
+            help="under accelerate launch: 'data' = every run on all processes (DDP), 'runs' = each process takes the next free base or run",
+        )
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=1 if name == "study" else None,
+            help="processes on this machine that share the bases and runs (demo: 2)",
+        )
+        p.add_argument(
+            "--threads-per-worker",
+            type=int,
+            default=None,
+            help="CPU threads of each worker (default: the cores shared out; demo: 1). A run's numbers depend on it",
+        )
+        p.set_defaults(func=cmd_study if name == "study" else cmd_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,23 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.set_defaults(func=cmd_swap)
 
-    for name, helptext in (
-        ("study", "run a study recipe: base training, a sweep of relearns, results.csv, report and plots"),
-        ("demo", "the embedded default study (recipes/demo.yaml): offline, 2 CPU cores, a few minutes"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        if name == "study":
-            p.add_argument("recipe", help="a YAML recipe file, or the name of a shipped one (hf_relearn/recipes/)")
-        p.add_argument("--output-dir", default=None, help="study folder (default: studies/NAME; demo: relearn-demo)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument(
-            "--parallel",
-            choices=["data", "runs"],
-            default="data",
-            help="under accelerate launch: 'data' = every run on all processes (DDP), 'runs' = each process its own runs",
-        )
-        p.set_defaults(func=cmd_study if name == "study" else cmd_demo)
+    _add_study_parsers(sub)
     p = sub.add_parser(
         "push", help="push a relearn run (model + card with the recovery metrics) or a study to the Hub"
     )

@@ -11,6 +11,7 @@ DATA_FILE = "hf_relearn_data.json"  # the data settings of a relearn run (the ca
 RESULTS = "results.csv"  # a study's table: one row per finished run
 CURVE_FILE = "relearn_curve.png"  # a run's recovery curve
 BLOCK_FILE = "block.safetensors"  # a block-only upload's tensors
+CLAIMS = ".claims"  # a study's claims: one empty-ish file per base or run a process has taken (removed at the end)
 
 OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
 PRETRAIN_OBJECTIVES = ("clm", "mlm", "seq2seq")  # distill needs a teacher: the model before surgery

@@ -139,13 +139,16 @@ def repaired_words(rows: list[dict]) -> list[str]:
     out = []
     for (grid, arm), rs in _groups(layer_runs(rows)).items():
         by_layer: dict[int, list[float]] = defaultdict(list)
-        for r in rs:
-            by_layer[r["layer"]].append(repaired(r))
-        cells = ", ".join(f"{layer}: {_pct_sd(v)}" for layer, v in sorted(by_layer.items()))
+        for r in rs:  # a reset that did not raise the loss did no damage to repair: such a run has no share
+            by_layer[r["layer"]] += [] if math.isnan(repaired(r)) else [repaired(r)]
+        cells = ", ".join(f"{layer}: {_pct_sd(v) if v else 'n/a'}" for layer, v in sorted(by_layer.items()))
         line = (
             f"Damage repaired in the fixed budget of {rs[0]['steps_trained']} steps ({_label(json.loads(grid))}, "
             f"arm {arm}; 1 - (final - intact) / (after reset - intact), mean ± sd over seeds), by layer: {cells}."
         )
+        undamaged = sum(math.isnan(repaired(r)) for r in rs)
+        if undamaged:
+            line += f" Left out: {undamaged} run(s) whose reset did not raise the loss (no damage to repair)."
         pairs = [(r["layer"], repaired(r)) for r in rs if not math.isnan(repaired(r))]
         if len({p[0] for p in pairs}) >= 3:
             rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])

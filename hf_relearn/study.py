@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -29,7 +30,7 @@ import yaml
 from .caveats import codes_of
 from .config import eval_key
 from .errors import RelearnError
-from .files import RESULT_FILE, RESULTS, RUN_FILE
+from .files import CLAIMS, RESULT_FILE, RESULTS, RUN_FILE
 from .io import read_results  # noqa: F401  (re-exported: hf_relearn.study.read_results)
 from .io import write_results as _write_results
 from .prefix_cache import PrefixCache
@@ -43,6 +44,7 @@ from .recipe import (  # noqa: F401  (re-exported: hf_relearn.study.Recipe, ...)
     Recipe,
     RunSpec,
 )
+from .workers import WorkerBar, claimer, quiet_libraries, run_workers
 
 # columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
 STUDY_COLUMNS = [
@@ -220,6 +222,7 @@ def _remove_unfinished(out: Path, bases: list[BaseSpec], plan: list[tuple[BaseSp
     """Delete what a killed earlier attempt left half-done (done by one process, before any training)."""
     for stale in out.glob(".*.tmp"):
         stale.unlink(missing_ok=True)  # left by a write that a kill interrupted; the file it replaced is intact
+    shutil.rmtree(out / CLAIMS, ignore_errors=True)  # taken by processes that are gone; their work is redone
     for base in bases:
         folder = out / "bases" / base.id
         if folder.exists() and not (folder / RUN_FILE).exists() and not any(folder.glob("checkpoint-*")):
@@ -275,23 +278,71 @@ def _open_study(recipe: Recipe, out: Path, rank: int) -> tuple[list[BaseSpec], l
     return bases, plan
 
 
-def _run_share(
+def _set_finished(bar, out: Path, plan: list[tuple[BaseSpec, RunSpec]]) -> None:
+    """Show on ``bar`` how many runs of the whole plan are finished, whichever process ran them."""
+    finished = sum((out / "runs" / run.id / RESULT_FILE).exists() for _, run in plan)
+    if isinstance(bar, WorkerBar):
+        bar.set_finished(finished)
+    else:
+        bar.n = finished
+        bar.refresh()
+
+
+def _train_bases(recipe: Recipe, bases: list[BaseSpec], out: Path, bar, claim: Callable[[str], bool] | None) -> None:
+    """Train every base not yet trained; with ``claim``, only those this process claims first."""
+    if recipe.pretrain is None:
+        return
+    trained = bases + recipe.donors()  # donors: bases trained only to give their encoders to swaps
+    for base in trained:
+        if not (out / "bases" / base.id / RUN_FILE).exists() and (claim is None or claim(f"base-{base.id}")):
+            bar.set_postfix_str(f"training base {base.id}")
+            _train_base(recipe, base, out / "bases" / base.id)
+    if claim is None:  # every process trains every base together (DDP): the runs wait for all of them
+        _wait_for([out / "bases" / b.id / RUN_FILE for b in trained], "the other processes' base models")
+
+
+def _next_ready(recipe: Recipe, todo: list[tuple[BaseSpec, RunSpec]], out: Path, timeout_s: float = 24 * 3600):
+    """The first item of ``todo`` whose base (and donors) are trained, waiting while another process trains them."""
+    import time
+
+    start = time.time()
+    while True:
+        for base, run in todo:
+            needed = [base, *recipe.donors()] if recipe.pretrain is not None else []
+            if all((out / "bases" / b.id / RUN_FILE).exists() for b in needed):
+                return base, run
+        if time.time() - start > timeout_s:
+            raise RelearnError("gave up waiting for a base model that another process trains (did it die?)")
+        time.sleep(1.0)
+
+
+def _work(
     recipe: Recipe,
     bases: list[BaseSpec],
     plan: list[tuple[BaseSpec, RunSpec]],
-    mine: list[tuple[BaseSpec, RunSpec]],
     out: Path,
     bar,
-    write_rows: bool,
+    claim: Callable[[str], bool] | None = None,
+    write_rows: bool = True,
 ) -> None:
-    """Run this process's share of the plan (``mine``, re-ordered in place), rewriting results.csv after each run
-    when ``write_rows``; closes ``bar`` and the last frozen-prefix cache when done."""
+    """Train the bases, then run the plan's unfinished runs, rewriting results.csv after each when ``write_rows``.
+
+    With ``claim`` (processes that share the study, each training alone), each base and run goes to the process
+    that claims it first, and a process takes the next run whose base is ready: no process idles while work is
+    left. Without it, this process does every piece, in order (all processes together, under DDP).
+    """
+    _train_bases(recipe, bases, out, bar, claim)
     # one frozen-prefix cache per base, shared by its runs (same frozen weights, same data); top layers first, as a
     # fill computes every lower layer boundary on its way and stores them all (prefix_cache.py)
-    mine.sort(key=lambda item: (bases.index(item[0]), -(item[1].layer if item[1].layer is not None else -1)))
+    todo = sorted(plan, key=lambda item: (bases.index(item[0]), -(item[1].layer if item[1].layer is not None else -1)))
+    todo = [(base, run) for base, run in todo if not (out / "runs" / run.id / RESULT_FILE).exists()]
     cache, cache_base = None, None
     baselines: dict[str, dict] = {}  # base id -> the intact model's metrics, measured by its first run here
-    for base, run in mine:
+    while todo:
+        base, run = _next_ready(recipe, todo, out)
+        todo.remove((base, run))
+        if claim is not None and not claim(f"run-{run.id}"):
+            continue
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
         bar.set_postfix_str(run.id)
         if cache_base != base.id:
@@ -311,50 +362,87 @@ def _run_share(
             f"recovered in {steps} steps" if result["recovered"] else f"not recovered in {result['steps_trained']}"
         )
         bar.write(f"{run.id}: {result['after_reset_eval_loss']:.4f} -> {outcome}")
-        bar.update(1)
-    bar.close()
+        _set_finished(bar, out, plan)
     if cache is not None:
         cache.close()
 
 
+def _worker(recipe: Recipe, out: str, bar: WorkerBar) -> None:
+    """One of ``run_study``'s local worker processes: claims and runs its pieces of the study in ``out``."""
+    quiet_libraries()
+    bases, plan = _open_study(recipe, Path(out), rank=1)  # not 0: the parent cleaned up before starting workers
+    _work(recipe, bases, plan, Path(out), bar, claim=claimer(Path(out) / CLAIMS))
+
+
 def run_study(
-    recipe: Recipe, output_dir: str | os.PathLike, progress: bool = True, parallel: str = "data"
+    recipe: Recipe,
+    output_dir: str | os.PathLike,
+    progress: bool = True,
+    parallel: str = "data",
+    workers: int = 1,
+    threads_per_worker: int | None = None,
 ) -> list[dict]:
     """Train the bases, run every relearn of the sweep (skipping finished ones), keep results.csv current.
 
     Returns the rows of results.csv in plan order. Safe to kill at any moment and start again with the same
     recipe and output_dir: finished work is kept, unfinished work redone.
 
+    ``workers`` > 1 starts that many processes on this machine, ``threads_per_worker`` CPU threads each (default:
+    the cores shared out); each takes the next base or run nobody has taken, so all stay busy. A run's numbers do
+    not depend on which process ran it, only on the threads it ran with.
+
     Under ``accelerate launch`` with N processes: ``parallel="data"`` (default) runs every relearn on all N
-    processes together (DDP); ``parallel="runs"`` gives each process its own share of the bases and then of the
-    runs (round robin), each trained alone; the main process waits for all and writes the final results.csv.
+    processes together (DDP); ``parallel="runs"`` lets each process take bases and runs as above, each trained
+    alone; the main process waits for all and writes the final results.csv.
     """
     from tqdm.auto import tqdm
 
     if parallel not in ("data", "runs"):
         raise RelearnError(f"parallel must be 'data' or 'runs', got {parallel!r}")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if workers < 1 or (threads_per_worker is not None and threads_per_worker < 1):
+        raise RelearnError(f"workers and threads per worker must be at least 1, got {workers}, {threads_per_worker}")
+    if workers > 1 and world > 1:
+        raise RelearnError("--workers starts processes on this machine; under accelerate launch use --parallel runs")
     out = Path(output_dir)
     bases, plan = _open_study(recipe, out, rank)
     _barrier()  # nobody trains before the clean-up is done
-    share, shares = rank, world  # this process's share of the bases and runs
-    if parallel == "runs" and world > 1:
-        _leave_launch_group()
+    finished = sum((out / "runs" / run.id / RESULT_FILE).exists() for _, run in plan)
+    bar = tqdm(
+        total=len(plan), initial=finished, desc=f"study {recipe.name}", unit="run", disable=not progress or rank != 0
+    )
+    shared = parallel == "runs" and world > 1
+    if workers > 1:
+        threads = threads_per_worker or max(1, _cores() // workers)
+        run_workers(_worker, (recipe, str(out)), workers, threads, bar)
+        unfinished = [run.id for _, run in plan if not (out / "runs" / run.id / RESULT_FILE).exists()]
+        if unfinished:  # every worker ended well, yet a run was claimed and never done: never a silent gap
+            raise RelearnError(f"the workers left {len(unfinished)} run(s) unfinished: {', '.join(unfinished[:3])}")
     else:
-        share, shares = 0, 1  # "data": every process runs every run, together
-    mine = [item for i, item in enumerate(plan) if i % shares == share]
-    bar = tqdm(total=len(mine), desc=f"study {recipe.name}", unit="run", disable=not progress or rank != 0)
-    if recipe.pretrain is not None:
-        trained = bases + recipe.donors()  # donors: bases trained only to give their encoders to swaps
-        for i, base in enumerate(trained):
-            if i % shares == share:
-                bar.set_postfix_str(f"training base {base.id}")
-                _train_base(recipe, base, out / "bases" / base.id)
-        _wait_for([out / "bases" / b.id / RUN_FILE for b in trained], "the other processes' base models")
-    _run_share(recipe, bases, plan, mine, out, bar, write_rows=rank == 0 or shares > 1)
-    if shares > 1:
+        if shared:
+            _leave_launch_group()
+        if threads_per_worker is not None:
+            import torch
+
+            torch.set_num_threads(threads_per_worker)
+        _work(
+            recipe,
+            bases,
+            plan,
+            out,
+            bar,
+            claim=claimer(out / CLAIMS) if shared else None,
+            write_rows=rank == 0 or shared,
+        )
+    bar.close()
+    if shared:
         _wait_for([out / "runs" / r.id / RESULT_FILE for _, r in plan], "the other processes' runs")
     rows = _collect_rows(recipe, plan, out)
     if rank == 0:
         write_results(out / RESULTS, rows)
+        shutil.rmtree(out / CLAIMS, ignore_errors=True)
     return rows
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -8,6 +8,7 @@ written atomically (``_save``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -61,8 +62,11 @@ def _repaired_plot(rows: list[dict], path: Path) -> Path:
     """A fixed-budget study: the share of the damage each reset layer's runs repaired, mean ± sd over seeds."""
     plt = _pyplot()
     runs = layer_runs(rows)
+    # a reset that did not raise the loss has no share to repair (nan): its layer gets no bar
+    shares = {(r["layer"], r["run_id"]): repaired(r) for r in runs if not math.isnan(repaired(r))}
     layers = sorted({r["layer"] for r in runs})
-    stats = [mean_sd([repaired(r) for r in runs if r["layer"] == layer]) for layer in layers]
+    stats = [mean_sd([v for (layer_, _), v in shares.items() if layer_ == layer]) for layer in layers]
+    stats = [(0.0, 0.0) if math.isnan(m) else (m, sd) for m, sd in stats]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.bar(layers, [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats], capsize=4)
     ax.set_xlabel("reset layer")

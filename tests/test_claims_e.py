@@ -250,8 +250,15 @@ def test_defaults_are_what_the_readme_states(tmp_path, monkeypatch):
     assert _readme_says("`--parallel data` (default)")
     # `hf-relearn demo` runs the shipped demo recipe into relearn-demo/
     studied = []
-    monkeypatch.setattr(cli, "cmd_study", lambda a: studied.append((a.recipe, a.output_dir, a.parallel)) or 0)
+    monkeypatch.setattr(
+        cli,
+        "cmd_study",
+        lambda a: studied.append((a.recipe, a.output_dir, a.parallel, a.workers, a.threads_per_worker)) or 0,
+    )
     assert cli.main(["demo"]) == 0
     recipe = Path(cli.__file__).resolve().parent / "recipes" / "demo.yaml"
-    assert studied == [(str(recipe), "relearn-demo", "data")]
+    # 2 workers of 1 thread each: the published numbers on any machine (they depend on a run's threads)
+    assert studied == [(str(recipe), "relearn-demo", "data", 2, 1)]
+    assert _readme_says("2 worker processes of 1 thread each")
+    assert parser.parse_args(["study", "demo"]).workers == 1 and _readme_says("`--workers N`")
     assert _readme_says("`relearn-demo/report.md`") and _readme_says("delete `relearn-demo/` to redo")

@@ -3,6 +3,7 @@ answers with the share of the damage each layer's runs repaired in that budget, 
 
 from __future__ import annotations
 
+import csv
 import re
 
 from hf_relearn.report import build_report
@@ -40,6 +41,20 @@ def test_a_fixed_budget_study_reports_the_damage_repaired_per_layer(tmp_path):
     # every cost is the same budget: the plot draws the damage repaired, not a flat cost per layer
     plots = {p.name for p in (tmp_path / "plots").glob("*.png")}
     assert "repaired.png" in plots and "cost_vs_layer.png" not in plots
+    # a reset that did not raise the loss (as on a barely trained base) has no damage to repair: that layer is
+    # n/a and the run said to be left out; the report builds (statistics.stdev raised on the nan share)
+    with (tmp_path / "results.csv").open(newline="") as f:
+        raw = list(csv.DictReader(f))
+    for r in raw:
+        if r["layer"] == "1":
+            r["after_reset_eval_loss"] = str(float(r["baseline_eval_loss"]) - 0.01)
+    with (tmp_path / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(raw[0]))
+        writer.writeheader()
+        writer.writerows(raw)
+    line = next(w for w in build_report(tmp_path)["answer"] if w.startswith("Damage repaired in the fixed budget"))
+    assert ", 1: n/a, " in line and "Left out: 2 run(s) whose reset did not raise the loss" in line
+    assert (tmp_path / "plots" / "repaired.png").exists()
 
 
 def test_a_study_that_stops_at_recovery_does_not_claim_a_fixed_budget(tmp_path):

@@ -286,3 +286,29 @@ def test_a_study_measures_each_base_once(tmp_path, monkeypatch):
     for base in ("n_layer=2-seed0", "n_layer=3-seed0"):
         mine = [r for r in rows if r["base_id"] == base]
         assert len({r["baseline_eval_loss"] for r in mine}) == 1 and mine[0]["baseline_eval_loss"] > 0
+
+
+def test_two_workers_end_with_the_table_of_one_process_and_redo_a_killed_run(tiny_study, tmp_path):
+    """``--workers 2``: each base and run done once, by whichever worker claimed it, with the numbers of one
+    process of the same threads (a run's numbers do not depend on the process that ran it). A run killed mid-way
+    leaves its claim behind; the next start redoes it."""
+    import shutil
+    import subprocess
+    import sys
+
+    recipe, two = _write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE), tmp_path / "two"
+    argv = ["study", str(recipe), "--output-dir", str(two), "--workers", "2", "--threads-per-worker", "1"]
+    proc = subprocess.run([sys.executable, "-m", "hf_relearn", *argv], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "-> " + str(two) + " (2 workers)" in proc.stdout
+    runs = [r["run_id"] for r in read_results(tiny_study / "results.csv")]
+    assert [proc.stdout.count(f"{run}: ") for run in runs] == [1] * len(runs)  # each run once, over both workers
+    assert _table(two) == _table(tiny_study)
+    assert not (two / ".claims").exists()  # removed once the study is done
+    victim = two / "runs" / runs[2]
+    shutil.rmtree(victim)
+    victim.mkdir(parents=True)  # what a kill mid-run leaves: the folder without its result, and the claim
+    (two / ".claims").mkdir()
+    (two / ".claims" / ("run-" + runs[2].replace("/", "__"))).write_text("a-host-that-is-gone 1\n")
+    run_study(Recipe.from_dict(TINY_RECIPE), two, progress=False, workers=2, threads_per_worker=1)
+    assert _table(two) == _table(tiny_study)

@@ -1,0 +1,143 @@
+"""Local worker processes for a study: N fresh Python processes on this machine, one console.
+
+``run_workers`` starts ``target`` in N spawned processes, each limited to a fixed number of CPU threads, and
+shows their progress on the caller's one progress bar: a worker reports through a ``WorkerBar`` (the calls a
+study makes on its bar), whose messages the caller's process prints. Nothing here knows what a study is;
+which process does which piece of work is decided by the workers themselves (``study.py`` claims each piece
+with an exclusive file create).
+
+Why processes, not threads in one: a small model's step is dominated by per-operation overhead, so two
+processes of one thread each do nearly twice the work of one process with two threads (measured for the demo's
+4 x 32 GPT-2: 2 threads are 1.1-1.4x one thread; ``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import RelearnError
+
+
+class WorkerBar:
+    """The part of a tqdm bar a study's loop uses, sent to the process that shows the real bar."""
+
+    def __init__(self, messages: Any) -> None:
+        self._messages = messages
+
+    def write(self, line: str) -> None:
+        self._messages.put(("line", line))
+
+    def set_postfix_str(self, text: str) -> None:
+        self._messages.put(("postfix", text))
+
+    def set_finished(self, finished: int) -> None:
+        self._messages.put(("finished", finished))
+
+    def close(self) -> None:
+        pass
+
+
+def _child(target: Callable[..., None], args: tuple, threads: int, messages: Any) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    target(*args, WorkerBar(messages))
+
+
+def run_workers(target: Callable[..., None], args: tuple, workers: int, threads: int, bar: Any) -> None:
+    """Run ``target(*args, worker_bar)`` in ``workers`` spawned processes of ``threads`` CPU threads each.
+
+    Guarantees: returns when every worker has exited with status 0, their lines written through ``bar`` in the
+    order they arrived; if one fails (an exception, a kill), the others are stopped and a RelearnError names it
+    (the worker's own traceback is on stderr above it); on any exit from here, no worker is left running.
+    """
+    if workers < 1 or threads < 1:
+        raise RelearnError(f"workers and threads per worker must be at least 1, got {workers} and {threads}")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state forked mid-use
+    messages = context.Queue()
+    procs = [
+        context.Process(target=_child, args=(target, args, threads, messages), name=f"worker-{i}")
+        for i in range(workers)
+    ]
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the child's OpenMP at import, before set_num_threads
+    try:
+        for proc in procs:
+            proc.start()
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+        while any(proc.is_alive() for proc in procs):
+            _show(messages, bar, timeout=0.5)
+            _refuse_failed(procs)
+        while _show(messages, bar, timeout=0.1):  # what the last worker sent before exiting
+            pass
+        _refuse_failed(procs)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+        if saved is not None:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def _show(messages: Any, bar: Any, timeout: float) -> bool:
+    """Print one worker message on ``bar``; False when none came within ``timeout`` seconds."""
+    try:
+        kind, value = messages.get(timeout=timeout)
+    except queue.Empty:
+        return False
+    if kind == "line":
+        bar.write(value)
+    elif kind == "finished":
+        bar.n = value
+        bar.refresh()
+    else:
+        bar.set_postfix_str(value)
+    return True
+
+
+def _refuse_failed(procs: list) -> None:
+    failed = [p for p in procs if p.exitcode not in (None, 0)]
+    if failed:
+        names = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in failed)
+        raise RelearnError(
+            f"{names} failed; its traceback is above. The other workers were stopped. "
+            "Run the same command again: finished work is kept."
+        )
+
+
+def claimer(folder: Path) -> Callable[[str], bool]:
+    """``claim(key)``: True for exactly one of the processes that share ``folder`` (an exclusive create of a file
+    named after ``key``, holding the claiming host and process id), on one machine or a shared filesystem."""
+
+    def claim(key: str) -> bool:
+        folder.mkdir(exist_ok=True)
+        try:
+            fd = os.open(folder / key.replace("/", "__"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+
+    return claim
+
+
+def quiet_libraries() -> None:
+    """One study progress bar, not one per tokenisation, load and save: datasets' bars and transformers' info off."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -1,0 +1,79 @@
+"""Local worker processes (workers.py): threads per worker, claims taken once, a failing worker stops the rest.
+
+The worker functions live at module level here: a spawned process imports them by name.
+"""
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_relearn.errors import RelearnError
+from hf_relearn.workers import claimer, run_workers
+
+
+class Bar:
+    """What run_workers needs of a tqdm bar, recording what the workers sent."""
+
+    def __init__(self):
+        self.lines, self.postfix, self.n = [], None, 0
+
+    def write(self, line):
+        self.lines.append(line)
+
+    def set_postfix_str(self, text):
+        self.postfix = text
+
+    def refresh(self):
+        pass
+
+
+def _report_threads(bar):
+    import torch
+
+    bar.write(f"{torch.get_num_threads()} {os.environ['OMP_NUM_THREADS']}")
+    bar.set_postfix_str("done")
+    bar.set_finished(7)
+
+
+def _race(folder, bar):
+    claim = claimer(Path(folder))
+    for k in range(20):
+        if claim(f"piece/{k}"):
+            bar.write(f"piece/{k}")
+
+
+def _fail_or_sleep(folder, bar):
+    if claimer(Path(folder))("the one that fails"):
+        raise ValueError("this worker fails on purpose")
+    time.sleep(600)  # the other: stopped by run_workers, long before this ends
+
+
+def test_each_worker_runs_with_the_threads_it_was_given():
+    bar, before = Bar(), os.environ.get("OMP_NUM_THREADS")
+    run_workers(_report_threads, (), workers=3, threads=2, bar=bar)
+    assert bar.lines == ["2 2"] * 3  # torch's threads and OpenMP's, in each of the 3 processes
+    assert bar.postfix == "done" and bar.n == 7
+    assert os.environ.get("OMP_NUM_THREADS") == before  # the caller's setting is left as it was
+
+
+def test_every_piece_of_work_is_claimed_by_exactly_one_worker(tmp_path):
+    bar = Bar()
+    run_workers(_race, (str(tmp_path / "claims"),), workers=4, threads=1, bar=bar)
+    assert sorted(bar.lines) == sorted(f"piece/{k}" for k in range(20))  # none twice, none lost
+    assert len(list((tmp_path / "claims").iterdir())) == 20
+
+
+def test_a_failing_worker_stops_the_others_and_is_named(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(RelearnError, match=r"worker-\d \(exit code 1\) failed.*Run the same command again"):
+        run_workers(_fail_or_sleep, (str(tmp_path / "claims"),), workers=2, threads=1, bar=Bar())
+    assert time.monotonic() - start < 300  # did not wait for the sleeping worker
+    assert multiprocessing.active_children() == []  # and left none running
+
+
+def test_bad_worker_counts_are_refused():
+    with pytest.raises(RelearnError, match="at least 1"):
+        run_workers(_report_threads, (), workers=0, threads=1, bar=Bar())
