@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 
 from .errors import RelearnError
 from .files import OBJECTIVES, PRETRAIN_OBJECTIVES, TRAINABLE
@@ -258,7 +258,7 @@ class ModelArguments:
 
         self.model = packaged_checkpoint(self.model)  # pkg:MODULE -> the checkpoint folder that package ships
 
-    def load(self, config_overrides: str | dict | None = None):
+    def load(self, config_overrides: str | dict | None = None) -> PreTrainedModel:
         """The model these arguments name (``modeling.load_model``: head, init seed, attention implementation), with
         ``config_overrides`` in place of the field's when given."""
         from .modeling import load_model

@@ -49,6 +49,16 @@ def test_an_attention_implementation_the_machine_lacks_is_refused_before_loading
         load_model("gpt2", TINY["gpt2"], attn_implementation="no-such")
 
 
+def test_a_relearn_refused_for_its_attention_leaves_no_output_folder(tmp_path, capsys, quiet_base):  # noqa: F811
+    from hf_relearn import cli
+
+    out = tmp_path / "run"
+    argv = ["relearn", "--model", str(quiet_base), "--block", "decoder.1", "--output_dir", str(out)]
+    assert cli.main([*argv, "--attn_implementation", "flash_attention_2", "--max_steps", "2"]) == 2
+    assert "error: attn_implementation='flash_attention_2'" in capsys.readouterr().err
+    assert not out.exists()  # nothing half-made for a later run to trip over
+
+
 def test_a_compiled_model_is_served_from_the_cache_and_skips_the_prefix():
     model, trainable = _frozen_below("gpt2", "decoder.2")
     inputs, rows = _batch(), torch.arange(4)
