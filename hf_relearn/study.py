@@ -341,8 +341,8 @@ def _work(
     while todo:
         base, run = _next_ready(recipe, todo, out)
         todo.remove((base, run))
-        if claim is not None and not claim(f"run-{run.id}"):
-            continue
+        if (out / "runs" / run.id / RESULT_FILE).exists() or (claim is not None and not claim(f"run-{run.id}")):
+            continue  # done by another process meanwhile, or being done by one
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
         bar.set_postfix_str(run.id)
         if cache_base != base.id:

@@ -162,8 +162,9 @@ def test_the_demo_ends_by_printing_the_table_the_answer_in_words_and_the_report(
     prints after the study is the table, the answer in words and the paths of report.md and its plots."""
     import hf_relearn.study
 
-    def study(recipe, out, progress=True, parallel=None):  # what run_study leaves behind: results.csv
+    def study(recipe, out, progress=True, parallel=None, workers=1, threads_per_worker=None):  # leaves results.csv
         assert (recipe.name, recipe.sweep["trainable"]) == ("demo", ["block", "all"])  # recipes/demo.yaml
+        assert (workers, threads_per_worker) == (2, 1)  # the published numbers depend on 1 thread per run
         rows = [{**_run(4, 32, layer, 0, 100 * (layer + 1)), "grid": {}, "base_id": "seed0"} for layer in range(4)]
         write_results(out / RESULTS, [_encoded(r) for r in rows], list(TEMPLATE))
         return rows
