@@ -413,8 +413,7 @@ def run_study(
     )
     shared = parallel == "runs" and world > 1
     if workers > 1:
-        threads = threads_per_worker or max(1, _cores() // workers)
-        run_workers(_worker, (recipe, str(out)), workers, threads, bar)
+        run_workers(_worker, (recipe, str(out)), workers, threads_per_worker, bar)
         unfinished = [run.id for _, run in plan if not (out / "runs" / run.id / RESULT_FILE).exists()]
         if unfinished:  # every worker ended well, yet a run was claimed and never done: never a silent gap
             raise RelearnError(f"the workers left {len(unfinished)} run(s) unfinished: {', '.join(unfinished[:3])}")
@@ -442,7 +441,3 @@ def run_study(
         write_results(out / RESULTS, rows)
         shutil.rmtree(out / CLAIMS, ignore_errors=True)
     return rows
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

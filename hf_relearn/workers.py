@@ -13,6 +13,7 @@ processes of one thread each do nearly twice the work of one process with two th
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue
@@ -50,15 +51,24 @@ def _child(target: Callable[..., None], args: tuple, threads: int, messages: Any
     target(*args, WorkerBar(messages))
 
 
-def run_workers(target: Callable[..., None], args: tuple, workers: int, threads: int, bar: Any) -> None:
-    """Run ``target(*args, worker_bar)`` in ``workers`` spawned processes of ``threads`` CPU threads each.
+def run_workers(target: Callable[..., None], args: tuple, workers: int, threads: int | None, bar: Any) -> None:
+    """Run ``target(*args, worker_bar)`` in ``workers`` spawned processes of ``threads`` CPU threads each (default:
+    this process's cores shared out, at least 1).
 
     Guarantees: returns when every worker has exited with status 0, their lines written through ``bar`` in the
     order they arrived; if one fails (an exception, a kill), the others are stopped and a RelearnError names it
     (the worker's own traceback is on stderr above it); on any exit from here, no worker is left running.
     """
+    threads = threads or max(1, _cores() // workers)
     if workers < 1 or threads < 1:
         raise RelearnError(f"workers and threads per worker must be at least 1, got {workers} and {threads}")
+    import torch
+
+    if torch.cuda.is_available():  # asks the driver; creates no CUDA context in this process
+        logging.getLogger("hf_relearn").warning(
+            "%d workers all train on the first GPU; `accelerate launch ... --parallel runs` gives each process its own",
+            workers,
+        )
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state forked mid-use
     messages = context.Queue()
     procs = [
@@ -141,3 +151,7 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -77,3 +77,23 @@ def test_a_failing_worker_stops_the_others_and_is_named(tmp_path):
 def test_bad_worker_counts_are_refused():
     with pytest.raises(RelearnError, match="at least 1"):
         run_workers(_report_threads, (), workers=0, threads=1, bar=Bar())
+
+
+def test_by_default_the_cores_are_shared_out(monkeypatch):
+    import hf_relearn.workers
+
+    monkeypatch.setattr(hf_relearn.workers, "_cores", lambda: 8)
+    bar = Bar()
+    run_workers(_report_threads, (), workers=2, threads=None, bar=bar)
+    assert bar.lines == ["4 4"] * 2
+
+
+def test_workers_on_a_gpu_machine_are_told_they_share_the_first_gpu(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # here only: the spawned workers see the CPU
+    with caplog.at_level(logging.WARNING, logger="hf_relearn"):
+        run_workers(_report_threads, (), workers=2, threads=1, bar=Bar())
+    assert "2 workers all train on the first GPU; `accelerate launch ... --parallel runs`" in caplog.text
