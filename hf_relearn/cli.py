@@ -229,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # 2 processes of 1 thread: twice the work of one process of 2 threads on this small model, and the numbers are
     # those of docs/results/demo-stdlib-gpt2 on any machine (they depend on the threads per run, not on the cores)
     args.workers = 2 if args.workers is None else args.workers
-    args.threads_per_worker = args.threads_per_worker or 1
+    args.threads_per_worker = 1 if args.threads_per_worker is None else args.threads_per_worker
     return cmd_study(args)
 
 

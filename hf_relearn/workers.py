@@ -59,7 +59,8 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int, threads:
     order they arrived; if one fails (an exception, a kill), the others are stopped and a RelearnError names it
     (the worker's own traceback is on stderr above it); on any exit from here, no worker is left running.
     """
-    threads = threads or max(1, _cores() // workers)
+    if workers >= 1 and threads is None:
+        threads = max(1, _cores() // workers)
     if workers < 1 or threads < 1:
         raise RelearnError(f"workers and threads per worker must be at least 1, got {workers} and {threads}")
     import torch
@@ -80,10 +81,7 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int, threads:
     try:
         for proc in procs:
             proc.start()
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+        _restore("OMP_NUM_THREADS", saved)
         while any(proc.is_alive() for proc in procs):
             _show(messages, bar, timeout=0.5)
             _refuse_failed(procs)
@@ -96,8 +94,14 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int, threads:
                 proc.terminate()
         for proc in procs:
             proc.join()
-        if saved is not None:
-            os.environ["OMP_NUM_THREADS"] = saved
+        _restore("OMP_NUM_THREADS", saved)
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _show(messages: Any, bar: Any, timeout: float) -> bool:

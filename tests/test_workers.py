@@ -75,8 +75,9 @@ def test_a_failing_worker_stops_the_others_and_is_named(tmp_path):
 
 
 def test_bad_worker_counts_are_refused():
-    with pytest.raises(RelearnError, match="at least 1"):
-        run_workers(_report_threads, (), workers=0, threads=1, bar=Bar())
+    for workers, threads in ((0, 1), (0, None), (2, 0)):
+        with pytest.raises(RelearnError, match="at least 1"):
+            run_workers(_report_threads, (), workers=workers, threads=threads, bar=Bar())
 
 
 def test_by_default_the_cores_are_shared_out(monkeypatch):
