@@ -118,6 +118,15 @@ def repaired(row: dict) -> float:
     return (row["after_reset_eval_loss"] - row["final_eval_loss"]) / damage if damage > 0 else math.nan
 
 
+def repaired_by_layer(runs: list[dict]) -> dict[int, list[float]]:
+    """Each reset layer's shares of the damage repaired (``repaired``), in run order. A run whose reset did not raise
+    the loss did no damage to repair: it has no share and is left out (its layer may map to an empty list)."""
+    by_layer: dict[int, list[float]] = defaultdict(list)
+    for r in runs:
+        by_layer[r["layer"]] += [] if math.isnan(repaired(r)) else [repaired(r)]
+    return dict(by_layer)
+
+
 def damage_relative(row: dict) -> bool:
     """Whether a run's tolerance is a share of the reset's damage, not of the intact loss (distill: the intact loss
     is 0; see ``result.recovery_threshold``)."""
@@ -138,9 +147,7 @@ def repaired_words(rows: list[dict]) -> list[str]:
         return []
     out = []
     for (grid, arm), rs in _groups(layer_runs(rows)).items():
-        by_layer: dict[int, list[float]] = defaultdict(list)
-        for r in rs:  # a reset that did not raise the loss did no damage to repair: such a run has no share
-            by_layer[r["layer"]] += [] if math.isnan(repaired(r)) else [repaired(r)]
+        by_layer = repaired_by_layer(rs)
         cells = ", ".join(f"{layer}: {_pct_sd(v) if v else 'n/a'}" for layer, v in sorted(by_layer.items()))
         line = (
             f"Damage repaired in the fixed budget of {rs[0]['steps_trained']} steps ({_label(json.loads(grid))}, "

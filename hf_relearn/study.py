@@ -237,7 +237,7 @@ def _collect_rows(recipe: Recipe, plan: list[tuple[BaseSpec, RunSpec]], out: Pat
     """The rows of every finished run, in plan order, read from the result files (the single source of truth)."""
     rows = []
     for base, run in plan:
-        done = out / "runs" / run.id / RESULT_FILE
+        done = _result(out, run)
         if not done.exists():
             continue
         base_file = out / "bases" / base.id / RUN_FILE
@@ -278,14 +278,14 @@ def _open_study(recipe: Recipe, out: Path, rank: int) -> tuple[list[BaseSpec], l
     return bases, plan
 
 
-def _set_finished(bar, out: Path, plan: list[tuple[BaseSpec, RunSpec]]) -> None:
-    """Show on ``bar`` how many runs of the whole plan are finished, whichever process ran them."""
-    finished = sum((out / "runs" / run.id / RESULT_FILE).exists() for _, run in plan)
-    if isinstance(bar, WorkerBar):
-        bar.set_finished(finished)
-    else:
-        bar.n = finished
-        bar.refresh()
+def _result(out: Path, run: RunSpec) -> Path:
+    """A run's result file: the run is finished once it exists (written atomically, last)."""
+    return out / "runs" / run.id / RESULT_FILE
+
+
+def _finished(out: Path, plan: list[tuple[BaseSpec, RunSpec]]) -> int:
+    """How many runs of the whole plan are finished, whichever process ran them."""
+    return sum(_result(out, run).exists() for _, run in plan)
 
 
 def _train_bases(recipe: Recipe, bases: list[BaseSpec], out: Path, bar, claim: Callable[[str], bool] | None) -> None:
@@ -305,10 +305,11 @@ def _next_ready(recipe: Recipe, todo: list[tuple[BaseSpec, RunSpec]], out: Path,
     """The first item of ``todo`` whose base (and donors) are trained, waiting while another process trains them."""
     import time
 
+    donors = recipe.donors() if recipe.pretrain is not None else []
     start = time.time()
     while True:
         for base, run in todo:
-            needed = [base, *recipe.donors()] if recipe.pretrain is not None else []
+            needed = [base, *donors] if recipe.pretrain is not None else []
             if all((out / "bases" / b.id / RUN_FILE).exists() for b in needed):
                 return base, run
         if time.time() - start > timeout_s:
@@ -335,13 +336,13 @@ def _work(
     # one frozen-prefix cache per base, shared by its runs (same frozen weights, same data); top layers first, as a
     # fill computes every lower layer boundary on its way and stores them all (prefix_cache.py)
     todo = sorted(plan, key=lambda item: (bases.index(item[0]), -(item[1].layer if item[1].layer is not None else -1)))
-    todo = [(base, run) for base, run in todo if not (out / "runs" / run.id / RESULT_FILE).exists()]
+    todo = [(base, run) for base, run in todo if not _result(out, run).exists()]
     cache, cache_base = None, None
     baselines: dict[str, dict] = {}  # base id -> the intact model's metrics, measured by its first run here
     while todo:
         base, run = _next_ready(recipe, todo, out)
         todo.remove((base, run))
-        if (out / "runs" / run.id / RESULT_FILE).exists() or (claim is not None and not claim(f"run-{run.id}")):
+        if _result(out, run).exists() or (claim is not None and not claim(f"run-{run.id}")):
             continue  # done by another process meanwhile, or being done by one
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
         bar.set_postfix_str(run.id)
@@ -362,7 +363,8 @@ def _work(
             f"recovered in {steps} steps" if result["recovered"] else f"not recovered in {result['steps_trained']}"
         )
         bar.write(f"{run.id}: {result['after_reset_eval_loss']:.4f} -> {outcome}")
-        _set_finished(bar, out, plan)
+        bar.n = _finished(out, plan)
+        bar.refresh()
     if cache is not None:
         cache.close()
 
@@ -407,14 +409,17 @@ def run_study(
     out = Path(output_dir)
     bases, plan = _open_study(recipe, out, rank)
     _barrier()  # nobody trains before the clean-up is done
-    finished = sum((out / "runs" / run.id / RESULT_FILE).exists() for _, run in plan)
     bar = tqdm(
-        total=len(plan), initial=finished, desc=f"study {recipe.name}", unit="run", disable=not progress or rank != 0
+        total=len(plan),
+        initial=_finished(out, plan),
+        desc=f"study {recipe.name}",
+        unit="run",
+        disable=not progress or rank != 0,
     )
     shared = parallel == "runs" and world > 1
     if workers > 1:
         run_workers(_worker, (recipe, str(out)), workers, threads_per_worker, bar)
-        unfinished = [run.id for _, run in plan if not (out / "runs" / run.id / RESULT_FILE).exists()]
+        unfinished = [run.id for _, run in plan if not _result(out, run).exists()]
         if unfinished:  # every worker ended well, yet a run was claimed and never done: never a silent gap
             raise RelearnError(f"the workers left {len(unfinished)} run(s) unfinished: {', '.join(unfinished[:3])}")
     else:
@@ -435,7 +440,7 @@ def run_study(
         )
     bar.close()
     if shared:
-        _wait_for([out / "runs" / r.id / RESULT_FILE for _, r in plan], "the other processes' runs")
+        _wait_for([_result(out, r) for _, r in plan], "the other processes' runs")
     rows = _collect_rows(recipe, plan, out)
     if rank == 0:
         write_results(out / RESULTS, rows)

@@ -8,13 +8,12 @@ written atomically (``_save``).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from .files import ARM_LABELS
 from .findings import DEFAULT_SWAP_ARM, _grid_label, run_arm, run_label
-from .grid_findings import damage_relative, fixed_budget, layer_runs, repaired, run_cost
+from .grid_findings import damage_relative, fixed_budget, layer_runs, repaired_by_layer, run_cost
 from .stats import mean_sd
 
 
@@ -62,11 +61,9 @@ def _repaired_plot(rows: list[dict], path: Path) -> Path:
     """A fixed-budget study: the share of the damage each reset layer's runs repaired, mean ± sd over seeds."""
     plt = _pyplot()
     runs = layer_runs(rows)
-    # a reset that did not raise the loss has no share to repair (nan): its layer gets no bar
-    shares = {(r["layer"], r["run_id"]): repaired(r) for r in runs if not math.isnan(repaired(r))}
-    layers = sorted({r["layer"] for r in runs})
-    stats = [mean_sd([v for (layer_, _), v in shares.items() if layer_ == layer]) for layer in layers]
-    stats = [(0.0, 0.0) if math.isnan(m) else (m, sd) for m, sd in stats]
+    by_layer = repaired_by_layer(runs)  # a layer whose resets did no damage has no share: it gets no bar
+    layers = sorted(by_layer)
+    stats = [mean_sd(by_layer[layer]) if by_layer[layer] else (0.0, 0.0) for layer in layers]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.bar(layers, [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats], capsize=4)
     ax.set_xlabel("reset layer")

@@ -30,6 +30,7 @@ class WorkerBar:
 
     def __init__(self, messages: Any) -> None:
         self._messages = messages
+        self.n = 0  # runs finished (as tqdm's ``n``), sent on ``refresh``
 
     def write(self, line: str) -> None:
         self._messages.put(("line", line))
@@ -37,11 +38,8 @@ class WorkerBar:
     def set_postfix_str(self, text: str) -> None:
         self._messages.put(("postfix", text))
 
-    def set_finished(self, finished: int) -> None:
-        self._messages.put(("finished", finished))
-
-    def close(self) -> None:
-        pass
+    def refresh(self) -> None:
+        self._messages.put(("finished", self.n))
 
 
 def _child(target: Callable[..., None], args: tuple, threads: int, messages: Any) -> None:
