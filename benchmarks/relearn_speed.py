@@ -143,6 +143,16 @@ def main() -> None:
     ap.add_argument("--only-sweep", action="store_true", help="skip the per-step arms")
     ap.add_argument("--profile-sweep", action="store_true", help="cProfile the cached sweep (where its time goes)")
     ap.add_argument("--sweep-base-steps", type=int, default=300, help="base training steps of the --sweep study")
+    ap.add_argument(
+        "--sweep-until-converged",
+        action="store_true",
+        help="train the sweep's base until its validation loss stops improving (--sweep-base-steps is then a cap)",
+    )
+    ap.add_argument(
+        "--sweep-arms",
+        default="false,auto,auto+baseline",
+        help="sweep arms, comma-separated: false (no cache), auto (one shared cache), auto+baseline (as a study)",
+    )
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args()
     if args.only_sweep:
@@ -269,20 +279,28 @@ def sweep(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="relearn-sweep-"))
     overrides, data = _config(args)
     n = overrides["n_layer"]
-    base_steps = args.sweep_base_steps
-    pargs = _args(PretrainArguments, str(tmp / "base"), args.device, args.batch, max_steps=base_steps, eval_steps=50,
-                  learning_rate=1e-3)  # fmt: skip
+    converge = dict(until_converged=True, convergence_patience=6) if args.sweep_until_converged else {}
+    pargs = _args(PretrainArguments, str(tmp / "base"), args.device, args.batch, max_steps=args.sweep_base_steps,
+                  eval_steps=50, learning_rate=1e-3, **converge)  # fmt: skip
     # wall time and this process's CPU time: on a shared machine the CPU time is the steadier of the two
     t0, c0 = time.perf_counter(), time.process_time()
-    pretrain(ModelArguments(model="gpt2", config_overrides=overrides), data, pargs, quiet=True)
+    info = pretrain(ModelArguments(model="gpt2", config_overrides=overrides), data, pargs, quiet=True)
     base_s, base_cpu = time.perf_counter() - t0, time.process_time() - c0
-    out = {"base_steps": base_steps, "base_s": base_s, "base_cpu_s": base_cpu, "layers": n}
+    # a converged base's budget is its best checkpoint's step (what a relearn's share is of); it trained past it
+    base_steps = info["budget_steps"]
+    out = {"base_steps": base_steps, "base_trained_steps": info["steps"], "base_s": base_s,
+           "base_cpu_s": base_cpu, "layers": n, "base_warnings": info["warnings"],
+           "base_stopped": info["stopped"], "base_final_eval_loss": info["final_eval_loss"]}  # fmt: skip
+    print(f"base: {info['stopped']} at step {info['steps']}, budget {base_steps}, {base_s:.1f} s", flush=True)
     import cProfile
     import pstats
 
     from hf_relearn.prefix_cache import PrefixCache
 
-    for mode in ("false", "auto", "auto+baseline"):
+    arms = args.sweep_arms.split(",")
+    if unknown := set(arms) - {"false", "auto", "auto+baseline"}:
+        raise SystemExit(f"--sweep-arms: unknown {sorted(unknown)}")
+    for mode in arms:
         # "auto+baseline": as a study does, the intact model measured by the first run only and handed to the others
         shared = PrefixCache(capture_all=True) if mode != "false" else None
         baseline = None
@@ -307,6 +325,7 @@ def sweep(args) -> dict:
             if mode == "auto+baseline":
                 baseline = {"eval_loss": r.baseline_eval_loss}
             steps.append(r.steps_trained)
+            print(f"  {mode} layer {layer}: {r.steps_trained} steps, recovered {r.recovered}", flush=True)
         if profiler:
             profiler.disable()
             print("\nwhere the cached sweep's time goes (cumulative):")
@@ -321,14 +340,18 @@ def sweep(args) -> dict:
             shared.close()
     shutil.rmtree(tmp, ignore_errors=True)
     print(
-        f"\nL-sweep of {n} layers, top first, each to recovery (at most {base_steps} steps), vs the base training of "
-        f"{base_steps} steps: wall {base_s:.1f} s, CPU {base_cpu:.1f} s"
+        f"\nL-sweep of {n} layers, top first, each to recovery (at most {base_steps} steps), vs the base training "
+        f"(budget {base_steps} steps, {out['base_trained_steps']} trained): wall {base_s:.1f} s, CPU {base_cpu:.1f} s"
     )
+    for warning in out["base_warnings"]:
+        print(f"  base warning: {warning}")
     for mode, label in (
         ("false", "without the cache"),
         ("auto", "with one shared cache"),
         ("auto+baseline", "with one shared cache and one baseline evaluation (as a study runs it)"),
     ):
+        if mode not in arms:
+            continue
         wall, cpu = out[f"sweep_s_cache_{mode}"], out[f"sweep_cpu_s_cache_{mode}"]
         print(
             f"  {label}: wall {wall:.1f} s = {wall / base_s:.2f}x, CPU {cpu:.1f} s = {cpu / base_cpu:.2f}x of the base; "

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from .blocks import Block, BlockMap
 from .errors import RelearnError
+from .sharding import gathered, owner, reshard_fsdp, sharded_class_origin, storage_key, whole_shards
 
 INIT_MODES = ("scratch", "zero", "checkpoint:PATH")
 # module names of the projections that write a sub-layer's output into the residual stream
@@ -118,21 +119,6 @@ def freeze_except(model: nn.Module, *blocks: Block | str, block_map: BlockMap | 
 
 # ------------------------------------------------------------------------------------------- reset
 @contextmanager
-def gathered(params: list[torch.Tensor]):
-    """DeepSpeed ZeRO-3 keeps only a shard of each parameter on a rank: gather the full tensors while we write
-    them (every rank computes the same reset from the same seed; rank 0's copy is what is kept). A no-op elsewhere.
-    """
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
-        yield
-
-
-@contextmanager
 def _seeded(seed: int, model: nn.Module):
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
@@ -156,16 +142,16 @@ def _check_resettable(
                 f"cannot reset {block.name!r}: {name} is {p.dtype} (quantised?); reset needs float weights"
             )
     in_block = set(block.params)
-    by_storage: dict[int, list[str]] = {}
+    by_storage: dict[tuple, list[str]] = {}
     for name, p in params.items():
-        if p.numel():
-            by_storage.setdefault(p.data_ptr(), []).append(name)
+        if (key := storage_key(p)) is not None:
+            by_storage.setdefault(key, []).append(name)
     shared = sorted(
         {
             other
             for name in block.params
-            if params[name].numel()
-            for other in by_storage[params[name].data_ptr()]
+            if (key := storage_key(params[name])) is not None
+            for other in by_storage[key]
             if other not in in_block
         }
     )
@@ -189,9 +175,14 @@ def _reinit_with_model_init(model: PreTrainedModel, target_ids: set[int], seed: 
             t._is_hf_initialized = i not in target_ids
         for m in saved_module_flags:
             m._is_hf_initialized = False
+        if original := sharded_class_origin(model):
+            # fully_shard made the model's class anew, inside torch: transformers would take it for remote code and
+            # skip the init of modules without tensors of their own (GPT-2's scaled c_proj rule)
+            model.is_custom_code = original.is_custom_code
         with _seeded(seed, model):
             model.initialize_weights()
     finally:
+        model.__dict__.pop("is_custom_code", None)
         for i, t in tensors.items():
             prev = saved_tensor_flags[i]
             if prev is _MISSING:
@@ -203,11 +194,6 @@ def _reinit_with_model_init(model: PreTrainedModel, target_ids: set[int], seed: 
                 m.__dict__.pop("_is_hf_initialized", None)
             else:
                 m._is_hf_initialized = prev
-
-
-def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module]:
-    path = name.rsplit(".", 1)[0] if "." in name else ""
-    return path, model.get_submodule(path)
 
 
 def zero_init_applies(block: Block) -> bool:
@@ -254,6 +240,7 @@ def reset(
         raise RelearnError(f"reset needs a transformers PreTrainedModel, got {type(model).__name__}")
     if isinstance(block, str):  # a name: resolved on the caller's block map, or one built for it
         block = (block_map or BlockMap(model)).resolve(block)
+    reshard_fsdp(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     shared = _check_resettable(model, block, params, allow_shared)
     if not (init in ("scratch", "zero") or init.startswith("checkpoint:")):
@@ -266,10 +253,10 @@ def reset(
         )
     donor = _load_donor(model, init[len("checkpoint:") :], block) if init.startswith("checkpoint:") else None
 
-    targets = {id(params[n]): params[n] for n in block.params}
     names = sorted(block.params)
-    # under ZeRO-3 the block's tensors exist whole only inside this context
-    with gathered(list(params.values())):
+    # under ZeRO-3 and FSDP2 the block's tensors exist whole only inside these contexts
+    with gathered(list(params.values())), whole_shards(model, names, params) as params:
+        targets = {id(params[n]): params[n] for n in names}
         buffers = _block_buffers(model, set(names))
         protected = set(names) | {n for n, _ in buffers} | set(shared)
         fallback = _rewrite_block(model, block, params, targets, buffers, protected, donor, seed, zero_targets, verify)
@@ -340,7 +327,7 @@ def _block_buffers(model: nn.Module, target_names: set[str]) -> list[tuple[str, 
     """Buffers of modules whose parameters all lie in the block (BatchNorm stats, position-id tables)."""
     out = []
     for name, buf in model.named_buffers():
-        path, module = _owner(model, name)
+        path, module = owner(model, name)
         owned = [f"{path}.{n}" if path else n for n, _ in module.named_parameters(remove_duplicate=False)]
         if owned and all(n in target_names for n in owned):
             out.append((name, buf))
@@ -356,7 +343,7 @@ def _fallback_reset_parameters(
         return []
     used = []
     with _seeded(seed + 1, model):
-        for path in sorted({_owner(model, n)[0] for n in left}):
+        for path in sorted({owner(model, n)[0] for n in left}):
             module = model.get_submodule(path)
             own = [f"{path}.{n}" if path else n for n, _ in module.named_parameters(recurse=False)]
             if hasattr(module, "reset_parameters") and all(n in names for n in own):

@@ -1,0 +1,98 @@
+"""Surgery on sharded parameters, on CPU: FSDP2 for real (2 gloo processes, `tests/fsdp2_worker.py`), ZeRO-3's
+partitioned parameters as DeepSpeed represents them (no DeepSpeed here).
+
+accelerate enables FSDP only on accelerators, so the Trainer's FSDP2 path itself waits for a GPU; these tests run
+hf-relearn's own reset, tied-weight check and fingerprints on models sharded exactly as accelerate's FSDP2 plugin
+shards them (``fully_shard`` per transformer layer, then the root).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_relearn.errors import RelearnError
+from hf_relearn.modeling import load_model
+from hf_relearn.surgery import reset
+
+WORKER = Path(__file__).with_name("fsdp2_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch without gloo")
+    out = tmp_path_factory.mktemp("fsdp2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(WORKER), str(out)]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_the_models_really_are_sharded(ranks):
+    for report in ranks:
+        assert report["sharded"] == "DTensor"
+        assert report["tied"]  # GPT-2's head is its token embedding: one DTensor under two names
+        assert report["root_gathered_after_eval"] == "Parameter"  # what the first reset below has to cope with
+
+
+def test_fingerprints_of_shards_equal_those_of_the_whole_model(ranks):
+    for report in ranks:
+        assert report["fingerprint_differs_from_unsharded"] == []
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "gpt2 embeddings differs after reset",  # the root unit, gathered by the evaluation; tied to the head
+        "gpt2 decoder.1 differs after reset",  # GPT-2's scaled c_proj init (a rule of a module without tensors)
+        "t5 encoder.1 differs after reset",
+        "t5 decoder.0 differs after reset",
+        "t5 decoder.1.cross_attention differs after reset",
+    ],
+)
+def test_a_reset_of_shards_is_the_reset_of_the_whole_model(ranks, key):
+    """The same tensors, bit for bit, as the same reset of an unsharded twin: not every rank's shard drawn from
+    the same local random numbers, not the init of a class fully_shard made anew."""
+    for report in ranks:
+        assert report[key] == []
+
+
+def test_tied_weights_are_found_among_shards(ranks):
+    for report in ranks:
+        assert report["tied_refused"] and "lm_head.weight is the same tensor" in report["tied_refused"]
+
+
+def test_training_a_sharded_model_moves_exactly_the_trainable_layer(ranks):
+    first, second = ranks
+    assert first["moved"] == first["trainable"] and len(first["trainable"]) == 12
+    assert first["moved"] == second["moved"]
+    assert first["reset_block_digest"] == second["reset_block_digest"]
+    assert first["losses"] == second["losses"] and first["losses"][-1] < first["losses"][0]
+
+
+def _partitioned_like_zero3(model: torch.nn.Module) -> None:
+    """What ZeRO-3 leaves on a rank outside GatheredParameters: each parameter an empty tensor with a ds_id."""
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i
+        p.data = torch.empty(0, dtype=p.dtype)
+
+
+def test_tied_weights_are_found_among_zero3_partitions():
+    model = load_model("gpt2", dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=259), seed=0)
+    _partitioned_like_zero3(model)
+    with pytest.raises(RelearnError, match="lm_head.weight is the same tensor"):
+        reset(model, "embeddings")
