@@ -156,7 +156,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args()
     if args.only_sweep:
-        sweep(args)
+        result = {"device": args.device, "sweep": sweep(args)}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
         return
     t_build = time.perf_counter()
     trainers, batches, info = build(args)

@@ -70,7 +70,9 @@ def tensor_digest(t: torch.Tensor) -> str:
         t = t.full_tensor()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
-    data = t.detach().contiguous().cpu().reshape(-1)
+    # a copy, always: numpy() marks the storage it shares as not resizable, and FSDP2 frees a gathered parameter by
+    # resizing its storage to 0 (on CPU, .cpu() alone would share the parameter's own storage)
+    data = t.detach().to("cpu", copy=True).contiguous().reshape(-1)
     if data.numel():
         h.update(data.view(torch.uint8).numpy().data)
     return h.hexdigest()

@@ -318,8 +318,13 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         return output
 
     def save_final(self, output_dir: str | None = None) -> None:
-        """Save the re-learned model as plain safetensors (a LoRA arm is merged first) and its tokenizer."""
+        """Save the re-learned model as plain safetensors (a LoRA arm is merged first) and its tokenizer. Under FSDP or
+        DeepSpeed every process must call it: the Trainer gathers the shards and the main process writes them (a LoRA
+        arm is then saved as the Trainer saves it, the adapter unmerged)."""
         out = output_dir or self.args.output_dir
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            self.save_model(out)
+            return
         model = self.model
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()

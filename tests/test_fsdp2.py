@@ -18,7 +18,7 @@ import torch
 
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
-from hf_relearn.surgery import reset
+from hf_relearn.surgery import fingerprint, reset
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
@@ -96,3 +96,11 @@ def test_tied_weights_are_found_among_zero3_partitions():
     _partitioned_like_zero3(model)
     with pytest.raises(RelearnError, match="lm_head.weight is the same tensor"):
         reset(model, "embeddings")
+
+
+def test_fingerprinting_leaves_every_storage_resizable():
+    """numpy() marks the storage it shares as not resizable; a fingerprint that hashed the parameters through it
+    left FSDP2 unable to free a gathered parameter (found as a crash in save_pretrained after a relearn)."""
+    model = load_model("gpt2", dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=259), seed=0)
+    fingerprint(model)
+    assert all(p.untyped_storage().resizable() for p in model.parameters())
