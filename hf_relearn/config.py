@@ -177,6 +177,26 @@ class RelearnArguments(HfRelearnTrainingArguments):
     def metric_key(self) -> str:
         return eval_key(self.recovery_metric)
 
+    def refuse_when_sharded(self, sharded: bool) -> None:
+        """Raise (``RelearnError``) when ``sharded`` (FSDP / DeepSpeed) and the run swaps an encoder, wraps LoRA or
+        distills: the baseline evaluation shards the model before the reset, and these replace, wrap or copy it
+        whole, which nothing here does on shards."""
+        unsupported = [
+            flag
+            for flag, used in (
+                ("--swap_encoder", bool(self.swap_encoder)),
+                (f"--trainable {self.trainable}", "lora" in self.trainable),
+                ("--objective distill", self.objective == "distill"),
+            )
+            if used
+        ]
+        if sharded and unsupported:
+            raise RelearnError(
+                f"{', '.join(unsupported)} cannot run under FSDP / DeepSpeed (the model is sharded before the reset, "
+                "and these replace, wrap or copy it whole); launch it with DDP instead: "
+                "accelerate launch --config_file recipes/accelerate/ddp.yaml -m hf_relearn relearn ..."
+            )
+
     @property
     def higher_is_better(self) -> bool:
         # --greater_is_better declares the direction, unless it belongs to another metric_for_best_model

@@ -94,6 +94,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             kwargs.setdefault("preprocess_logits_for_metrics", argmax_logits)
         callbacks.append(ExamplesSeen())
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        args.refuse_when_sharded(self.is_fsdp_enabled or self.is_deepspeed_enabled)
         if args.objective == "distill":
             self.label_names = []
         self.teacher: Teacher | None = teacher  # distill: the intact model, made in prepare_relearn unless given

@@ -104,3 +104,31 @@ def test_fingerprinting_leaves_every_storage_resizable():
     model = load_model("gpt2", dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=259), seed=0)
     fingerprint(model)
     assert all(p.untyped_storage().resizable() for p in model.parameters())
+
+
+@pytest.mark.parametrize("flag", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_swaps_lora_and_distill_are_refused_under_sharding_before_anything_runs(tmp_path, monkeypatch, flag):
+    """The Trainer as an FSDP / DeepSpeed launch makes it (the flag its accelerator sets); the block arm passes."""
+    from test_relearn import GPT2, base_run, relearn_run
+    from transformers import Trainer
+
+    base_run(tmp_path / "base", "gpt2", GPT2, steps=20)
+    made = Trainer.create_accelerator_and_postprocess
+
+    def sharded(self):
+        made(self)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
+    for settings, named in (
+        (dict(trainable="lora-rest"), "--trainable lora-rest"),
+        (dict(objective="distill"), "--objective distill"),
+    ):
+        with pytest.raises(RelearnError, match=f"{named} cannot run under FSDP / DeepSpeed.*ddp.yaml"):
+            relearn_run(tmp_path / named, tmp_path / "base", "decoder.1", max_steps=2, **settings)
+        assert not (tmp_path / named / "relearn_result.json").exists()
+    # unsharded, the same arm runs
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", made)
+    result = relearn_run(tmp_path / "plain", tmp_path / "base", "decoder.1", max_steps=2, eval_steps=1,
+                         trainable="lora-rest", stop_at_recovery=False, save_final_model=False)  # fmt: skip
+    assert result.steps_trained == 2
