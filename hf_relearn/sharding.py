@@ -17,7 +17,7 @@ def gathered(params: list[torch.Tensor]):
     """DeepSpeed ZeRO-3 keeps only a shard of each parameter on a rank: gather the full tensors while we write
     them (every rank computes the same reset from the same seed; rank 0's copy is what is kept). A no-op elsewhere.
     """
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    partitioned = list({id(p): p for p in params if hasattr(p, "ds_id")}.values())  # a tied tensor once
     if not partitioned:
         yield
         return
@@ -25,6 +25,21 @@ def gathered(params: list[torch.Tensor]):
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
         yield
+
+
+@contextmanager
+def whole_tensor(t: torch.Tensor):
+    """The whole of one tensor for reading: an FSDP2 DTensor's full tensor; a ZeRO-3 partition gathered (unless a
+    surrounding gather has done so; outside one, its local data is empty); any other tensor as it is."""
+    if hasattr(t, "full_tensor"):
+        yield t.full_tensor()
+    elif hasattr(t, "ds_id") and t.numel() != getattr(t, "ds_numel", t.numel()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            yield t.data
+    else:
+        yield t
 
 
 def reshard_fsdp(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from .blocks import Block, BlockMap
 from .errors import RelearnError
-from .sharding import gathered, owner, reshard_fsdp, sharded_class_origin, storage_key, whole_shards
+from .sharding import gathered, owner, reshard_fsdp, sharded_class_origin, storage_key, whole_shards, whole_tensor
 
 INIT_MODES = ("scratch", "zero", "checkpoint:PATH")
 # module names of the projections that write a sub-layer's output into the residual stream
@@ -65,14 +65,14 @@ class SurgeryReport:
 
 # ------------------------------------------------------------------------------------------- fingerprints
 def tensor_digest(t: torch.Tensor) -> str:
-    """A content hash of one tensor: dtype, shape and every byte."""
-    if hasattr(t, "full_tensor"):  # an FSDP2 DTensor shard: hash the whole tensor, the same on every rank
-        t = t.full_tensor()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
-    # a copy, always: numpy() marks the storage it shares as not resizable, and FSDP2 frees a gathered parameter by
-    # resizing its storage to 0 (on CPU, .cpu() alone would share the parameter's own storage)
-    data = t.detach().to("cpu", copy=True).contiguous().reshape(-1)
+    """A content hash of one whole tensor: dtype, shape and every byte. A sharded parameter (FSDP2, ZeRO-3) is
+    gathered for it, so every rank computes the same digest (a collective: every rank must call it)."""
+    with whole_tensor(t) as t:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
+        # a copy, always: numpy() marks the storage it shares as not resizable, and FSDP2 frees a gathered parameter
+        # by resizing its storage to 0 (on CPU, .cpu() alone would share the parameter's own storage)
+        data = t.detach().to("cpu", copy=True).contiguous().reshape(-1)
     if data.numel():
         h.update(data.view(torch.uint8).numpy().data)
     return h.hexdigest()

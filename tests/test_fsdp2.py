@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
-from hf_relearn.surgery import fingerprint, reset
+from hf_relearn.surgery import changed_tensors, fingerprint, reset
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
@@ -84,24 +86,77 @@ def test_training_a_sharded_model_moves_exactly_the_trainable_layer(ranks):
     assert first["losses"] == second["losses"] and first["losses"][-1] < first["losses"][0]
 
 
+class FakeDeepSpeed(types.ModuleType):
+    """``deepspeed.zero.GatheredParameters`` as ZeRO-3 behaves on one rank (DeepSpeed does not run here): inside,
+    each listed partitioned parameter holds its whole tensor (ones already gathered are left alone); on exit the
+    modifier rank's writes are kept, any other writes dropped, and the local data is empty again. This fake
+    releases a tensor listed twice twice, losing its writes; hf-relearn lists a tied tensor once, whatever DeepSpeed
+    does with a repeat."""
+
+    def __init__(self):
+        super().__init__("deepspeed")
+        self.zero = types.SimpleNamespace(GatheredParameters=self.gathered)
+        self.gathers = 0
+
+    @contextmanager
+    def gathered(self, params, modifier_rank=None):
+        todo = [p for p in params if hasattr(p, "ds_id") and p.numel() != p.ds_numel]
+        self.gathers += bool(todo)
+        for p in todo:
+            p.data = p.ds_full.clone()
+        try:
+            yield
+        finally:
+            for p in todo:
+                if modifier_rank is not None:
+                    p.ds_full = p.data
+                p.data = torch.empty(0, dtype=p.dtype)
+
+
 def _partitioned_like_zero3(model: torch.nn.Module) -> None:
-    """What ZeRO-3 leaves on a rank outside GatheredParameters: each parameter an empty tensor with a ds_id."""
+    """What ZeRO-3 leaves on a rank outside GatheredParameters: each parameter an empty tensor with a ds_id (its
+    whole value kept aside for FakeDeepSpeed, as the other ranks' partitions would hold it)."""
     for i, p in enumerate(model.parameters()):
-        p.ds_id = i
+        p.ds_id, p.ds_numel, p.ds_full = i, p.numel(), p.data.clone()
         p.data = torch.empty(0, dtype=p.dtype)
 
 
+def _tiny_gpt2() -> torch.nn.Module:
+    return load_model("gpt2", dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=259), seed=0)
+
+
 def test_tied_weights_are_found_among_zero3_partitions():
-    model = load_model("gpt2", dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=259), seed=0)
+    model = _tiny_gpt2()
     _partitioned_like_zero3(model)
     with pytest.raises(RelearnError, match="lm_head.weight is the same tensor"):
         reset(model, "embeddings")
 
 
+def test_zero3_fingerprints_hash_the_whole_parameters(monkeypatch):
+    """Outside a gather a partition's local data is empty: hashed as it is, every frozen proof would pass."""
+    deepspeed = FakeDeepSpeed()
+    monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    model, twin = _tiny_gpt2(), _tiny_gpt2()
+    _partitioned_like_zero3(model)
+    assert fingerprint(model) == fingerprint(twin) and deepspeed.gathers > 0
+    model.transformer.h[1].mlp.c_fc.weight.ds_full[0, 0] += 1
+    assert changed_tensors(fingerprint(twin), fingerprint(model)) == ["transformer.h.1.mlp.c_fc.weight"]
+
+
+def test_a_reset_of_zero3_partitions_is_the_reset_of_the_whole_model(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", FakeDeepSpeed())
+    model, twin = _tiny_gpt2(), _tiny_gpt2()
+    _partitioned_like_zero3(model)
+    reset(model, "decoder.1", seed=0)
+    reset(twin, "decoder.1", seed=0)
+    assert fingerprint(model) == fingerprint(twin) != fingerprint(_tiny_gpt2())
+    assert all(p.numel() == 0 for p in model.parameters())  # partitioned again afterwards
+
+
 def test_fingerprinting_leaves_every_storage_resizable():
     """numpy() marks the storage it shares as not resizable; a fingerprint that hashed the parameters through it
     left FSDP2 unable to free a gathered parameter (found as a crash in save_pretrained after a relearn)."""
-    model = load_model("gpt2", dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=259), seed=0)
+    model = _tiny_gpt2()
     fingerprint(model)
     assert all(p.untyped_storage().resizable() for p in model.parameters())
 
