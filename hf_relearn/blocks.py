@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import RelearnError
+from .sharding import numel
 
 PARTS = ("attention", "cross_attention", "mlp", "norms")
 PART_ALIASES = {
@@ -167,7 +168,7 @@ class BlockMap:
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
-        self.param_numel = {n: p.numel() for n, p in model.named_parameters(remove_duplicate=False)}
+        self.param_numel = {n: numel(p) for n, p in model.named_parameters(remove_duplicate=False)}
         self.module_paths = {n for n, _ in model.named_modules(remove_duplicate=False)}
         self.stacks: dict[str, Stack] = {}
         self._discover_stacks()
@@ -278,7 +279,7 @@ class BlockMap:
     def numel(self, block: Block) -> int:
         """Number of distinct parameters (tied tensors counted once)."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        return sum({id(params[n]): params[n].numel() for n in block.params}.values())
+        return sum({id(params[n]): numel(params[n]) for n in block.params}.values())
 
     def names(self) -> list[Block]:
         """Every valid name (no wildcards or ranges), each resolved: stacks, layers, parts, non-blocks."""

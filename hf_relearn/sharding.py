@@ -27,6 +27,11 @@ def gathered(params: list[torch.Tensor]):
         yield
 
 
+def numel(p: torch.Tensor) -> int:
+    """Elements of the whole tensor (a ZeRO-3 partition's local data is empty; a DTensor counts its whole already)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 @contextmanager
 def whole_tensor(t: torch.Tensor):
     """The whole of one tensor for reading: an FSDP2 DTensor's full tensor; a ZeRO-3 partition gathered (unless a

@@ -25,7 +25,16 @@ from transformers import PreTrainedModel
 
 from .blocks import Block, BlockMap
 from .errors import RelearnError
-from .sharding import gathered, owner, reshard_fsdp, sharded_class_origin, storage_key, whole_shards, whole_tensor
+from .sharding import (
+    gathered,
+    numel,
+    owner,
+    reshard_fsdp,
+    sharded_class_origin,
+    storage_key,
+    whole_shards,
+    whole_tensor,
+)
 
 INIT_MODES = ("scratch", "zero", "checkpoint:PATH")
 # module names of the projections that write a sub-layer's output into the residual stream
@@ -271,7 +280,7 @@ def reset(
         seed=seed,
         tensors=names + [n for n, _ in buffers],
         num_tensors=len(names) + len(buffers),
-        num_parameters=sum(p.numel() for p in targets.values()),
+        num_parameters=sum(numel(p) for p in targets.values()),
         zeroed=zero_targets,
         shared_with=shared,
         fallback_reset_parameters=fallback,

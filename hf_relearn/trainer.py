@@ -1,10 +1,9 @@
 """RelearnTrainer: baseline eval -> reset a block -> eval -> re-learn with the rest frozen -> stop when recovered.
 
-It stays a normal ``Trainer``: callbacks, checkpoints, ``resume_from_checkpoint``, ``report_to`` and
-``push_to_hub`` behave as usual. What it adds:
+It stays a normal ``Trainer`` (callbacks, checkpoints, resuming, ``report_to``, ``push_to_hub`` as usual). It adds:
 
-* ``train()`` first measures the intact model (baseline), then applies the surgery and the freezing (before any
-  wrapping or optimizer exists), measures again (after_reset), and trains;
+* ``train()`` first measures the intact model (baseline), then applies the surgery and the freezing (before the
+  optimizer exists; under FSDP the baseline evaluation has sharded the model already), measures again, and trains;
 * ``RecoveryCallback`` stops at the first evaluation where the metric is back within the tolerance, held for
   ``patience`` evaluations;
 * at the end the frozen tensors are proven bit-identical and ``relearn_result.json`` is written (the results
@@ -49,6 +48,7 @@ from .result import (
     recovery_threshold,
     unigram_warning,
 )
+from .sharding import numel
 from .surgery import SurgeryReport, reset
 from .trainer_prefix import PrefixCacheMixin
 
@@ -371,8 +371,8 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             recovery_threshold=self.threshold,
             frozen_unchanged=frozen_unchanged,
             frozen_changed=moved,
-            trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            total_parameters=sum(p.numel() for p in self.model.parameters()),
+            trainable_parameters=sum(numel(p) for p in self.model.parameters() if p.requires_grad),
+            total_parameters=sum(numel(p) for p in self.model.parameters()),
             steps_trained=self.state.global_step,
             train_curve=[[e["step"], e["loss"]] for e in self.state.log_history if "loss" in e],
             world_size=self.args.world_size,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
 from hf_relearn.surgery import changed_tensors, fingerprint, reset
@@ -147,8 +148,9 @@ def test_a_reset_of_zero3_partitions_is_the_reset_of_the_whole_model(monkeypatch
     monkeypatch.setitem(sys.modules, "deepspeed", FakeDeepSpeed())
     model, twin = _tiny_gpt2(), _tiny_gpt2()
     _partitioned_like_zero3(model)
-    reset(model, "decoder.1", seed=0)
-    reset(twin, "decoder.1", seed=0)
+    assert BlockMap(model).numel(BlockMap(model).resolve("decoder.1")) == 12_704  # whole tensors, not empty partitions
+    report, twin_report = reset(model, "decoder.1", seed=0), reset(twin, "decoder.1", seed=0)
+    assert report.num_parameters == twin_report.num_parameters == 12_704
     assert fingerprint(model) == fingerprint(twin) != fingerprint(_tiny_gpt2())
     assert all(p.numel() == 0 for p in model.parameters())  # partitioned again afterwards
 

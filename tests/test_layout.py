@@ -18,9 +18,9 @@ LAYERS: dict[str, int] = {
     # 0: names, errors, files on disk (no torch)
     "errors": 0, "files": 0, "caveats": 0, "io": 0, "stats": 0,
     # 1: models, block names, data
-    "modeling": 1, "blocks": 1, "data": 1, "tokenizers": 1, "tokenization": 1, "corpora": 1, "texts": 1, "collators": 1,
+    "modeling": 1, "sharding": 1, "blocks": 1, "data": 1, "tokenizers": 1, "tokenization": 1, "corpora": 1, "texts": 1, "collators": 1,
     # 2: what is done to a model: surgery, swaps, the frozen-prefix plan and cache
-    "sharding": 2, "surgery": 2, "swap": 2, "prefix_plan": 2, "prefix_cache": 2,
+    "surgery": 2, "swap": 2, "prefix_plan": 2, "prefix_cache": 2,
     # 3: arguments, results, callbacks, metrics, arms; cards and plots (values in, files out)
     "config": 3, "result": 3, "callbacks": 3, "metrics": 3, "arms": 3, "cards": 3, "plots": 3, "original_curve": 3,
     # 4: the trainer
