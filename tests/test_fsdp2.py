@@ -1,9 +1,9 @@
-"""Surgery on sharded parameters, on CPU: FSDP2 for real (2 gloo processes, `tests/fsdp2_worker.py`), ZeRO-3's
-partitioned parameters as DeepSpeed represents them (no DeepSpeed here).
+"""Surgery on sharded parameters, on CPU: FSDP2 for real (2 gloo processes, `tests/fsdp2_worker.py`); ZeRO-3's
+partitioned parameters as DeepSpeed leaves them, with a stand-in for its GatheredParameters (no DeepSpeed here).
 
 accelerate enables FSDP only on accelerators, so the Trainer's FSDP2 path itself waits for a GPU; these tests run
-hf-relearn's own reset, tied-weight check and fingerprints on models sharded exactly as accelerate's FSDP2 plugin
-shards them (``fully_shard`` per transformer layer, then the root).
+hf-relearn's own reset, tied-weight check, fingerprints and parameter counts on models sharded as accelerate's FSDP2
+plugin shards them with TRANSFORMER_BASED_WRAP (``fully_shard`` per transformer layer, then the root).
 """
 
 import json
