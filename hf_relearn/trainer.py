@@ -320,8 +320,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
 
     def save_final(self, output_dir: str | None = None) -> None:
         """Save the re-learned model as plain safetensors (a LoRA arm is merged first) and its tokenizer. Under FSDP or
-        DeepSpeed every process must call it: the Trainer gathers the shards and the main process writes them (a LoRA
-        arm is then saved as the Trainer saves it, the adapter unmerged)."""
+        DeepSpeed every process must call it: the Trainer gathers the shards and the main process writes them."""
         out = output_dir or self.args.output_dir
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             self.save_model(out)
