@@ -1,7 +1,8 @@
 """Parameters split across processes: FSDP2's DTensor shards and DeepSpeed ZeRO-3's partitions.
 
-A reset must write whole tensors and draw them as an unsharded model would, and a tied-weight check must see two
-names of one sharded tensor as one; this module gives surgery both, and is a no-op for a model that is not sharded.
+A reset must write whole tensors and draw them as an unsharded model would; a fingerprint must hash, and a count
+count, whole tensors; a tied-weight check must see two names of one sharded tensor as one. This module gives surgery,
+block maps and results these, and is a no-op for a model that is not sharded.
 """
 
 from __future__ import annotations
