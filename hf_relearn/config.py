@@ -181,6 +181,8 @@ class RelearnArguments(HfRelearnTrainingArguments):
         """Raise (``RelearnError``) when ``sharded`` (FSDP / DeepSpeed) and the run swaps an encoder, wraps LoRA or
         distills: the baseline evaluation shards the model before the reset, and these replace, wrap or copy it
         whole, which nothing here does on shards."""
+        if not sharded:
+            return
         unsupported = [
             flag
             for flag, used in (
@@ -190,7 +192,7 @@ class RelearnArguments(HfRelearnTrainingArguments):
             )
             if used
         ]
-        if sharded and unsupported:
+        if unsupported:
             raise RelearnError(
                 f"{', '.join(unsupported)} cannot run under FSDP / DeepSpeed (the model is sharded before the reset, "
                 "and these replace, wrap or copy it whole); launch it with DDP instead: "

@@ -305,12 +305,13 @@ def _next_ready(recipe: Recipe, todo: list[tuple[BaseSpec, RunSpec]], out: Path,
     """The first item of ``todo`` whose base (and donors) are trained, waiting while another process trains them."""
     import time
 
-    donors = recipe.donors() if recipe.pretrain is not None else []
+    if recipe.pretrain is None:  # the bases are given, nothing to wait for
+        return todo[0]
+    donors = recipe.donors()
     start = time.time()
     while True:
         for base, run in todo:
-            needed = [base, *donors] if recipe.pretrain is not None else []
-            if all((out / "bases" / b.id / RUN_FILE).exists() for b in needed):
+            if all((out / "bases" / b.id / RUN_FILE).exists() for b in [base, *donors]):
                 return base, run
         if time.time() - start > timeout_s:
             raise RelearnError("gave up waiting for a base model that another process trains (did it die?)")

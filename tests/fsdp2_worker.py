@@ -20,7 +20,7 @@ from hf_relearn.arms import apply_trainable, normalised_fingerprint
 from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
-from hf_relearn.surgery import fingerprint, reset
+from hf_relearn.surgery import changed_tensors, fingerprint, reset
 
 GPT2 = dict(n_layer=3, n_embd=32, n_head=2, n_positions=64, vocab_size=259)
 T5 = dict(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64, num_heads=2, d_kv=16, vocab_size=259)
@@ -43,10 +43,6 @@ def text_batch(rows: int, width: int) -> torch.Tensor:
     return ids.reshape(rows, width)
 
 
-def differing(a: dict, b: dict) -> list[str]:
-    return sorted(n for n in a if a[n] != b.get(n))
-
-
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -58,7 +54,7 @@ def main(out: Path) -> None:
     model, twin = sharded("gpt2", GPT2, mesh), load_model("gpt2", GPT2, seed=0)
     report["tied"] = model.lm_head.weight is model.transformer.wte.weight
     report["sharded"] = type(model.transformer.h[1].attn.c_attn.weight).__name__
-    report["fingerprint_differs_from_unsharded"] = differing(fingerprint(model), fingerprint(twin))
+    report["fingerprint_differs_from_unsharded"] = changed_tensors(fingerprint(model), fingerprint(twin))
     model.eval()
     with torch.no_grad():
         report["baseline_loss"] = model(input_ids=x, labels=x).loss.item()
@@ -70,7 +66,7 @@ def main(out: Path) -> None:
     for name in ("embeddings", "decoder.1"):
         reset(model, name, seed=0, allow_shared=True)
         reset(twin, name, seed=0, allow_shared=True)
-        report[f"gpt2 {name} differs after reset"] = differing(fingerprint(model), fingerprint(twin))
+        report[f"gpt2 {name} differs after reset"] = changed_tensors(fingerprint(model), fingerprint(twin))
     try:
         reset(model, "embeddings", seed=0)
         report["tied_refused"] = None
@@ -90,7 +86,7 @@ def main(out: Path) -> None:
         losses.append(loss.item())
     report["losses"] = losses
     report["trainable"] = sorted(trainable)
-    report["moved"] = differing(before, normalised_fingerprint(model))
+    report["moved"] = changed_tensors(before, normalised_fingerprint(model))
     report["reset_block_digest"] = {n: before[n] for n in block.params}
 
     # T5: per-module init factors (attention and feed-forward modules hold no tensors of their own)
@@ -98,7 +94,7 @@ def main(out: Path) -> None:
     for name in ("encoder.1", "decoder.0", "decoder.1.cross_attention"):
         reset(model, name, seed=0)
         reset(twin, name, seed=0)
-        report[f"t5 {name} differs after reset"] = differing(fingerprint(model), fingerprint(twin))
+        report[f"t5 {name} differs after reset"] = changed_tensors(fingerprint(model), fingerprint(twin))
 
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
