@@ -34,6 +34,7 @@ from hf_relearn.trainer import HfRelearnTrainingArguments, RelearnArguments, Rel
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the cache is exact (and on by default) then
 VOCAB = 259  # the byte tokenizer's
+SWEEP_ARMS = ("false", "auto", "auto+baseline")  # no cache; one shared cache; + the base's baseline measured once
 
 
 def _args(cls, out: str, device: str, batch: int, **kw):
@@ -66,6 +67,14 @@ def _saved_bytes(trainer, batch) -> int:
         trainer.training_step(trainer.model, dict(batch))
     trainer.model.zero_grad(set_to_none=True)
     return sum(seen.values())
+
+
+def _sweep_arms(text: str) -> list[str]:
+    """--sweep-arms, checked when parsed (not after the base has trained for minutes)."""
+    arms = text.split(",")
+    if unknown := set(arms) - set(SWEEP_ARMS):
+        raise argparse.ArgumentTypeError(f"unknown {sorted(unknown)}; choose from {', '.join(SWEEP_ARMS)}")
+    return arms
 
 
 def _config(args) -> tuple[dict, DataArguments]:
@@ -150,6 +159,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--sweep-arms",
+        type=_sweep_arms,
         default="false,auto,auto+baseline",
         help="sweep arms, comma-separated: false (no cache), auto (one shared cache), auto+baseline (as a study)",
     )
@@ -299,9 +309,7 @@ def sweep(args) -> dict:
 
     from hf_relearn.prefix_cache import PrefixCache
 
-    arms = args.sweep_arms.split(",")
-    if unknown := set(arms) - {"false", "auto", "auto+baseline"}:
-        raise SystemExit(f"--sweep-arms: unknown {sorted(unknown)}")
+    arms = args.sweep_arms
     for mode in arms:
         # "auto+baseline": as a study does, the intact model measured by the first run only and handed to the others
         shared = PrefixCache(capture_all=True) if mode != "false" else None
