@@ -215,22 +215,23 @@ def relearn(
     train, evals, collator = build_datasets(data_args, tokenizer, objective)
     out = Path(args.output_dir)
     fresh = not out.exists()  # the Trainer creates output_dir; a refused run removes it again if it made it
-    trainer = RelearnTrainer(
-        model=model,
-        args=args,
-        model_name=model_args.model,
-        train_dataset=train,
-        eval_dataset=evals,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        prefix_cache=prefix_cache,
-        baseline=baseline,
-    )
-    if quiet:
-        _quiet(trainer)
-    # surgery first (train() would do it anyway): a refused reset or prefix cache leaves no output folder behind
+    # surgery first (train() would do it anyway): a run refused by the trainer, its reset or its prefix cache leaves
+    # no output folder behind
     try:
+        trainer = RelearnTrainer(
+            model=model,
+            args=args,
+            model_name=model_args.model,
+            train_dataset=train,
+            eval_dataset=evals,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            prefix_cache=prefix_cache,
+            baseline=baseline,
+        )
+        if quiet:
+            _quiet(trainer)
         trainer.prepare_relearn()
     except RelearnError:
         if fresh and out.is_dir() and not any(out.iterdir()):
