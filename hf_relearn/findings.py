@@ -12,7 +12,16 @@ import statistics
 from collections import defaultdict
 
 from .files import ARM_LABELS
-from .grid_findings import arm_words, damage_relative, depth_width_words, jump_words, position_words, repaired_words
+from .grid_findings import (
+    arm_words,
+    damage_relative,
+    depth_width_words,
+    jump_words,
+    position_words,
+    reference_arm,
+    repaired_words,
+    row_arm,
+)
 from .stats import mean_sd
 from .swap_findings import swap_mechanism_words
 
@@ -61,11 +70,13 @@ def run_label(row: dict) -> str:
 
 
 def run_arm(row: dict) -> str:
-    """A row's arm: its trainable arm, or for an encoder swap its options (cross-attention, freeze, warm-up)."""
+    """A row's arm: its trainable arm, or for an encoder swap its options (cross-attention, freeze, warm-up); with
+    ``@NAME`` when it ran the study's variant NAME of the relearn settings."""
     if not row.get("swap"):
-        return row["trainable"]
+        return row_arm(row)
     warmup = row.get("swap_warmup_steps") or 0
-    return f"{row['swap_cross_attention']}, {row['swap_freeze']}" + (f", warm-up {warmup}" if warmup else "")
+    variant = f"@{row['variant']}" if row.get("variant") else ""
+    return f"{row['swap_cross_attention']}, {row['swap_freeze']}" + (f", warm-up {warmup}" if warmup else "") + variant
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -264,25 +275,30 @@ def _unrecovered_words(summary: list[dict]) -> list[str]:
     return out
 
 
+def arm_label(arm: str) -> str:
+    """An arm in words: its trainable set, and the variant of the relearn settings it ran (``@NAME``) if any."""
+    trainable, _, variant = arm.partition("@")
+    return ARM_LABELS.get(trainable, trainable) + (f"; relearn settings '{variant}'" if variant else "")
+
+
 def _arm_words(summary: list[dict]) -> list[str]:
-    """Each other trainable arm's steps as a multiple of training only the block (empty without a ``block`` arm)."""
+    """Each arm's steps as a multiple of its reference arm's (``reference_arm``: training only the block, or for a
+    variant of the relearn settings the same arm under the recipe's own), summed over the blocks both recovered."""
     out = []
-    arms = sorted({s["arm"] for s in summary})
-    if len(arms) > 1 and "block" in arms:
-        by = defaultdict(dict)
-        for s in summary:
-            if not math.isnan(s["steps"][0]):
-                by[(json.dumps(s["grid"], sort_keys=True), s["block"], s["init"])][s["arm"]] = s["steps"][0]
-        for arm in arms:
-            if arm == "block":
-                continue
-            pairs = [(v[arm], v["block"]) for v in by.values() if arm in v and "block" in v]
-            if pairs and sum(b for _, b in pairs):
-                ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
-                out.append(
-                    f"Arm '{arm}' ({ARM_LABELS.get(arm, arm)}) needed {ratio:.2f}x the steps of training only the "
-                    f"block (summed over {len(pairs)} blocks; <1 = faster)."
-                )
+    by = defaultdict(dict)
+    for s in summary:
+        if not math.isnan(s["steps"][0]):
+            by[(json.dumps(s["grid"], sort_keys=True), s["block"], s["init"])][s["arm"]] = s["steps"][0]
+    for arm in sorted({s["arm"] for s in summary}):
+        ref = reference_arm(arm)
+        pairs = [(v[arm], v[ref]) for v in by.values() if arm != ref and arm in v and ref in v]
+        if pairs and sum(b for _, b in pairs):
+            ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+            what = "training only the block" if ref == "block" else f"'{ref}' with the recipe's own relearn settings"
+            out.append(
+                f"Arm '{arm}' ({arm_label(arm)}) needed {ratio:.2f}x the steps of {what} (summed over {len(pairs)} "
+                "blocks; <1 = faster)."
+            )
     return out
 
 

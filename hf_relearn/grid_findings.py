@@ -53,6 +53,16 @@ def layer_runs(rows: list[dict]) -> list[dict]:
     ]
 
 
+def row_arm(row: dict) -> str:
+    """A run's trainable arm, with ``@NAME`` when it ran the study's variant NAME of the relearn settings."""
+    return row["trainable"] + (f"@{row['variant']}" if row.get("variant") else "")
+
+
+def reference_arm(arm: str) -> str:
+    """The arm another is compared with: a variant's arm under the recipe's own settings, else ``block``."""
+    return arm.split("@")[0] if "@" in arm else "block"
+
+
 def _key(grid: dict, keys: tuple[str, ...]) -> str | None:
     return next((k for k in keys if k in grid), None)
 
@@ -76,7 +86,7 @@ def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         grid = {**r["grid"], "stack": r.get("stack")} if several_stacks else r["grid"]
-        groups[(json.dumps(grid, sort_keys=True), r["trainable"])].append(r)
+        groups[(json.dumps(grid, sort_keys=True), row_arm(r))].append(r)
     return groups
 
 
@@ -217,7 +227,7 @@ def _edges_words(rows: list[dict], tolerance: float | None) -> str:
 
 def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...], name: str) -> list[str]:
     """For each value of the ``fixed`` key: the mean cost per reset layer at each value of the ``vary`` key."""
-    runs = [r for r in layer_runs(rows) if r["trainable"] == "block" and not math.isnan(run_cost(r))]
+    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and not math.isnan(run_cost(r))]
     out = []
     by_fixed: dict[object, list[dict]] = defaultdict(list)
     for r in runs:
@@ -247,7 +257,7 @@ def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...
 
 def relative_depth_words(rows: list[dict]) -> list[str]:
     """Pooled over depths: does the relative position L/(N-1) order the cost, at each width?"""
-    runs = [r for r in layer_runs(rows) if r["trainable"] == "block" and r.get("relative_depth") is not None]
+    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("relative_depth") is not None]
     depths = {_key(r["grid"], DEPTH_KEYS) and r["grid"][_key(r["grid"], DEPTH_KEYS)] for r in runs}
     if len(depths) < 2:
         return []
@@ -274,15 +284,17 @@ def depth_width_words(rows: list[dict]) -> list[str]:
 
 
 def arm_words(rows: list[dict]) -> list[str]:
-    """Where a grid point ran other arms beside ``block`` and runs miss the study's tolerance: each arm's cost at the
-    looser tolerances, read from the curves, against the block's, paired by base and layer (the study's own
-    tolerance is compared over recovered runs in ``findings``)."""
+    """Where a grid point ran other arms beside ``block`` (or variants of the relearn settings) and runs miss the
+    study's tolerance: each arm's cost at the looser tolerances, read from the curves, against its reference arm's
+    (``reference_arm``), paired by base and layer (the study's own tolerance is compared over recovered runs in
+    ``findings``)."""
     out = []
     groups = _groups(layer_runs(rows))
     for (grid, arm), rs in groups.items():
-        block = {(r["base_id"], r["layer"]): r for r in groups.get((grid, "block"), [])}
-        pairs = [(r, block[(r["base_id"], r["layer"])]) for r in rs if (r["base_id"], r["layer"]) in block]
-        if arm == "block" or not pairs:
+        ref = reference_arm(arm)
+        theirs_by = {(r["base_id"], r["layer"]): r for r in groups.get((grid, ref), [])}
+        pairs = [(r, theirs_by[(r["base_id"], r["layer"])]) for r in rs if (r["base_id"], r["layer"]) in theirs_by]
+        if arm == ref or not pairs:
             continue
         for tol in _tolerances([r for pair in pairs for r in pair])[1:]:
             mine = [run_cost(a, tol) for a, _ in pairs]
@@ -291,7 +303,7 @@ def arm_words(rows: list[dict]) -> list[str]:
             reached = [sum(steps_within(r, tol)[1] for r in side) for side in zip(*pairs, strict=True)]
             out.append(
                 f"Arms ({_label(json.loads(grid))}, to within {100 * tol:g}%): '{arm}' {_pct_sd(mine)} "
-                f"({reached[0]} of {len(pairs)} reached) vs 'block' {_pct_sd(theirs)} ({reached[1]} of {len(pairs)}); "
+                f"({reached[0]} of {len(pairs)} reached) vs '{ref}' {_pct_sd(theirs)} ({reached[1]} of {len(pairs)}); "
                 f"'{arm}' cheaper in {cheaper} of {len(pairs)} pairs (same base and layer; an unreached run counts at "
                 "the steps it trained)."
             )

@@ -2,8 +2,9 @@
 
 ``Recipe.load`` reads the YAML and applies ``--set`` overrides; ``Recipe.validate`` fails before any training (every
 section must build its dataclass, every block name must resolve); ``Recipe.bases`` and ``Recipe.runs_for`` expand
-the grid, seeds, blocks, trainable arms (``sweep.arms_at``) and encoder swaps (``sweep.swaps``). Torch and the model
-code are imported lazily inside the functions that need them (``import hf_relearn.recipe`` loads no torch).
+the grid, seeds, blocks, trainable arms (``sweep.arms_at``), encoder swaps (``sweep.swaps``) and relearn settings
+(``sweep.variants``). Torch and the model code are imported lazily inside the functions that need them
+(``import hf_relearn.recipe`` loads no torch).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import re
 import tempfile
@@ -26,9 +28,14 @@ from .errors import RelearnError
 RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
 SWEEP_KEYS = {
     "blocks", "parts", "inits", "trainable", "arms_at", "seeds", "grid",
-    "swaps", "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
+    "swaps", "swap_cross_attention", "swap_freeze", "swap_warmup_steps", "variants",
 }  # fmt: skip
 SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
+# what the sweep sets for each run: a variant (sweep.variants) may not set these
+PER_RUN_KEYS = {
+    "output_dir", "block", "init", "trainable", "reset_seed", "original_run", "swap_encoder", "swap_encoder_overrides",
+    *SWAP_OPTIONS,
+}  # fmt: skip
 SWAP_KEYS = {"name", "encoder", "overrides", "trained", *SWAP_OPTIONS}
 DONOR_SEED_OFFSET = 1000  # a trained donor's seed: the receiving base's + this, so it is never the same model
 STUDY_BASE = "study-base:"  # a swap's encoder prefix naming a base trained within the study (resolved by the study)
@@ -66,6 +73,8 @@ class RunSpec:
     swap_cross_attention: str | None = None
     swap_freeze: str | None = None
     swap_warmup_steps: int = 0
+    # a named set of relearn settings over the relearn section's (sweep.variants); None: the section's own
+    variant: str | None = None
 
 
 def _swap_entries(sweep: dict[str, Any]) -> list[dict[str, Any]]:
@@ -109,6 +118,34 @@ def _swap_arms(sweep: dict[str, Any]) -> list[tuple[str, str, int]]:
                     continue  # nothing to unfreeze after the warm-up: the arm would repeat warm-up 0
                 arms.append((cross, freeze, warmup))
     return arms
+
+
+def _variants(sweep: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``sweep.variants`` checked: names that are folder names, each a mapping of relearn settings the sweep leaves
+    to the recipe (not the block, arm, seed or swap of a run)."""
+    variants = sweep.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise RelearnError("sweep.variants must map a name to relearn settings, e.g. {lr-1e-3: {learning_rate: 1e-3}}")
+    for name, settings in variants.items():
+        if not isinstance(name, str) or _slug(name) != name or len(name) > 40 or _json_value(name):
+            raise RelearnError(
+                f"sweep.variants: name {name!r} must be a short folder name (letters, digits, . _ = -) that is not "
+                "a number or true/false/null (results.csv would read it back as one)"
+            )
+        if not isinstance(settings, dict) or not settings:
+            raise RelearnError(f"sweep.variants.{name}: give relearn settings, e.g. {{learning_rate: 1.0e-3}}")
+        fixed = sorted(set(settings) & PER_RUN_KEYS)
+        if fixed:
+            raise RelearnError(f"sweep.variants.{name}: {fixed} are set per run by the sweep, not by a variant")
+    return variants
+
+
+def _json_value(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _arms_here(sweep: dict[str, Any], base: BaseSpec) -> list[str]:
@@ -214,6 +251,8 @@ class Recipe:
             if self.pretrain is not None:
                 _build(PretrainArguments, {**self.pretrain, "output_dir": tmp}, "pretrain")
             _build(RelearnArguments, {**self.relearn, "output_dir": tmp}, "relearn")
+            for name in _variants(self.sweep):
+                _build(RelearnArguments, {**self.relearn_settings(name), "output_dir": tmp}, f"sweep.variants.{name}")
         if self.pretrain is None and not (self.relearn.get("original_steps") or self.relearn.get("original_run")):
             raise RelearnError(
                 "a recipe without pretrain (a ready-trained base) needs relearn.original_steps or relearn.original_run"
@@ -223,6 +262,10 @@ class Recipe:
             self.runs_for(base)  # resolves every block name against the base's architecture
         if self.donors() and self.pretrain is None:
             raise RelearnError("sweep.swaps with trained: true needs a pretrain section (the study trains the donors)")
+
+    def relearn_settings(self, variant: str | None = None) -> dict[str, Any]:
+        """The relearn section's settings, with those of ``variant`` (a name in ``sweep.variants``) over them."""
+        return {**self.relearn, **(_variants(self.sweep)[variant] if variant else {})}
 
     def donors(self) -> list[BaseSpec]:
         """The extra bases a study trains only to give their encoders to swaps (``sweep.swaps`` entries with
@@ -265,8 +308,9 @@ class Recipe:
         return out
 
     def runs_for(self, base: BaseSpec) -> list[RunSpec]:
-        """The relearn runs of one base: blocks (and parts) x inits x trainable arms x seeds, then the encoder swaps
-        (``sweep.swaps``) x cross-attention options x freeze modes x warm-ups x seeds.
+        """The relearn runs of one base: blocks (and parts) x inits x trainable arms x variants x seeds, then the
+        encoder swaps (``sweep.swaps``) x cross-attention options x freeze modes x warm-ups x variants x seeds.
+        Variants: the relearn section's own settings, then each of ``sweep.variants`` (its name ends the arm).
 
         Without ``sweep.swaps`` the plan is what it always was; with swaps, ``sweep.blocks`` defaults to none.
         """
@@ -287,19 +331,21 @@ class Recipe:
             names += [f"{s.name}.{layer.index}.{part}" for s in stacks for layer in s.layers if part in layer.parts]
         runs = []
         seeds = self.sweep.get("seeds", [0]) if self.pretrain is None else [base.seed]
+        variants = [None, *_variants(self.sweep)]
         for name in names:
             block = bmap.resolve(name)
             layer = block.layers[0] if len(block.layers) == 1 else (None, None)
             stack = bmap.stacks[layer[0]] if layer[0] else None
             part = block.name.split(".")[2] if block.kind == "part" else None
             for init in self.sweep.get("inits", ["scratch"]):
-                for trainable in _arms_here(self.sweep, base):
-                    for seed in seeds:
-                        run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{trainable}-r{seed}"
-                        n = len(stack.layers) if stack else max(len(s.layers) for s in stacks)
-                        runs.append(
-                            RunSpec(run_id, base, block.name, init, trainable, seed, layer[0], layer[1], n, part)
-                        )
+                for trainable, variant, seed in itertools.product(_arms_here(self.sweep, base), variants, seeds):
+                    arm = trainable + (f"@{variant}" if variant else "")
+                    run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{arm}-r{seed}"
+                    n = len(stack.layers) if stack else max(len(s.layers) for s in stacks)
+                    runs.append(
+                        RunSpec(run_id, base, block.name, init, trainable, seed, layer[0], layer[1], n, part,
+                                variant=variant)
+                    )  # fmt: skip
         if swaps:
             if not getattr(meta.config, "is_encoder_decoder", False):
                 raise RelearnError(f"sweep.swaps: the base {base.model} is not an encoder-decoder model")
@@ -311,15 +357,20 @@ class Recipe:
                     encoder = STUDY_BASE + donor_id(entry["name"], base.seed)
                     overrides = ()
                 own = {k: entry[k] for k in SWAP_OPTIONS if k in entry}
-                for cross, freeze, warmup in _swap_arms({**self.sweep, **own}):
-                    arm = f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else "")
-                    for seed in seeds:
-                        run_id = f"{base.id}/swap-{_slug(str(entry['name']))}-{arm}-r{seed}"
-                        runs.append(
-                            RunSpec(run_id, base, "decoder.*.cross_attention", "scratch", "block", seed, None, None,
-                                    n, None, str(entry["name"]), encoder, overrides, cross, freeze,
-                                    warmup)
-                        )  # fmt: skip
+                for (cross, freeze, warmup), variant, seed in itertools.product(
+                    _swap_arms({**self.sweep, **own}), variants, seeds
+                ):
+                    arm = (
+                        f"{cross}-{freeze}"
+                        + (f"-warmup{warmup}" if warmup else "")
+                        + (f"@{variant}" if variant else "")
+                    )
+                    run_id = f"{base.id}/swap-{_slug(str(entry['name']))}-{arm}-r{seed}"
+                    runs.append(
+                        RunSpec(run_id, base, "decoder.*.cross_attention", "scratch", "block", seed, None, None,
+                                n, None, str(entry["name"]), encoder, overrides, cross, freeze,
+                                warmup, variant)
+                    )  # fmt: skip
         return runs
 
 

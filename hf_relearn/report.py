@@ -91,31 +91,7 @@ def build_report(study_dir: str | os.PathLike) -> dict:
         "",
     ]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    lines += [
-        "## How this was measured",
-        "",
-        f"- {len(rows)} relearn runs; objective {first['objective']}; {_bases_line(rows)}.",
-        "- Each run: the intact base model's validation loss (baseline), the block reset to its from-scratch "
-        "distribution, everything else frozen (proven bit-identical after training: "
-        f"{sum(bool(r['frozen_unchanged']) for r in rows)}/{len(rows)} runs), then training until recovered.",
-        *(
-            [
-                f"- Encoder swaps (rows with a `swap` name): {_swap_encoders(rows)}, the width in `swap_width`; the "
-                "decoder's cross-attention reset (or zeroed) and every cross-attention key/value "
-                "resized to the new width where the model has no projection (see README, encoder swaps); arms in "
-                "`swap_cross_attention`, `swap_freeze` (`decoder-except-cross`: only the cross-attention trains, the "
-                "new encoder and the decoder's other tensors frozen and proven unchanged; `encoder-trainable`: the "
-                "new encoder trains too; `all-trainable`: everything trains), `swap_warmup_steps`. From scratch = "
-                "the base run's own validation curve (`base_curve`)."
-            ]
-            if any(r.get("swap") for r in rows)
-            else []
-        ),
-        f"- versions: {json.dumps(first['versions'])}",
-        "",
-        "Rebuild with `hf-relearn report` on this folder; raw numbers in `results.csv`, each run's curve in "
-        "`runs/*/*/relearn_result.json`.",
-    ]
+    lines += _how_measured(rows)
     report = study_dir / "report.md"
     tmp = study_dir / ".report.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
@@ -141,6 +117,52 @@ def _swap_encoders(rows: list[dict]) -> str:
     if any(not e.startswith(STUDY_BASE) and not is_config_name(e) for e in encoders):
         kinds.append("a saved or Hub encoder (`swap_encoder`)")
     return "; ".join(kinds)
+
+
+def _how_measured(rows: list[dict]) -> list[str]:
+    """The report's last section: what was run, how the frozen weights were checked, the versions."""
+    return [
+        "## How this was measured",
+        "",
+        f"- {len(rows)} relearn runs; objective {rows[0]['objective']}; {_bases_line(rows)}.",
+        "- Each run: the intact base model's validation loss (baseline), the block reset to its from-scratch "
+        "distribution, everything else frozen (proven bit-identical after training: "
+        f"{sum(bool(r['frozen_unchanged']) for r in rows)}/{len(rows)} runs), then training until recovered.",
+        *(
+            [
+                f"- Encoder swaps (rows with a `swap` name): {_swap_encoders(rows)}, the width in `swap_width`; the "
+                "decoder's cross-attention reset (or zeroed) and every cross-attention key/value "
+                "resized to the new width where the model has no projection (see README, encoder swaps); arms in "
+                "`swap_cross_attention`, `swap_freeze` (`decoder-except-cross`: only the cross-attention trains, the "
+                "new encoder and the decoder's other tensors frozen and proven unchanged; `encoder-trainable`: the "
+                "new encoder trains too; `all-trainable`: everything trains), `swap_warmup_steps`. From scratch = "
+                "the base run's own validation curve (`base_curve`)."
+            ]
+            if any(r.get("swap") for r in rows)
+            else []
+        ),
+        *(
+            [
+                "- Variants of the relearn settings (arms ending `@NAME`; each compared with the same arm under the "
+                f"recipe's own settings, on the same base and layer): {_variants(rows)}."
+            ]
+            if any(r.get("variant") for r in rows)
+            else []
+        ),
+        f"- versions: {json.dumps(rows[0]['versions'])}",
+        "",
+        "Rebuild with `hf-relearn report` on this folder; raw numbers in `results.csv`, each run's curve in "
+        "`runs/*/*/relearn_result.json`.",
+    ]
+
+
+def _variants(rows: list[dict]) -> str:
+    """Each variant of the relearn settings the study ran, with the settings it put over the recipe's."""
+    named = {r["variant"]: r.get("variant_settings") or {} for r in rows if r.get("variant")}
+    return "; ".join(
+        f"`{name}` = " + ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+        for name, settings in named.items()
+    )
 
 
 def _bases_line(rows: list[dict]) -> str:

@@ -44,13 +44,13 @@ from .recipe import (  # noqa: F401  (re-exported: hf_relearn.study.Recipe, ...)
     Recipe,
     RunSpec,
 )
-from .workers import WorkerBar, claimer, quiet_libraries, run_workers
+from .workers import WorkerBar, barrier, claimer, leave_launch_group, quiet_libraries, run_workers
 
 # columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
 STUDY_COLUMNS = [
     "study", "base_model", "run_id", "base_id", "base_seed", "grid", "n_layers", "stack", "layer", "relative_depth", "part", "base_steps", "base_stopped",
     "base_final_eval_loss", "base_curve", "base_warnings", "base_warning_codes", "swap", "swap_encoder", "swap_overrides", "swap_width",
-    "swap_cross_attention", "swap_freeze", "swap_warmup_steps",
+    "swap_cross_attention", "swap_freeze", "swap_warmup_steps", "variant", "variant_settings",
 ]  # fmt: skip
 
 
@@ -107,7 +107,12 @@ def _run_one(
     done = folder / RESULT_FILE
     if done.exists():
         return json.loads(done.read_text())
-    settings = {"disable_tqdm": True, "seed": run.seed, "save_final_model": False, **recipe.relearn}
+    settings = {
+        "disable_tqdm": True,
+        "seed": run.seed,
+        "save_final_model": False,
+        **recipe.relearn_settings(run.variant),
+    }
     settings.update(
         output_dir=str(folder), block=run.block, init=run.init, trainable=run.trainable, reset_seed=run.seed
     )
@@ -176,6 +181,8 @@ def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> 
         "swap_cross_attention": run.swap_cross_attention,
         "swap_freeze": run.swap_freeze,
         "swap_warmup_steps": run.swap_warmup_steps if run.swap else None,
+        "variant": run.variant,
+        "variant_settings": json.dumps(recipe.sweep["variants"][run.variant]) if run.variant else None,
     }
     for key, value in result.items():
         row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
@@ -185,37 +192,6 @@ def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> 
 def write_results(path: Path, rows: list[dict]) -> None:
     """Write results.csv atomically, the study's own columns first (see ``io.write_results``)."""
     _write_results(path, rows, STUDY_COLUMNS)
-
-
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU")  # fmt: skip
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _leave_launch_group() -> None:
-    """For ``parallel="runs"``: hide the launch from this process's Trainers, so each trains its runs alone.
-
-    The process group that validating the recipe's TrainingArguments set up is closed and accelerate's shared
-    state reset; each process keeps one GPU of its own where there are several.
-    """
-    import torch.distributed as dist
-    from accelerate.state import AcceleratorState, PartialState
-
-    local = os.environ.get("LOCAL_RANK")
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-    for key in _LAUNCH_ENV:
-        os.environ.pop(key, None)
-    if local is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        os.environ["CUDA_VISIBLE_DEVICES"] = local  # before CUDA is initialised: one GPU per process
 
 
 def _remove_unfinished(out: Path, bases: list[BaseSpec], plan: list[tuple[BaseSpec, RunSpec]]) -> None:
@@ -339,7 +315,9 @@ def _work(
     todo = sorted(plan, key=lambda item: (bases.index(item[0]), -(item[1].layer if item[1].layer is not None else -1)))
     todo = [(base, run) for base, run in todo if not _result(out, run).exists()]
     cache, cache_base = None, None
-    baselines: dict[str, dict] = {}  # base id -> the intact model's metrics, measured by its first run here
+    # (base id, variant) -> the intact model's metrics, measured by the first such run here (a variant may change how
+    # the model is evaluated)
+    baselines: dict[tuple[str, str | None], dict] = {}
     while todo:
         base, run = _next_ready(recipe, todo, out)
         todo.remove((base, run))
@@ -352,11 +330,19 @@ def _work(
                 cache.close()
             cache, cache_base = PrefixCache(capture_all=True), base.id
         result = _run_one(
-            recipe, run, base_dir, out / "runs" / run.id, prefix_cache=cache, baseline=baselines.get(base.id)
+            recipe,
+            run,
+            base_dir,
+            out / "runs" / run.id,
+            prefix_cache=cache,
+            baseline=baselines.get((base.id, run.variant)),
         )
         if result["objective"] != "distill":  # the same base, data and evaluation settings give the same numbers
             key = eval_key(result["recovery_metric"])
-            baselines[base.id] = {"eval_loss": result["baseline_eval_loss"], key: result["baseline_metric"]}
+            baselines[(base.id, run.variant)] = {
+                "eval_loss": result["baseline_eval_loss"],
+                key: result["baseline_metric"],
+            }
         if write_rows:
             write_results(out / RESULTS, _collect_rows(recipe, plan, out))
         steps = result["steps_to_recover"]
@@ -409,7 +395,7 @@ def run_study(
         raise RelearnError("--workers starts processes on this machine; under accelerate launch use --parallel runs")
     out = Path(output_dir)
     bases, plan = _open_study(recipe, out, rank)
-    _barrier()  # nobody trains before the clean-up is done
+    barrier()  # nobody trains before the clean-up is done
     bar = tqdm(
         total=len(plan),
         initial=_finished(out, plan),
@@ -425,7 +411,7 @@ def run_study(
             raise RelearnError(f"the workers left {len(unfinished)} run(s) unfinished: {', '.join(unfinished[:3])}")
     else:
         if shared:
-            _leave_launch_group()
+            leave_launch_group()
         if threads_per_worker is not None:
             import torch
 

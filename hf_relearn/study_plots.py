@@ -11,9 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from .files import ARM_LABELS
-from .findings import DEFAULT_SWAP_ARM, _grid_label, run_arm, run_label
-from .grid_findings import damage_relative, fixed_budget, layer_runs, repaired_by_layer, run_cost
+from .findings import DEFAULT_SWAP_ARM, _grid_label, arm_label, run_arm, run_label
+from .grid_findings import damage_relative, fixed_budget, layer_runs, repaired_by_layer, row_arm, run_cost
 from .stats import mean_sd
 
 
@@ -97,7 +96,7 @@ def _curves_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
         rs = [
             r
             for r in rows
-            if json.dumps(r["grid"], sort_keys=True) == grid and r["trainable"] == "block" and r["init"] == "scratch"
+            if json.dumps(r["grid"], sort_keys=True) == grid and row_arm(r) == "block" and r["init"] == "scratch"
         ]
         if not rs:
             rs = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
@@ -138,7 +137,7 @@ def _cost_vs_layer_plot(layer_sum: list[dict], grids: list[str], path: Path) -> 
             (s for s in layer_sum if (json.dumps(s["grid"], sort_keys=True), s["arm"]) == key),
             key=lambda s: s["layer"],
         )
-        label = f"{_grid_label(json.loads(key[0]))} · {key[1]}" if len(grids) > 1 else ARM_LABELS.get(key[1], key[1])
+        label = f"{_grid_label(json.loads(key[0]))} · {key[1]}" if len(grids) > 1 else arm_label(key[1])
         # a layer none of whose runs recovered is drawn at its lower bound (steps trained) with a hollow triangle
         ys = [100 * (s["fraction"][0] if s["recovered"] else s["cost_fraction"]) for s in ss]
         line = ax.errorbar(
@@ -202,7 +201,7 @@ def _arms_plot(summary: list[dict], arms: list[str], grid: str, path: Path) -> P
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(blocks) * len(arms) / 2), 4.5))
     width = 0.8 / len(arms)
     for j, arm in enumerate(arms):
-        bars = ax.bar([i + j * width for i in range(len(blocks))], values[j], width, label=ARM_LABELS.get(arm, arm))
+        bars = ax.bar([i + j * width for i in range(len(blocks))], values[j], width, label=arm_label(arm))
         for bar, bound in zip(bars, bounds[j], strict=True):
             bar.set_hatch("//" if bound else "")
     ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(blocks))], blocks, rotation=30, ha="right")
@@ -216,7 +215,7 @@ def _arms_plot(summary: list[dict], arms: list[str], grid: str, path: Path) -> P
 def _relative_depth_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
     """Cost vs the reset layer's relative depth L/(N-1), one line per grid point (N, D), arm ``block``; mean ± sd
     over seeds (a run that did not recover counts at its steps trained, drawn hollow: a lower bound)."""
-    runs = [r for r in layer_runs(rows) if r["trainable"] == "block" and r.get("relative_depth") is not None]
+    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("relative_depth") is not None]
     grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in runs))
     if not runs or (len(grids) < 2 and len({r["layer"] for r in runs}) < 2):
         return []

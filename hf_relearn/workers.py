@@ -4,7 +4,8 @@
 shows their progress on the caller's one progress bar: a worker reports through a ``WorkerBar`` (the calls a
 study makes on its bar), whose messages the caller's process prints. Nothing here knows what a study is;
 which process does which piece of work is decided by the workers themselves (``study.py`` claims each piece
-with an exclusive file create).
+with an exclusive file create). ``barrier`` and ``leave_launch_group`` are the two things a study does with the
+processes of an ``accelerate launch``: wait for all of them, or let each train alone.
 
 Why processes, not threads in one: a small model's step is dominated by per-operation overhead, so two
 processes of one thread each do nearly twice the work of one process with two threads (measured for the demo's
@@ -157,3 +158,35 @@ def quiet_libraries() -> None:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU")  # fmt: skip
+
+
+def barrier() -> None:
+    """Wait for every process of a launch (nothing without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def leave_launch_group() -> None:
+    """For ``parallel="runs"``: hide the launch from this process's Trainers, so each trains its runs alone.
+
+    The process group that building TrainingArguments set up is closed and accelerate's shared
+    state reset; each process keeps one GPU of its own where there are several.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    local = os.environ.get("LOCAL_RANK")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    for key in _LAUNCH_ENV:
+        os.environ.pop(key, None)
+    if local is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = local  # before CUDA is initialised: one GPU per process
