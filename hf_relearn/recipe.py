@@ -263,6 +263,18 @@ class Recipe:
         if self.donors() and self.pretrain is None:
             raise RelearnError("sweep.swaps with trained: true needs a pretrain section (the study trains the donors)")
 
+    def extends(self, previous: dict) -> bool:
+        """Whether this recipe is ``previous`` (a study's recipe.yaml) or only adds entries to its ``sweep.variants``:
+        then every run finished under ``previous`` is a run of this plan, with the same settings."""
+        mine = self.to_dict()
+        if mine == previous:
+            return True
+        old = dict(previous.get("sweep") or {})
+        new = dict(mine["sweep"])
+        old_variants, new_variants = old.pop("variants", None) or {}, new.pop("variants", None) or {}
+        kept = all(new_variants.get(name) == settings for name, settings in old_variants.items())
+        return kept and {**previous, "sweep": old} == {**mine, "sweep": new}
+
     def relearn_settings(self, variant: str | None = None) -> dict[str, Any]:
         """The relearn section's settings, with those of ``variant`` (a name in ``sweep.variants``) over them."""
         return {**self.relearn, **(_variants(self.sweep)[variant] if variant else {})}

@@ -237,17 +237,20 @@ def _open_study(recipe: Recipe, out: Path, rank: int) -> tuple[list[BaseSpec], l
     0) then removes unfinished work and writes recipe.yaml (atomically) if it is not there yet."""
     out.mkdir(parents=True, exist_ok=True)
     recipe_file = out / "recipe.yaml"
+    grown = False  # the recipe adds variants to the one the folder's study ran: its finished runs are kept
     if recipe_file.exists():
         previous = yaml.safe_load(recipe_file.read_text())
-        if previous != recipe.to_dict():
+        if not recipe.extends(previous):
             raise RelearnError(
-                f"{out} holds a study of a different recipe ({recipe_file}); use another --output-dir, or delete it"
+                f"{out} holds a study of a different recipe ({recipe_file}); use another --output-dir, or delete it "
+                "(a recipe may only add sweep.variants to a study already started)"
             )
+        grown = previous != recipe.to_dict()
     bases = recipe.bases()
     plan = [(b, r) for b in bases for r in recipe.runs_for(b)]
     if rank == 0:
         _remove_unfinished(out, bases + recipe.donors(), plan)
-        if not recipe_file.exists():
+        if grown or not recipe_file.exists():
             tmp = out / ".recipe.yaml.tmp"
             tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
             os.replace(tmp, recipe_file)

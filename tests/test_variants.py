@@ -4,6 +4,7 @@ learning rate?")."""
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -108,3 +109,27 @@ def test_variants_leave_the_plan_of_the_recipe_s_own_settings_unchanged():
 def test_bad_variants_fail_before_any_training(variants, message):
     with pytest.raises(RelearnError, match=re.escape(message)):
         Recipe.from_dict({**RECIPE, "sweep": {**RECIPE["sweep"], "variants": variants}})
+
+
+def test_a_study_grows_by_a_variant_and_keeps_its_finished_runs(study, tmp_path):
+    done, rows, _ = study
+    out = tmp_path / "grown"
+    shutil.copytree(done, out)
+    results = sorted(out.glob("runs/*/*/relearn_result.json"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    variants = {**RECIPE["sweep"]["variants"], "short": {"max_steps": 5}}
+    grown = run_study(
+        Recipe.from_dict({**RECIPE, "sweep": {**RECIPE["sweep"], "variants": variants}}), out, progress=False
+    )
+    assert len(grown) == len(rows) + 6  # one new run per layer and arm; none of the old ones redone
+    assert {p: p.stat().st_mtime_ns for p in results} == before
+    assert {r["steps_trained"] for r in grown if r["variant"] == "short"} == {5}
+    assert "short" in (out / "recipe.yaml").read_text()
+    # anything else that differs from the study's recipe is still refused: it would mix settings in one table
+    for changed in (
+        {**RECIPE, "relearn": {**RECIPE["relearn"], "learning_rate": 1e-3}},
+        {**RECIPE, "sweep": {**RECIPE["sweep"], "variants": {"short": {"max_steps": 5}}}},  # a variant dropped
+        {**RECIPE, "sweep": {**RECIPE["sweep"], "variants": {**variants, "short": {"max_steps": 6}}}},  # changed
+    ):
+        with pytest.raises(RelearnError, match="holds a study of a different recipe"):
+            run_study(Recipe.from_dict(changed), out, progress=False)
