@@ -43,11 +43,27 @@ class WorkerBar:
         self._messages.put(("finished", self.n))
 
 
-def _child(target: Callable[..., None], args: tuple, threads: int, messages: Any) -> None:
+def _child(target: Callable[..., None], args: tuple, threads: int, messages: Any, parent: int) -> None:
     import torch
 
+    _exit_with(parent)
     torch.set_num_threads(threads)
     target(*args, WorkerBar(messages))
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker as soon as ``parent`` (the process that started it) is gone. Killed by a signal (``kill``,
+    SIGKILL, a closed terminal), the parent runs no clean-up, and its workers would go on writing into a study folder
+    that the same study, started again, shares with them."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # as if killed with the parent: a result file is written atomically or not at all
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def run_workers(target: Callable[..., None], args: tuple, workers: int, threads: int | None, bar: Any) -> None:
@@ -56,7 +72,8 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int, threads:
 
     Guarantees: returns when every worker has exited with status 0, their lines written through ``bar`` in the
     order they arrived; if one fails (an exception, a kill), the others are stopped and a RelearnError names it
-    (the worker's own traceback is on stderr above it); on any exit from here, no worker is left running.
+    (the worker's own traceback is on stderr above it); on any exit from here, no worker is left running, and a worker
+    whose caller is killed (even by SIGKILL) ends within a second.
     """
     if workers >= 1 and threads is None:
         threads = max(1, _cores() // workers)
@@ -72,7 +89,7 @@ def run_workers(target: Callable[..., None], args: tuple, workers: int, threads:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state forked mid-use
     messages = context.Queue()
     procs = [
-        context.Process(target=_child, args=(target, args, threads, messages), name=f"worker-{i}")
+        context.Process(target=_child, args=(target, args, threads, messages, os.getpid()), name=f"worker-{i}")
         for i in range(workers)
     ]
     saved = os.environ.get("OMP_NUM_THREADS")

@@ -52,6 +52,37 @@ def _fail_or_sleep(folder, bar):
     time.sleep(90)  # the other: stopped by run_workers, long before this ends
 
 
+def _heartbeat(folder, bar):
+    beat = Path(folder) / f"worker-{os.getpid()}"
+    for _ in range(600):  # 2 minutes, far longer than the test waits
+        beat.write_text(str(time.monotonic()))
+        time.sleep(0.2)
+
+
+def test_workers_end_when_their_caller_is_killed(tmp_path):
+    """``kill -9`` of a study leaves no worker writing into its folder (a restarted study would share it)."""
+    import signal
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    caller = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(here)!r}); from test_workers import Bar, "
+         f"_heartbeat; from hf_relearn.workers import run_workers; run_workers(_heartbeat, ({str(tmp_path)!r},), "
+         "workers=2, threads=1, bar=Bar())"],
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("worker-*"))) < 2:
+        assert caller.poll() is None and time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.2)
+    caller.send_signal(signal.SIGKILL)
+    caller.wait()
+    time.sleep(3)  # the workers notice within a second
+    beats = {p: p.read_text() for p in tmp_path.glob("worker-*")}
+    time.sleep(1.5)  # a live worker would have written 7 more beats meanwhile
+    assert {p: p.read_text() for p in tmp_path.glob("worker-*")} == beats
+
+
 def test_each_worker_runs_with_the_threads_it_was_given():
     bar, before = Bar(), os.environ.get("OMP_NUM_THREADS")
     run_workers(_report_threads, (), workers=3, threads=2, bar=bar)
