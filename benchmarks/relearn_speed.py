@@ -69,12 +69,26 @@ def _saved_bytes(trainer, batch) -> int:
     return sum(seen.values())
 
 
+SWEEP_LR = 1e-3  # the sweep base's peak learning rate, and its relearns' unless an arm names another (MODE@LR)
+
+
 def _sweep_arms(text: str) -> list[str]:
-    """--sweep-arms, checked when parsed (not after the base has trained for minutes)."""
+    """--sweep-arms (MODE or MODE@LR), checked when parsed (not after the base has trained for minutes)."""
     arms = text.split(",")
-    if unknown := set(arms) - set(SWEEP_ARMS):
+    if unknown := {a.partition("@")[0] for a in arms} - set(SWEEP_ARMS):
         raise argparse.ArgumentTypeError(f"unknown {sorted(unknown)}; choose from {', '.join(SWEEP_ARMS)}")
+    for arm in arms:
+        try:
+            rate = _arm_lr(arm)
+        except ValueError:
+            rate = 0.0
+        if not rate > 0:
+            raise argparse.ArgumentTypeError(f"{arm}: the learning rate after @ must be a positive number")
     return arms
+
+
+def _arm_lr(arm: str) -> float:
+    return float(arm.partition("@")[2] or SWEEP_LR)
 
 
 def _config(args) -> tuple[dict, DataArguments]:
@@ -161,7 +175,8 @@ def main() -> None:
         "--sweep-arms",
         type=_sweep_arms,
         default="false,auto,auto+baseline",
-        help="sweep arms, comma-separated: false (no cache), auto (one shared cache), auto+baseline (as a study)",
+        help="sweep arms, comma-separated: false (no cache), auto (one shared cache), auto+baseline (as a study); "
+        f"MODE@LR re-learns at rate LR instead of the base's peak {SWEEP_LR:g}",
     )
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args()
@@ -293,7 +308,7 @@ def sweep(args) -> dict:
     n = overrides["n_layer"]
     converge = dict(until_converged=True, convergence_patience=6) if args.sweep_until_converged else {}
     pargs = _args(PretrainArguments, str(tmp / "base"), args.device, args.batch, max_steps=args.sweep_base_steps,
-                  eval_steps=50, learning_rate=1e-3, **converge)  # fmt: skip
+                  eval_steps=50, learning_rate=SWEEP_LR, **converge)  # fmt: skip
     # wall time and this process's CPU time: on a shared machine the CPU time is the steadier of the two
     t0, c0 = time.perf_counter(), time.process_time()
     info = pretrain(ModelArguments(model="gpt2", config_overrides=overrides), data, pargs, quiet=True)
@@ -310,19 +325,20 @@ def sweep(args) -> dict:
     from hf_relearn.prefix_cache import PrefixCache
 
     arms = args.sweep_arms
-    for mode in arms:
+    for arm in arms:
         # "auto+baseline": as a study does, the intact model measured by the first run only and handed to the others
+        mode = arm.partition("@")[0]
         shared = PrefixCache(capture_all=True) if mode != "false" else None
         baseline = None
-        profiler = cProfile.Profile() if args.profile_sweep and mode == "auto" else None
+        profiler = cProfile.Profile() if args.profile_sweep and arm == "auto" else None
         if profiler:
             profiler.enable()
         t0, c0 = time.perf_counter(), time.process_time()
         steps = []
         for layer in reversed(range(n)):  # top first: its fill stores every lower boundary too
-            rargs = _args(RelearnArguments, str(tmp / f"{mode}{layer}"), args.device, args.batch,
+            rargs = _args(RelearnArguments, str(tmp / f"{arm}{layer}"), args.device, args.batch,
                           block=f"decoder.{layer}", original_run=str(tmp / "base"), max_steps=base_steps,
-                          learning_rate=1e-3, eval_steps=10, prefix_cache=mode.split("+")[0],
+                          learning_rate=_arm_lr(arm), eval_steps=10, prefix_cache=mode.split("+")[0],
                           save_final_model=False)  # fmt: skip
             r = relearn(
                 ModelArguments(model=str(tmp / "base")),
@@ -335,16 +351,16 @@ def sweep(args) -> dict:
             if mode == "auto+baseline":
                 baseline = {"eval_loss": r.baseline_eval_loss}
             steps.append(r.steps_trained)
-            print(f"  {mode} layer {layer}: {r.steps_trained} steps, recovered {r.recovered}", flush=True)
+            print(f"  {arm} layer {layer}: {r.steps_trained} steps, recovered {r.recovered}", flush=True)
         if profiler:
             profiler.disable()
             print("\nwhere the cached sweep's time goes (cumulative):")
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(
                 r"(trainer|runner|prefix_cache|modeling|surgery|data|evaluation_loop|training_step|from_pretrained)"
             )
-        out[f"sweep_s_cache_{mode}"] = time.perf_counter() - t0
-        out[f"sweep_cpu_s_cache_{mode}"] = time.process_time() - c0
-        out[f"steps_cache_{mode}"] = steps
+        out[f"sweep_s_cache_{arm}"] = time.perf_counter() - t0
+        out[f"sweep_cpu_s_cache_{arm}"] = time.process_time() - c0
+        out[f"steps_cache_{arm}"] = steps
         if shared is not None:
             out["shared_cache"] = shared.summary()
             shared.close()
@@ -355,17 +371,17 @@ def sweep(args) -> dict:
     )
     for warning in out["base_warnings"]:
         print(f"  base warning: {warning}")
-    for mode, label in (
-        ("false", "without the cache"),
-        ("auto", "with one shared cache"),
-        ("auto+baseline", "with one shared cache and one baseline evaluation (as a study runs it)"),
-    ):
-        if mode not in arms:
-            continue
-        wall, cpu = out[f"sweep_s_cache_{mode}"], out[f"sweep_cpu_s_cache_{mode}"]
+    labels = {
+        "false": "without the cache",
+        "auto": "with one shared cache",
+        "auto+baseline": "with one shared cache and one baseline evaluation (as a study runs it)",
+    }
+    for arm in arms:
+        wall, cpu = out[f"sweep_s_cache_{arm}"], out[f"sweep_cpu_s_cache_{arm}"]
         print(
-            f"  {label}: wall {wall:.1f} s = {wall / base_s:.2f}x, CPU {cpu:.1f} s = {cpu / base_cpu:.2f}x of the base; "
-            f"steps per layer {out[f'steps_cache_{mode}']}"
+            f"  {labels[arm.partition('@')[0]]}, relearn rate {_arm_lr(arm):g}: wall {wall:.1f} s = "
+            f"{wall / base_s:.2f}x, CPU {cpu:.1f} s = {cpu / base_cpu:.2f}x of the base; "
+            f"steps per layer {out[f'steps_cache_{arm}']}"
         )
     return out
 
