@@ -17,6 +17,20 @@ OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
 PRETRAIN_OBJECTIVES = ("clm", "mlm", "seq2seq")  # distill needs a teacher: the model before surgery
 
 TRAINABLE = ("block", "all", "lora-rest", "block+lora-rest")
+
+
+def with_variant(arm: str, variant: str | None) -> str:
+    """An arm's name when it runs the study's variant ``variant`` of the relearn settings (``ARM@VARIANT``); the arm
+    as it is under the recipe's own settings (``variant`` None)."""
+    return f"{arm}@{variant}" if variant else arm
+
+
+def split_variant(arm: str) -> tuple[str, str | None]:
+    """``with_variant`` undone: the arm under the recipe's own settings, and the variant's name (None without)."""
+    base, _, variant = arm.partition("@")
+    return base, variant or None
+
+
 ARM_LABELS = {
     "block": "only the block",
     "all": "everything trainable",

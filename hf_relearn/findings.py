@@ -11,7 +11,7 @@ import math
 import statistics
 from collections import defaultdict
 
-from .files import ARM_LABELS
+from .files import ARM_LABELS, split_variant, with_variant
 from .grid_findings import (
     arm_words,
     damage_relative,
@@ -75,8 +75,8 @@ def run_arm(row: dict) -> str:
     if not row.get("swap"):
         return row_arm(row)
     warmup = row.get("swap_warmup_steps") or 0
-    variant = f"@{row['variant']}" if row.get("variant") else ""
-    return f"{row['swap_cross_attention']}, {row['swap_freeze']}" + (f", warm-up {warmup}" if warmup else "") + variant
+    options = f"{row['swap_cross_attention']}, {row['swap_freeze']}" + (f", warm-up {warmup}" if warmup else "")
+    return with_variant(options, row.get("variant"))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -277,7 +277,7 @@ def _unrecovered_words(summary: list[dict]) -> list[str]:
 
 def arm_label(arm: str) -> str:
     """An arm in words: its trainable set, and the variant of the relearn settings it ran (``@NAME``) if any."""
-    trainable, _, variant = arm.partition("@")
+    trainable, variant = split_variant(arm)
     return ARM_LABELS.get(trainable, trainable) + (f"; relearn settings '{variant}'" if variant else "")
 
 

@@ -13,7 +13,7 @@ import json
 import math
 from collections import defaultdict
 
-from .files import DEPTH_KEYS, WIDTH_KEYS
+from .files import DEPTH_KEYS, WIDTH_KEYS, split_variant, with_variant
 from .stats import mean_sd, permutation_difference, rank_correlation
 
 LOOSER_TOLERANCES = (0.02, 0.05)  # read from each run's curve: it passes a looser threshold before it stops
@@ -55,12 +55,13 @@ def layer_runs(rows: list[dict]) -> list[dict]:
 
 def row_arm(row: dict) -> str:
     """A run's trainable arm, with ``@NAME`` when it ran the study's variant NAME of the relearn settings."""
-    return row["trainable"] + (f"@{row['variant']}" if row.get("variant") else "")
+    return with_variant(row["trainable"], row.get("variant"))
 
 
 def reference_arm(arm: str) -> str:
     """The arm another is compared with: a variant's arm under the recipe's own settings, else ``block``."""
-    return arm.split("@")[0] if "@" in arm else "block"
+    own, variant = split_variant(arm)
+    return own if variant else "block"
 
 
 def _key(grid: dict, keys: tuple[str, ...]) -> str | None:

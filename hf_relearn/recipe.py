@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import RelearnError
+from .files import with_variant
 
 RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
 SWEEP_KEYS = {
@@ -351,8 +352,7 @@ class Recipe:
             part = block.name.split(".")[2] if block.kind == "part" else None
             for init in self.sweep.get("inits", ["scratch"]):
                 for trainable, variant, seed in itertools.product(_arms_here(self.sweep, base), variants, seeds):
-                    arm = trainable + (f"@{variant}" if variant else "")
-                    run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{arm}-r{seed}"
+                    run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{with_variant(trainable, variant)}-r{seed}"
                     n = len(stack.layers) if stack else max(len(s.layers) for s in stacks)
                     runs.append(
                         RunSpec(run_id, base, block.name, init, trainable, seed, layer[0], layer[1], n, part,
@@ -372,11 +372,7 @@ class Recipe:
                 for (cross, freeze, warmup), variant, seed in itertools.product(
                     _swap_arms({**self.sweep, **own}), variants, seeds
                 ):
-                    arm = (
-                        f"{cross}-{freeze}"
-                        + (f"-warmup{warmup}" if warmup else "")
-                        + (f"@{variant}" if variant else "")
-                    )
+                    arm = with_variant(f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else ""), variant)
                     run_id = f"{base.id}/swap-{_slug(str(entry['name']))}-{arm}-r{seed}"
                     runs.append(
                         RunSpec(run_id, base, "decoder.*.cross_attention", "scratch", "block", seed, None, None,
