@@ -18,7 +18,8 @@ Two families of rules:
   plateau  transformers.EarlyStoppingCallback on the recovery metric: stop after P evaluations in a row without
            a new best (threshold 0), as a user would wire it in.
 
-The cap of a run is its study's max_steps (the steps its unrecovered runs trained). Pure Python: reads results.csv.
+The cap of a run is its study's max_steps (the steps its unrecovered runs trained); a run published twice (a
+learning-rate check's own arm repeats its parent study) counts once. Pure Python: reads results.csv.
 """
 
 from __future__ import annotations
@@ -68,11 +69,17 @@ def plateau_gives_up(curve, threshold, higher_is_better, cap, patience) -> bool:
 
 
 def _runs() -> list[dict]:
-    runs = []
+    """Every published run once: a learning-rate check's own arm repeats its parent study's runs bit for bit (same
+    bases, settings and seeds), and a curve seen twice is counted once."""
+    runs, seen = [], set()
     for path in sorted(glob.glob(str(ROOT / "docs/results/*/results.csv"))):
         rows = read_results(path)
         cap = max(r["steps_trained"] for r in rows)
         for r in rows:
+            key = (r["recovery_threshold"], json.dumps(r["curve"]))
+            if key in seen:
+                continue
+            seen.add(key)
             higher = r["recovery_metric"] != "eval_loss" and not r["recovery_metric"].endswith("loss")
             runs.append(
                 {
@@ -125,7 +132,7 @@ def main() -> None:
     unrecovered_share = sum(r["steps_trained"] for r in runs if not r["recovered"]) / sum(
         r["steps_trained"] for r in runs
     )
-    print(f"{len(runs)} published runs in {len({r['study'] for r in runs})} studies: {recovered} recovered, "
+    print(f"{len(runs)} distinct published runs in {len({r['study'] for r in runs})} studies: {recovered} recovered, "
           f"{len(runs) - recovered} trained to their cap without recovering ({100 * unrecovered_share:.0f}% of all "
           "steps trained)\n")  # fmt: skip
     rules = {}
