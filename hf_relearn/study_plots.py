@@ -173,24 +173,31 @@ def arm_bars(
     """What the arms plot draws at one grid point: its blocks, per arm a bar per block, which bars are lower bounds,
     and the axis label. Steps to recover (a run that did not recover counts at the steps it trained: a lower bound);
     when every bar would be a lower bound (each arm had runs that did not recover), most bars sit at the same cap,
-    so it draws instead how far above the intact model's loss each arm's runs ended (%, mean)."""
+    so it draws instead how far above the intact model's loss each arm's runs ended (%, mean); where that loss is 0
+    (distill: the teacher is the intact model), the share of the reset's damage left at the end (%, mean)."""
     mine = [s for s in summary if json.dumps(s["grid"], sort_keys=True) == grid]
     blocks = list(dict.fromkeys(s["block"] for s in mine))
     none_recovered = bool(mine) and all(s["censored"] for s in mine)  # every bar a lower bound: most at the cap
+    of_damage = any(s["baseline"] == 0 for s in mine)  # no "% above" a loss of 0
+
+    def left(s: dict) -> float:
+        if of_damage:
+            return 100 * (s["final_loss"] - s["baseline"]) / (s["after"] - s["baseline"])
+        return 100 * (s["final_loss"] / s["baseline"] - 1)
+
     values, bounds = [], []
     for arm in arms:
         found = [next((s for s in mine if s["block"] == b and s["arm"] == arm), None) for b in blocks]
         if none_recovered:
-            values.append([100 * (s["final_loss"] / s["baseline"] - 1) if s else 0 for s in found])
+            values.append([left(s) if s else 0 for s in found])
             bounds.append([False for _ in found])
         else:
             values.append([s["cost"] if s else 0 for s in found])
             bounds.append([bool(s and s["censored"]) for s in found])
-    label = (
-        "% above the intact loss at the end\n(mean; every arm had runs unrecovered)"
-        if none_recovered
-        else "steps to recover (mean; hatched = lower bound)"
-    )
+    label = "steps to recover (mean; hatched = lower bound)"
+    if none_recovered:
+        left_what = "% of the reset's damage left" if of_damage else "% above the intact loss"
+        label = f"{left_what} at the end\n(mean; every arm had runs unrecovered)"
     return blocks, values, bounds, label
 
 

@@ -155,3 +155,23 @@ def test_the_arms_plot_compares_the_arms_where_they_ran():
     rows = read_results(path)
     grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in rows))
     assert json.loads(arms_grid(summarise(rows), grids)) == {"n_embd": 64, "n_layer": 4}
+
+
+def test_the_arms_plot_of_a_distill_study_draws_the_damage_left():
+    """A distill run's intact loss is 0 (the teacher is the model itself): "% above" it is undefined (the arms plot
+    of minilm-lr-check divided by it), so the plot draws the share of the reset's damage each arm left."""
+    from hf_relearn.findings import summarise
+    from hf_relearn.io import read_results
+    from hf_relearn.study_plots import arm_bars
+
+    rows = read_results(Path(__file__).resolve().parents[1] / "docs" / "results" / "minilm-distill" / "results.csv")
+    twin = [{**r, "run_id": r["run_id"] + "-twin", "trainable": "all"} for r in rows]  # a second arm: the same runs
+    summary = summarise(rows + twin)
+    arms = list(dict.fromkeys(s["arm"] for s in summary))
+    assert len(arms) == 2
+    blocks, values, bounds, label = arm_bars(summary, arms, "{}")
+    assert label.startswith("% of the reset's damage left")
+    last = next(s for s in summary if s["block"] == "encoder.5")
+    expected = 100 * last["final_loss"] / last["after"]  # the intact loss is 0
+    assert values[0][blocks.index("encoder.5")] == pytest.approx(expected)
+    assert 75 < expected < 85  # 300 steps repaired about 20% of the last layer's damage (docs/results/README.md)
