@@ -31,7 +31,9 @@ import json
 import math
 from pathlib import Path
 
+from hf_relearn.grid_findings import higher_is_better
 from hf_relearn.io import read_results
+from hf_relearn.result import stretch_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +53,7 @@ def pace_gives_up(curve, threshold, higher_is_better, cap, patience, window, mar
     if len(history) <= patience or math.isinf(history[-1][1]):
         return False
     step_now, best_now = history[-1]
-    by_steps = max((i for i, (step, _) in enumerate(history) if step <= step_now * (1 - window)), default=-1)
-    start = min(len(history) - 1 - patience, by_steps)  # the longer stretch starts earlier
+    start = stretch_start(history, patience, window)
     if start < 0 or math.isinf(history[start][1]):
         return False
     step_then, best_then = history[start]
@@ -80,7 +81,6 @@ def _runs() -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            higher = r["recovery_metric"] != "eval_loss" and not r["recovery_metric"].endswith("loss")
             runs.append(
                 {
                     "study": Path(path).parent.name,
@@ -89,7 +89,7 @@ def _runs() -> list[dict]:
                     "steps_to_recover": r["steps_to_recover"],
                     "steps_trained": r["steps_trained"],
                     "threshold": r["recovery_threshold"],
-                    "higher": higher,
+                    "higher": higher_is_better(r),
                     "cap": cap,
                     "curve": [(int(s), float(v)) for s, v in r["curve"] if s > 0],  # evaluations during training
                 }

@@ -8,7 +8,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .errors import RelearnError
-from .result import first_reach
+from .result import first_reach, stretch_start
 
 
 class ConvergenceCallback(EarlyStoppingCallback):
@@ -36,10 +36,7 @@ class ConvergenceCallback(EarlyStoppingCallback):
         value = -metric_value if args.greater_is_better else metric_value  # compare as a loss
         best = min(value, self.best_history[-1][1]) if self.best_history else value
         self.best_history.append([state.global_step, best])
-        by_evaluations = len(self.best_history) - 1 - self.early_stopping_patience
-        cut = state.global_step * (1 - self.window)
-        by_steps = max((i for i, (step, _) in enumerate(self.best_history) if step <= cut), default=-1)
-        start = min(by_evaluations, by_steps)  # the longer stretch starts earlier
+        start = stretch_start(self.best_history, self.early_stopping_patience, self.window)
         stalled = start >= 0 and best > self.best_history[start][1] - abs(self.best_history[start][1]) * (
             self.early_stopping_threshold
         )

@@ -28,12 +28,17 @@ def steps_within(row: dict, tolerance: float | None = None) -> tuple[int, bool]:
     if tolerance < row["tolerance"]:
         raise ValueError(f"tolerance {tolerance} is tighter than the run's own {row['tolerance']}: not in its curve")
     base = row["baseline_metric"]
-    higher = row["recovery_metric"] != "eval_loss" and not row["recovery_metric"].endswith("loss")
+    higher = higher_is_better(row)
     threshold = base * (1 - tolerance) if higher else base * (1 + tolerance)
     for step, value in row["curve"]:
         if (value >= threshold) if higher else (value <= threshold):
             return int(step), True
     return row["steps_trained"], False
+
+
+def higher_is_better(row: dict) -> bool:
+    """Whether a larger value of the row's recovery metric is better (any metric but a loss)."""
+    return row["recovery_metric"] != "eval_loss" and not row["recovery_metric"].endswith("loss")
 
 
 def run_cost(row: dict, tolerance: float | None = None) -> float:

@@ -109,6 +109,16 @@ def first_reach(curve: list[tuple[int, float]], threshold: float, higher_is_bett
     return None
 
 
+def stretch_start(history: list, patience: int, window: float) -> int:
+    """Where the last stretch of a curve of (step, value) points starts: the longer of its last ``patience``
+    evaluations and the last ``window`` share of the steps so far (the base runs' plateau rule). -1 while the curve
+    is shorter than that."""
+    by_evaluations = len(history) - 1 - patience
+    cut = history[-1][0] * (1 - window)
+    by_steps = max((i for i, (step, _) in enumerate(history) if step <= cut), default=-1)
+    return min(by_evaluations, by_steps)  # the longer stretch starts earlier
+
+
 def recovery_threshold(baseline: float, after_reset: float, args: Any) -> float:
     """The metric value that counts as recovered (see README: recovery, defined).
 
