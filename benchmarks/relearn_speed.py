@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from hf_relearn.config import HfRelearnTrainingArguments, RelearnArguments
 from hf_relearn.data import DataArguments, build_datasets, byte_tokenizer
 from hf_relearn.modeling import load_model
 from hf_relearn.runner import _quiet
-from hf_relearn.trainer import HfRelearnTrainingArguments, RelearnArguments, RelearnTrainer
+from hf_relearn.trainer import RelearnTrainer
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the cache is exact (and on by default) then
 VOCAB = 259  # the byte tokenizer's

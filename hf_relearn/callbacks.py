@@ -66,23 +66,42 @@ class ExamplesSeen(TrainerCallback, ExportableState):
 
 
 class RecoveryCallback(TrainerCallback):
-    """Stops training at recovery: the metric within ``threshold`` for ``patience`` consecutive evaluations.
+    """Stops training at recovery: the metric, smoothed over ``window`` evaluations (``start``, the value right
+    after the reset, counts as the first), within ``threshold`` for ``patience`` consecutive evaluations.
 
     Stateless apart from its settings: it reads the evaluations so far from ``state.log_history``, which a resumed
     run restores, so an interrupted and resumed run stops at the same step.
     """
 
-    def __init__(self, metric_key: str, threshold: float, higher_is_better: bool, patience: int, stop: bool):
+    def __init__(
+        self,
+        metric_key: str,
+        threshold: float,
+        higher_is_better: bool,
+        patience: int,
+        stop: bool,
+        window: int = 1,
+        start: float | None = None,
+    ):
         self.metric_key, self.threshold, self.higher_is_better = metric_key, threshold, higher_is_better
-        self.patience, self.stop = patience, stop
+        self.patience, self.stop, self.window, self.start = patience, stop, window, start
         self.recovered_step: int | None = None
+
+    @classmethod
+    def for_run(cls, args, threshold: float, start: float) -> RecoveryCallback:
+        """The callback of a run with ``RelearnArguments`` ``args``: its metric, direction, patience, window and stop
+        setting, the run's recovery ``threshold`` and its value right after the reset (``start``)."""
+        rule = (args.metric_key, threshold, args.higher_is_better, args.patience, args.stop_at_recovery)
+        return cls(*rule, window=args.recovery_window, start=start)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics is None or self.metric_key not in metrics:
             have = ", ".join(sorted(k for k in (metrics or {}) if k.startswith("eval_")))
             raise RelearnError(f"recovery metric {self.metric_key!r} was not computed by evaluation; it gave: {have}")
         curve = [(e["step"], e[self.metric_key]) for e in state.log_history if self.metric_key in e]
-        self.recovered_step = first_reach(curve, self.threshold, self.higher_is_better, self.patience)
+        if self.start is not None:
+            curve = [(0, self.start), *curve]
+        self.recovered_step = first_reach(curve, self.threshold, self.higher_is_better, self.patience, self.window)
         if self.recovered_step is not None and self.stop:
             control.should_training_stop = True
         return control

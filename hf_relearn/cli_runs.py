@@ -40,9 +40,9 @@ def cmd_pretrain(argv: list[str]) -> int:
 
 def cmd_relearn(argv: list[str]) -> int:
     """``hf-relearn relearn --model runs/base --original_run runs/base --block decoder.1 --output_dir D``."""
+    from .config import RelearnArguments
     from .data import DataArguments
     from .runner import ModelArguments, relearn
-    from .trainer import RelearnArguments
 
     verbose = "--verbose" in argv  # the Trainer's own log lines and progress bars, as a plain Trainer shows them
     argv = [a for a in argv if a != "--verbose"]

@@ -6,6 +6,7 @@ until converged) and ``RelearnArguments`` (a re-learn run) extend it, TRL-style:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -62,8 +63,23 @@ class RelearnArguments(HfRelearnTrainingArguments):
     )
     recovery_metric: str = field(default="eval_loss", metadata={"help": "metric that defines recovery"})
     patience: int = field(default=1, metadata={"help": "consecutive qualifying evaluations needed"})
+    recovery_window: int = field(
+        default=5,
+        metadata={
+            "help": "judge recovery on the curve smoothed over this many evaluations (odd; centred mean), so one "
+            "evaluation that dips under the line by noise is no recovery; the run goes on window // 2 evaluations "
+            "past the crossing to see it. 1: the first evaluation under the line"
+        },
+    )
     stop_at_recovery: bool = field(default=True, metadata={"help": "stop at recovery (false: train to max_steps)"})
     original_steps: int | None = field(default=None, metadata={"help": "optimizer steps of the original training"})
+    max_steps_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "cap the run at this share of the original budget (1.5: 150% of its steps) instead of max_steps; "
+            "needs original_run or original_steps"
+        },
+    )
     original_tokens: int | None = field(default=None, metadata={"help": "tokens of the original training"})
     original_run: str | None = field(
         default=None, metadata={"help": "folder of the base run (its trainer_state.json gives steps, tokens, curve)"}
@@ -154,13 +170,25 @@ class RelearnArguments(HfRelearnTrainingArguments):
             raise RelearnError(f"tolerance_abs must be > 0, got {self.tolerance_abs}")
         if self.patience < 1:
             raise RelearnError(f"patience must be >= 1, got {self.patience}")
+        if self.recovery_window < 1 or self.recovery_window % 2 == 0:
+            raise RelearnError(f"recovery_window must be an odd number >= 1, got {self.recovery_window}")
         self.prefix_cache = str(self.prefix_cache).lower()
         if self.prefix_cache not in PREFIX_MODES:
             raise RelearnError(f"prefix_cache must be one of {', '.join(PREFIX_MODES)}, got {self.prefix_cache!r}")
         if self.eval_strategy == "no":
             raise RelearnError("eval_strategy 'no' cannot measure recovery: use steps (and eval_steps)")
         if self.original_run is not None:
-            read_original_run(self.original_run)  # fail now, not after training
+            budget = read_original_run(self.original_run)["steps"]  # fail now, not after training
+        else:
+            budget = None
+        if self.max_steps_share is not None:
+            budget = self.original_steps or budget
+            if not self.max_steps_share > 0 or not budget:
+                raise RelearnError(
+                    f"max_steps_share {self.max_steps_share}: needs a share > 0 and an original budget (original_run "
+                    "or original_steps)"
+                )
+            self.max_steps = math.ceil(self.max_steps_share * budget)
         if self.original_revisions and not self.original_checkpoints:
             raise RelearnError("original_revisions needs original_checkpoints (the Hub id or folder they belong to)")
         if self.original_checkpoints:

@@ -80,7 +80,20 @@ class DataArguments:
         default=None, metadata={"help": "Keep only the first this many training blocks."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first this many validation blocks."}
+        default=None,
+        metadata={
+            "help": "Keep only the first this many blocks of the evaluation split (and of the selection split)."
+        },
+    )
+    selection_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of the validation blocks that choose a base's checkpoint and judge its convergence (the "
+            "selection split); the others (the evaluation split) measure baselines and recovery, so a baseline is "
+            "not the best of many noisy draws on its own rows. Block i is a selection block when "
+            "floor((i+1)*f) > floor(i*f): every 2nd block (1, 3, 5, ...) for 0.5. 0 turns the split off: the same "
+            "rows choose and measure (biased; how bases made before this option were trained)."
+        },
     )
     builtin_corpus: str = field(
         default="generated",
@@ -117,6 +130,8 @@ class DataArguments:
             raise RelearnError(f"block_size must be at least 2, got {self.block_size}")
         if not 0 < self.validation_fraction <= 0.5:
             raise RelearnError(f"validation_fraction must be in (0, 0.5], got {self.validation_fraction}")
+        if not 0 <= self.selection_fraction < 1:
+            raise RelearnError(f"selection_fraction must be in [0, 1), got {self.selection_fraction}")
         if self.train_file is not None and self.dataset_name is not None:
             raise RelearnError("give train_file or dataset_name, not both")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -173,24 +188,98 @@ def _load_texts(args: DataArguments) -> tuple[Text, Text | None]:
 def _split_streams(args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation token streams, each long enough for its blocks (else a RelearnError)."""
     train_text, validation_text = _load_texts(args)
-    return split_streams(train_text, validation_text, tokenizer, args.block_size, args.validation_fraction)
+    blocks = validation_blocks_needed(args.selection_fraction)
+    return split_streams(train_text, validation_text, tokenizer, args.block_size, args.validation_fraction, blocks)
+
+
+def validation_blocks_needed(selection_fraction: float) -> int:
+    """The fewest validation blocks that give both splits a block (1 without a selection split)."""
+    if not selection_fraction:
+        return 1
+    count = 2
+    while not (
+        selection_rows(count, selection_fraction).any() and not selection_rows(count, selection_fraction).all()
+    ):
+        count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------------------------------ datasets
 
 
+@dataclass
+class Splits:
+    """The datasets of one run: training rows, the selection split (None when ``selection_fraction`` is 0) and the
+    evaluation split, with the collator that batches them."""
+
+    train: datasets.Dataset
+    selection: datasets.Dataset | None
+    evaluation: datasets.Dataset
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def selection_rows(count: int, fraction: float) -> np.ndarray:
+    """Which of ``count`` validation blocks form the selection split: a boolean mask, True for block i when
+    ``floor((i+1)*fraction) > floor(i*fraction)`` (spread evenly: every 2nd block, from block 1, for 0.5).
+
+    Guarantees: deterministic; about ``fraction * count`` True; all False for 0.
+    """
+    index = np.arange(count)
+    return np.floor((index + 1) * fraction) > np.floor(index * fraction)
+
+
+def build_splits(args: DataArguments, tokenizer: PreTrainedTokenizerBase, objective: str) -> Splits:
+    """Training rows, selection split and evaluation split for ``objective`` (see :func:`build_datasets`).
+
+    The validation blocks are divided by :func:`selection_rows`; each split then keeps its first
+    ``max_eval_samples`` blocks. With ``selection_fraction`` 0 there is no selection split and the evaluation split
+    is every validation block (the rows then both choose a checkpoint and measure it).
+    """
+    if objective not in _OBJECTIVES:
+        raise RelearnError(f"unknown objective {objective!r}; choose one of {', '.join(_OBJECTIVES)}")
+    if objective == "mlm" and tokenizer.mask_token is None:
+        raise RelearnError(
+            f"objective 'mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} "
+            f"({tokenizer.name_or_path or 'unnamed'}) has none (use --tokenizer bytes or an MLM model's tokenizer)"
+        )
+    train_stream, eval_stream = _split_streams(args, tokenizer)
+    train_blocks = cut_blocks(train_stream, args.block_size)[: args.max_train_samples]
+    validation = cut_blocks(eval_stream, args.block_size)
+    chosen = selection_rows(len(validation), args.selection_fraction)
+    eval_blocks = validation[~chosen][: args.max_eval_samples]
+    task, mask_id = args.seq2seq_task, None
+    if objective == "seq2seq" and task == "denoise":
+        mask_id = mask_token_id(tokenizer)
+    target = args.seq2seq_target_tokens
+    train_dataset = to_dataset(objective_columns(train_blocks, objective, task, mask_id, args.corpus_seed, target))
+
+    def held_out(blocks: np.ndarray, seed: int) -> datasets.Dataset:
+        if objective != "mlm":
+            return to_dataset(objective_columns(blocks, objective, task, mask_id, seed + 1, target))
+        masked, labels = mask_once(blocks, tokenizer, seed)
+        return to_dataset({"input_ids": masked, "attention_mask": np.ones_like(masked), "labels": labels})
+
+    selection = None
+    if args.selection_fraction:  # its own masking / noise draws: nothing of the evaluation rows is reused
+        selection = held_out(validation[chosen][: args.max_eval_samples], args.corpus_seed + 7919)
+    collator = MaskedLMCollator(tokenizer) if objective == "mlm" else default_data_collator
+    return Splits(train_dataset, selection, held_out(eval_blocks, args.corpus_seed), collator)
+
+
 def build_datasets(
     args: DataArguments, tokenizer: PreTrainedTokenizerBase, objective: str
 ) -> tuple[datasets.Dataset, datasets.Dataset, Callable[[list[dict[str, Any]]], dict[str, Any]]]:
-    """``(train_dataset, eval_dataset, data_collator)`` for ``objective``, ready for ``transformers.Trainer``.
+    """``(train_dataset, eval_dataset, data_collator)`` for ``objective``, ready for ``transformers.Trainer``; the
+    eval dataset is the evaluation split (the rows that measure baselines and recovery; see ``selection_fraction``).
 
     Text: ``args.train_file``, else ``args.dataset_name`` (its "validation" split when it has one), else
     :func:`generated_corpus`. Rows of a .txt file or the generated corpus are lines and concatenate back to the text;
     rows of json/csv/parquet/Hub data are documents and each is followed by the tokenizer's eos (or sep) token.
     Validation: ``args.validation_file``, else the Hub validation split, else the last ``validation_fraction`` of the
-    training token stream, held out contiguously (no token of it is in any training block).
+    training token stream, held out contiguously (no token of it is in any training block); its blocks are divided
+    into a selection and an evaluation split by :func:`selection_rows`.
     Every example is a ``block_size`` slice of the stream (the remainder is dropped), in stream order; then the
-    first ``max_train_samples`` / ``max_eval_samples`` blocks are kept.
+    first ``max_train_samples`` training blocks and ``max_eval_samples`` evaluation blocks are kept.
 
     Columns per objective (all int64 lists, all examples the same length):
 
@@ -206,30 +295,11 @@ def build_datasets(
     * ``distill``: input_ids, attention_mask (targets come from a teacher); ``default_data_collator``.
 
     Raises :class:`RelearnError` for an unknown objective, ``mlm`` with a tokenizer without a mask token, an empty
-    or unreadable file, a missing text column, or text too short for 2 training blocks and 1 validation block.
+    or unreadable file, a missing text column, text too short for 2 training blocks and 1 validation block, or too
+    few validation blocks to split.
     """
-    if objective not in _OBJECTIVES:
-        raise RelearnError(f"unknown objective {objective!r}; choose one of {', '.join(_OBJECTIVES)}")
-    if objective == "mlm" and tokenizer.mask_token is None:
-        raise RelearnError(
-            f"objective 'mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} "
-            f"({tokenizer.name_or_path or 'unnamed'}) has none (use --tokenizer bytes or an MLM model's tokenizer)"
-        )
-    train_stream, eval_stream = _split_streams(args, tokenizer)
-    train_blocks = cut_blocks(train_stream, args.block_size)[: args.max_train_samples]
-    eval_blocks = cut_blocks(eval_stream, args.block_size)[: args.max_eval_samples]
-
-    task, mask_id = args.seq2seq_task, None
-    if objective == "seq2seq" and task == "denoise":
-        mask_id = mask_token_id(tokenizer)
-    target = args.seq2seq_target_tokens
-    train_dataset = to_dataset(objective_columns(train_blocks, objective, task, mask_id, args.corpus_seed, target))
-    if objective != "mlm":
-        evals = to_dataset(objective_columns(eval_blocks, objective, task, mask_id, args.corpus_seed + 1, target))
-        return train_dataset, evals, default_data_collator
-    masked, labels = mask_once(eval_blocks, tokenizer, args.corpus_seed)
-    eval_dataset = to_dataset({"input_ids": masked, "attention_mask": np.ones_like(masked), "labels": labels})
-    return train_dataset, eval_dataset, MaskedLMCollator(tokenizer)
+    splits = build_splits(args, tokenizer, objective)
+    return splits.train, splits.evaluation, splits.collator
 
 
 # ------------------------------------------------------------------------------------------------------ baseline

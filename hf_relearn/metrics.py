@@ -107,3 +107,57 @@ def build_compute_metrics(names: list[str], objective: str):
         return out
 
     return compute
+
+
+def row_losses(model: torch.nn.Module, batches, causal: bool) -> torch.Tensor:
+    """The cross-entropy of each row over its labelled tokens (labels -100 ignored), one value per row in batch order;
+    ``causal``: logits at position t predict the label at t+1, as a causal LM's own loss shifts them.
+
+    ``batches``: dicts of model inputs with ``labels``, on the model's device. A row without a labelled token gets
+    NaN. Guarantees: the token-weighted mean of the values is the model's own loss over the same batches.
+    """
+    out = []
+    with torch.no_grad():
+        for inputs in batches:
+            labels = inputs["labels"]
+            logits = model(**inputs).logits.float()
+            if causal:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            counts = (labels != -100).sum(1)
+            out.append(per_token.sum(1) / counts.where(counts > 0, torch.nan))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def eval_loss_se(trainer, causal: bool) -> float | None:
+    """The standard error of ``trainer``'s model's eval loss: the sample standard deviation of its per-row losses
+    (:func:`row_losses`, gathered from every process) over the square root of the rows; None below 2 rows.
+
+    The global RNG is left as it was (iterating a DataLoader draws from it).
+    """
+    import math
+
+    device = trainer.args.device
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in trainer.get_eval_dataloader())
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        losses = row_losses(trainer.model, batches, causal=causal)
+    losses = trainer.accelerator.gather_for_metrics(losses.to(device))
+    losses = losses[~losses.isnan()].double()
+    return float(losses.std() / math.sqrt(len(losses))) if len(losses) > 1 else None
+
+
+def count_shifted_targets(trainer) -> None:
+    """Make ``trainer`` count a causal LM's targets as its loss does, over ``labels[..., 1:]``.
+
+    transformers 5.x decides this from ``model.loss_type``, which is None for models such as GPT-2 whose loss
+    function still shifts (``ForCausalLMLoss``): the Trainer then divides the summed loss by one target per row too
+    many, and reports (and trains on) ``(T-1)/T`` of the true mean cross-entropy (0.984 of it for 64-token blocks).
+    Guarantees: after this call a causal LM's ``eval_loss`` is the mean over the tokens it predicts.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = trainer.model
+    if getattr(trainer, "_loss_shifts_labels", True) or getattr(model.config, "is_encoder_decoder", False):
+        return
+    if getattr(model, "loss_function", None) is ForCausalLMLoss:
+        trainer._loss_shifts_labels = True

@@ -22,6 +22,7 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 
 from .errors import RelearnError
 from .io import cache_dir, write_json_atomic
+from .metrics import count_shifted_targets
 
 _STEP = re.compile(r"(\d+)(?!.*\d)")  # the last number in a name: step1000 -> 1000, checkpoint-500 -> 500
 
@@ -172,6 +173,7 @@ def _evaluate(c: Checkpoint, reference, eval_dataset, collator, args) -> float:
         dataloader_num_workers=args.dataloader_num_workers, dataloader_pin_memory=args.dataloader_pin_memory,
     )  # fmt: skip
     trainer = Trainer(model=model, args=plain, eval_dataset=eval_dataset, data_collator=collator)
+    count_shifted_targets(trainer)  # the same loss as the relearn's own evaluations
     with torch.no_grad():
         return float(trainer.evaluate(metric_key_prefix="eval")["eval_loss"])
 

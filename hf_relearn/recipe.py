@@ -243,17 +243,20 @@ class Recipe:
 
     def validate(self) -> None:
         """Fail before any training: every section must build its dataclass, every block name must resolve."""
+        from .config import RelearnArguments
         from .data import DataArguments
         from .runner import PretrainArguments
-        from .trainer import RelearnArguments
 
         with tempfile.TemporaryDirectory() as tmp:
             _build(DataArguments, self.data, "data")
             if self.pretrain is not None:
                 _build(PretrainArguments, {**self.pretrain, "output_dir": tmp}, "pretrain")
-            _build(RelearnArguments, {**self.relearn, "output_dir": tmp}, "relearn")
+            # a study's runs get their base's budget (original_run); a stand-in lets a budget share be checked here
+            budget = {"original_steps": 1} if self.pretrain is not None else {}
+            _build(RelearnArguments, {**budget, **self.relearn, "output_dir": tmp}, "relearn")
             for name in _variants(self.sweep):
-                _build(RelearnArguments, {**self.relearn_settings(name), "output_dir": tmp}, f"sweep.variants.{name}")
+                settings = {**budget, **self.relearn_settings(name), "output_dir": tmp}
+                _build(RelearnArguments, settings, f"sweep.variants.{name}")
         if self.pretrain is None and not (self.relearn.get("original_steps") or self.relearn.get("original_run")):
             raise RelearnError(
                 "a recipe without pretrain (a ready-trained base) needs relearn.original_steps or relearn.original_run"
@@ -335,7 +338,7 @@ class Recipe:
         stacks = list(bmap.stacks.values())
         swaps = _swap_entries(self.sweep)
         blocks = self.sweep.get("blocks", [] if swaps else "all_layers")
-        names = list(blocks) if isinstance(blocks, list) else []
+        names = [n for b in blocks for n in _positions(b, stacks)] if isinstance(blocks, list) else []
         if blocks == "all_layers":
             names = [f"{s.name}.{layer.index}" for s in stacks for layer in s.layers]
         elif not isinstance(blocks, list):
@@ -403,6 +406,17 @@ def _slug(text: str) -> str:
     if len(slug) > 60:
         slug = slug[:48] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return slug
+
+
+POSITIONS = {"first": lambda n: 0, "middle": lambda n: n // 2, "last": lambda n: n - 1}
+
+
+def _positions(name: str, stacks: list) -> list[str]:
+    """A ``sweep.blocks`` entry as block names: ``first``, ``middle`` (layer N // 2) or ``last`` name that layer of
+    every stack (so one recipe covers several depths); any other entry is a block name as it is."""
+    if name not in POSITIONS:
+        return [name]
+    return [f"{s.name}.{POSITIONS[name](len(s.layers))}" for s in stacks]
 
 
 def _meta_model(recipe: Recipe, base: BaseSpec):

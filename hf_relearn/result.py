@@ -12,7 +12,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .caveats import OVERFIT, UNDER_TRAINED, UNIGRAM_LEVEL, Caveat, attach_codes
+from .caveats import (
+    NOISY_BASELINE,
+    OVERFIT,
+    RESET_BARELY_MATTERED,
+    SELECTED_ON_EVALUATION,
+    UNDER_TRAINED,
+    UNIGRAM_LEVEL,
+    Caveat,
+    attach_codes,
+)
 from .errors import RelearnError
 from .files import RUN_FILE
 
@@ -36,6 +45,7 @@ def read_original_run(path: str | Path) -> dict[str, Any]:
     run_file = Path(path) / RUN_FILE
     info = json.loads(run_file.read_text()) if run_file.exists() else {}
     return {
+        "selected_on": selected_on(info),
         "steps": info.get("budget_steps") or state.get("global_step") or None,
         "tokens": info.get("budget_tokens") or state.get("num_input_tokens_seen") or None,
         "curve": curve,
@@ -44,6 +54,66 @@ def read_original_run(path: str | Path) -> dict[str, Any]:
         if "warnings" in info
         else base_run_warnings(curve, state.get("global_step") or 0),
     }
+
+
+def selected_on(info: dict) -> str | None:
+    """What chose a base run's kept model, from its run info (``hf_relearn_run.json``): ``"selection split"`` (rows
+    apart from the evaluation split), ``"evaluation split"`` (the rows its baseline is measured on: a biased
+    baseline), ``"last step"`` (no choice: a fixed budget), or None for a folder that is not a pretrain run."""
+    if info.get("kind") != "pretrain":
+        return None
+    if not info.get("until_converged"):
+        return "last step"
+    return "selection split" if (info.get("data_args") or {}).get("selection_fraction") else "evaluation split"
+
+
+def baseline_warnings(selected: str | None, baseline: float | None, se: float | None, tolerance: float | None):
+    """Warnings on the baseline itself: chosen on its own rows (the best of many noisy draws), or too noisy for the
+    tolerance (relative tolerance under twice the relative standard error: a 'recovery' inside the noise)."""
+    out = []
+    if selected == "evaluation split":
+        out.append(
+            Caveat(
+                SELECTED_ON_EVALUATION,
+                "the base's checkpoint was chosen on the rows its baseline is measured on: the baseline is the best "
+                "of many noisy draws and recovery must beat that luck (pretrain with selection_fraction > 0)",
+            )
+        )
+    if tolerance is not None and se and baseline and tolerance < 2 * se / abs(baseline):
+        out.append(
+            Caveat(
+                NOISY_BASELINE,
+                f"the tolerance {tolerance:.2%} is under twice the baseline's relative standard error "
+                f"{se / abs(baseline):.2%}: a recovery this close is inside the evaluation noise (evaluate more rows)",
+            )
+        )
+    return out
+
+
+def relearn_warnings(
+    original: dict, data_warnings: list[str], baseline: dict, after: dict, threshold: float, args: Any
+) -> list[str]:
+    """Every warning a relearn's result carries: its base run's, its data's, the baseline's (see
+    :func:`baseline_warnings`), and a reset that left the metric within the tolerance already.
+
+    ``baseline`` / ``after``: the metrics measured on the intact and on the reset model; ``args``: the run's
+    ``RelearnArguments``.
+    """
+    key = args.metric_key
+    warnings = list(original.get("warnings", [])) + list(data_warnings)
+    tolerance = args.tolerance if args.tolerance_abs is None and key == "eval_loss" else None
+    warnings += baseline_warnings(
+        original.get("selected_on"), baseline.get("eval_loss"), baseline.get("eval_loss_se"), tolerance
+    )
+    if first_reach([(0, after[key])], threshold, args.higher_is_better) == 0:
+        warnings.append(
+            Caveat(
+                RESET_BARELY_MATTERED,
+                f"the reset barely mattered: right after it {key} was {after[key]:.4f}, already within the tolerance "
+                f"of the baseline {baseline[key]:.4f}; this block did little, so its cheap 'recovery' says nothing",
+            )
+        )
+    return warnings
 
 
 def base_run_warnings(
@@ -98,15 +168,53 @@ def unigram_warning(baseline: float, unigram: float) -> list[str]:
     ]
 
 
-def first_reach(curve: list[tuple[int, float]], threshold: float, higher_is_better: bool, patience: int = 1):
-    """The step of the first of ``patience`` consecutive curve points within ``threshold``, or None."""
+def smoothed(curve: list[tuple[int, float]], window: int = 1) -> list[tuple[int, float]]:
+    """``curve`` with each value replaced by the mean of the ``window`` values centred on it (odd ``window``).
+
+    Near the start the window shrinks symmetrically (the first point is its own mean); the last points, whose window
+    is not complete yet (up to ``window // 2`` of them), are left out, so a point's smoothed value never changes as
+    the curve grows. ``window`` 1 returns the curve itself. NaN values stay NaN in every mean they enter.
+    """
+    if window < 1 or window % 2 == 0:
+        raise RelearnError(f"the smoothing window must be an odd number of evaluations >= 1, got {window}")
+    half = window // 2
+    out = []
+    for i in range(len(curve)):
+        h = min(half, i)
+        if i + h >= len(curve):  # its window is not complete yet (and no later point's is)
+            break
+        values = [v for _, v in curve[i - h : i + h + 1]]
+        out.append((curve[i][0], sum(values) / len(values)))
+    return out
+
+
+def first_reach(
+    curve: list[tuple[int, float]], threshold: float, higher_is_better: bool, patience: int = 1, window: int = 1
+):
+    """The step of the first of ``patience`` consecutive points within ``threshold`` on the curve smoothed over
+    ``window`` evaluations (:func:`smoothed`), or None. With ``window`` > 1 a single evaluation that dips under the
+    line by noise does not count: the mean around it must."""
     run = 0
-    for i, (_, value) in enumerate(curve):
+    points = smoothed(curve, window)
+    for i, (_, value) in enumerate(points):
         ok = value >= threshold if higher_is_better else value <= threshold
         run = run + 1 if ok and not math.isnan(value) else 0
         if run >= patience:
-            return curve[i - patience + 1][0]
+            return points[i - patience + 1][0]
     return None
+
+
+def curve_noise(curve: list[tuple[int, float]], window: int = 5) -> float | None:
+    """How much a curve's evaluations scatter around their trend: the median absolute deviation from the centred
+    mean over ``window`` evaluations, scaled to a standard deviation (x 1.4826) and divided by that mean; None for
+    a curve shorter than ``window`` + 1 points. Comparable with a relative tolerance."""
+    trend = dict(smoothed(curve, window))
+    rel = sorted(abs(v / trend[s] - 1) for s, v in curve[window // 2 + 1 :] if s in trend and trend[s])
+    if len(rel) < 2 or any(math.isnan(r) for r in rel):
+        return None
+    mid = len(rel) // 2
+    median = rel[mid] if len(rel) % 2 else (rel[mid - 1] + rel[mid]) / 2
+    return 1.4826 * median / math.sqrt(1 - 1 / window)  # a point is part of its own mean: undo that shrinkage
 
 
 def stretch_start(history: list, patience: int, window: float) -> int:
@@ -149,7 +257,11 @@ class RelearnResult:
     tolerance_abs: float | None
     recovery_metric: str
     patience: int
+    recovery_window: int
+    curve_noise: float | None
     baseline_eval_loss: float | None
+    eval_loss_se: float | None
+    base_selected_on: str | None
     after_reset_eval_loss: float | None
     final_eval_loss: float | None
     baseline_metric: float

@@ -18,13 +18,14 @@ from transformers import Trainer
 from .callbacks import ConsoleCallback, ConvergenceCallback
 from .caveats import codes_of
 from .config import ModelArguments, PretrainArguments, RelearnArguments
-from .data import DataArguments, build_datasets, get_tokenizer
+from .data import DataArguments, build_datasets, build_splits, get_tokenizer
 from .errors import RelearnError
 from .files import DATA_FILE, RUN_FILE
 from .io import versions, write_json_atomic
+from .metrics import count_shifted_targets
 from .modeling import is_config_name, parse_overrides
 from .prefix_cache import PrefixCache
-from .result import RelearnResult, base_run_warnings
+from .result import RelearnResult, base_run_warnings, selected_on
 from .trainer import RelearnTrainer
 
 
@@ -62,6 +63,30 @@ def _quiet(trainer: Trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
+SELECTION_KEY = "eval_selection_loss"  # a base run's loss on its selection split (the evaluation split's is eval_loss)
+
+
+class SelectionTrainer(Trainer):
+    """A ``Trainer`` that also evaluates a selection split at every evaluation and reports it as
+    ``eval_selection_loss`` beside ``eval_loss`` (the evaluation split), in the same metrics and log entry: the
+    checkpoint choice, the plateau schedule and the convergence rule read the former, baselines the latter."""
+
+    def __init__(self, *args, selection_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        count_shifted_targets(self)
+        self.selection_dataset = selection_dataset
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.selection_dataset is not None and metric_key_prefix == "eval":
+            loader = self.get_eval_dataloader(self.selection_dataset)
+            selection = super().evaluation_loop(loader, "selection", True, ignore_keys, "eval_selection")
+            out.metrics[SELECTION_KEY] = selection.metrics[SELECTION_KEY]
+        return out
+
+
 def pretrain(
     model_args: ModelArguments, data_args: DataArguments, args: PretrainArguments, quiet: bool = False
 ) -> dict:
@@ -76,17 +101,21 @@ def pretrain(
         overrides = {**_tokenizer_overrides(tokenizer, model_args.model, args.objective), **overrides}
     model = model_args.load(overrides)
     _check_positions(model, data_args.block_size, args.objective)
-    train, evals, collator = build_datasets(data_args, tokenizer, args.objective)
+    splits = build_splits(data_args, tokenizer, args.objective)
+    train, evals, collator = splits.train, splits.evaluation, splits.collator
+    if splits.selection is not None and args.until_converged:
+        args.metric_for_best_model = SELECTION_KEY  # the checkpoint is chosen on rows no baseline is measured on
     convergence = (
         ConvergenceCallback(args.convergence_patience, args.convergence_threshold, args.convergence_window)
         if args.until_converged
         else None
     )
-    trainer = Trainer(
+    trainer = SelectionTrainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evals,
+        selection_dataset=splits.selection,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[convergence] if convergence else None,
@@ -104,7 +133,7 @@ def pretrain(
     trainer.save_state()
     # a resumed run replaces the callback with one rebuilt from its checkpoint: read the live one
     live = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ConvergenceCallback)), None)
-    info = _run_info(trainer, model_args, data_args, args, len(train), len(evals), live)
+    info = _run_info(trainer, model_args, data_args, args, splits, live)
     if trainer.is_world_process_zero():
         write_json_atomic(out / RUN_FILE, info)
         if args.until_converged:  # the checkpoints only served to keep the best model; it is saved in out now
@@ -114,10 +143,12 @@ def pretrain(
     return info
 
 
-def _run_info(trainer, model_args, data_args, args, train_examples, eval_examples, convergence) -> dict:
-    """What a base run leaves for the runs measured against it: budget, curve, stop reason, warnings."""
+def _run_info(trainer, model_args, data_args, args, splits, convergence) -> dict:
+    """What a base run leaves for the runs measured against it: budget, curve (evaluation split), selection curve,
+    what chose the kept model, stop reason, warnings (judged on the curve that chose)."""
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     curve = [(e["step"], e["eval_loss"]) for e in evals]
+    selection_curve = [(e["step"], e[SELECTION_KEY]) for e in evals if SELECTION_KEY in e]
     kept = trainer.state.best_global_step if args.until_converged else trainer.state.global_step
     kept_eval = next((e for e in evals if e["step"] == kept), evals[-1])
     converged = bool(convergence and convergence.converged)
@@ -125,8 +156,11 @@ def _run_info(trainer, model_args, data_args, args, train_examples, eval_example
         stopped = "converged" if converged else "max_steps"
     else:
         stopped = "max_steps"
-    warnings = base_run_warnings(curve, trainer.state.global_step, converged=converged, kept_best=args.until_converged)
-    return {
+    judged = selection_curve or curve
+    warnings = base_run_warnings(
+        judged, trainer.state.global_step, converged=converged, kept_best=args.until_converged
+    )
+    info = {
         "kind": "pretrain",
         "model_args": dataclasses.asdict(model_args),
         "data_args": dataclasses.asdict(data_args),
@@ -146,25 +180,34 @@ def _run_info(trainer, model_args, data_args, args, train_examples, eval_example
             if args.until_converged
             else None
         ),
-        "train_examples": train_examples,
-        "eval_examples": eval_examples,
+        "train_examples": len(splits.train),
+        "eval_examples": len(splits.evaluation),
+        "selection_examples": len(splits.selection) if splits.selection is not None else 0,
         "final_eval_loss": kept_eval["eval_loss"],
         "best_eval_loss": min(v for _, v in curve),
         "curve": curve,
+        "selection_curve": selection_curve or None,
         "warnings": warnings,
         "warning_codes": codes_of(warnings),
         "versions": versions(),
     }
+    info["selected_on"] = selected_on(info)
+    return info
 
 
 def inherit_data_args(data_args: DataArguments, original_run: str | None) -> DataArguments:
-    """With no data source given, re-use the base run's data settings (so the validation set is the same)."""
-    if original_run is None or data_args.train_file or data_args.dataset_name:
+    """The data settings of a run measured against ``original_run``: with no data source given, the base run's own
+    (so the validation set is the same); always the base's selection split, so that the evaluation rows are ones
+    that took no part in choosing the base (a base made before the split existed had none: 0)."""
+    if original_run is None:
         return data_args
     run_file = Path(original_run) / RUN_FILE
     if not run_file.exists():
         return data_args
     saved = json.loads(run_file.read_text()).get("data_args", {})
+    split = {"selection_fraction": saved.get("selection_fraction", 0.0)}
+    if data_args.train_file or data_args.dataset_name:
+        return dataclasses.replace(data_args, **split)
     defaults = DataArguments()
     merged = {
         f.name: getattr(data_args, f.name)
@@ -172,7 +215,7 @@ def inherit_data_args(data_args: DataArguments, original_run: str | None) -> Dat
         else saved.get(f.name, getattr(defaults, f.name))
         for f in dataclasses.fields(DataArguments)
     }
-    return DataArguments(**merged)
+    return DataArguments(**{**merged, **split})
 
 
 def _cost_line(args: RelearnArguments, train_rows: int, eval_rows: int) -> str:

@@ -100,9 +100,9 @@ def _resume_point(folder: Path) -> Path | None:
 def _run_one(
     recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, prefix_cache=None, baseline: dict | None = None
 ) -> dict:
+    from .config import RelearnArguments
     from .data import DataArguments
     from .runner import ModelArguments, relearn
-    from .trainer import RelearnArguments
 
     done = folder / RESULT_FILE
     if done.exists():
@@ -344,6 +344,7 @@ def _work(
             key = eval_key(result["recovery_metric"])
             baselines[(base.id, run.variant)] = {
                 "eval_loss": result["baseline_eval_loss"],
+                "eval_loss_se": result.get("eval_loss_se"),
                 key: result["baseline_metric"],
             }
         if write_rows:

@@ -170,10 +170,12 @@ def cut_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
     return stream[: count * block_size].reshape(count, block_size)
 
 
-def _min_tokens_for_holdout(block_size: int, fraction: float) -> int:
-    """The shortest stream whose held-out end gives 1 validation block and whose rest gives 2 training blocks."""
-    n = max(3 * block_size, math.ceil((block_size - 0.5) / fraction) - 1)
-    while not (_held_out(n, fraction) >= block_size and n - _held_out(n, fraction) >= 2 * block_size):
+def _min_tokens_for_holdout(block_size: int, fraction: float, blocks: int = 1) -> int:
+    """The shortest stream whose held-out end gives ``blocks`` validation blocks and whose rest gives 2 training
+    blocks."""
+    need = blocks * block_size
+    n = max(need + 2 * block_size, math.ceil((need - 0.5) / fraction) - 1)
+    while not (_held_out(n, fraction) >= need and n - _held_out(n, fraction) >= 2 * block_size):
         n += 1
     return n
 
@@ -188,25 +190,28 @@ def split_streams(
     tokenizer: PreTrainedTokenizerBase,
     block_size: int,
     validation_fraction: float,
+    validation_blocks: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation token streams, each long enough for its blocks (else a RelearnError).
+    """Training and validation token streams, each long enough for its blocks (else a RelearnError): 2 training
+    blocks and ``validation_blocks`` validation blocks at least.
 
     Guarantees: without ``validation_text`` the validation stream is the last ``validation_fraction`` of the
     training stream, held out contiguously (no validation token is in the training stream returned), and the rest
-    holds at least 2 blocks of ``block_size`` tokens, the held-out end at least 1; with ``validation_text`` the training
-    stream is the whole training text (at least 2 blocks) and the validation stream that text's (at least 1 block).
+    holds at least 2 blocks of ``block_size`` tokens; with ``validation_text`` the training stream is the whole
+    training text and the validation stream that text's.
     """
     stream = token_stream(train_text, tokenizer)
     if len(stream) == 0:
         raise RelearnError(f"{train_text.source} contains no text")
-    block = block_size
+    block, need = block_size, validation_blocks
+    held = f"{need} held-out validation block" + ("s" if need > 1 else "")
     if validation_text is None:
         n_eval = _held_out(len(stream), validation_fraction)
-        if n_eval < block or len(stream) - n_eval < 2 * block:
+        if n_eval < need * block or len(stream) - n_eval < 2 * block:
             raise RelearnError(
                 f"{train_text.source} has {len(stream)} tokens: block_size {block} with validation_fraction "
-                f"{validation_fraction} needs at least {_min_tokens_for_holdout(block, validation_fraction)} "
-                "(2 training blocks and 1 held-out validation block); use a smaller block_size or more text"
+                f"{validation_fraction} needs at least {_min_tokens_for_holdout(block, validation_fraction, need)} "
+                f"(2 training blocks and {held}); use a smaller block_size or more text"
             )
         # contiguous hold-out from the end: no validation token is ever seen in training
         return stream[: len(stream) - n_eval], stream[len(stream) - n_eval :]
@@ -218,9 +223,9 @@ def split_streams(
     eval_stream = token_stream(validation_text, tokenizer)
     if len(eval_stream) == 0:
         raise RelearnError(f"{validation_text.source} contains no text")
-    if len(eval_stream) < block:
+    if len(eval_stream) < need * block:
         raise RelearnError(
-            f"{validation_text.source} has {len(eval_stream)} tokens: block_size {block} needs at least {block} "
-            "(1 validation block); use a smaller block_size or more text"
+            f"{validation_text.source} has {len(eval_stream)} tokens: block_size {block} needs at least "
+            f"{need * block} ({held}); use a smaller block_size or more text"
         )
     return stream, eval_stream

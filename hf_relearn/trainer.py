@@ -4,8 +4,8 @@ It stays a normal ``Trainer`` (callbacks, checkpoints, resuming, ``report_to``, 
 
 * ``train()`` first measures the intact model (baseline), then applies the surgery and the freezing (before the
   optimizer exists; under FSDP the baseline evaluation has sharded the model already), measures again, and trains;
-* ``RecoveryCallback`` stops at the first evaluation where the metric is back within the tolerance, held for
-  ``patience`` evaluations;
+* ``RecoveryCallback`` stops once the metric, smoothed over ``recovery_window`` evaluations, is back within the
+  tolerance (held for ``patience`` evaluations);
 * at the end the frozen tensors are proven bit-identical and ``relearn_result.json`` is written (the results
   contract in ``docs/results-contract.md``).
 """
@@ -22,43 +22,33 @@ from transformers import Trainer
 
 from .arms import apply_trainable, digest_int, normalised_fingerprint
 from .blocks import BlockMap
-from .callbacks import ConvergenceCallback, ExamplesSeen, RecoveryCallback, SwapWarmupCallback
+from .callbacks import ExamplesSeen, RecoveryCallback, SwapWarmupCallback
 from .cards import relearn_card
-from .caveats import RESET_BARELY_MATTERED, Caveat, codes_of
+from .caveats import codes_of
 from .config import (
-    HfRelearnTrainingArguments,
     RelearnArguments,
     check_swap_warmup,
-    check_world_size,
-    cpu_distributed_default,
 )
 from .errors import RelearnError
-from .files import CURVE_FILE, OBJECTIVES, RESULT_FILE, RUN_FILE, TRAINABLE
+from .files import CURVE_FILE, RESULT_FILE
 from .io import versions, write_json_atomic
-from .metrics import Teacher, argmax_logits, build_compute_metrics, distill_loss
+from .metrics import Teacher, argmax_logits, build_compute_metrics, count_shifted_targets, distill_loss, eval_loss_se
 from .original_curve import published_curve
 from .plots import plot_curve
 from .prefix_cache import PrefixCache
 from .prefix_plan import ROW_COLUMN, RowCollator, with_row_index
 from .result import (
     RelearnResult,
-    base_run_warnings,
+    curve_noise,
     first_reach,
     read_original_run,
     recovery_threshold,
+    relearn_warnings,
     unigram_warning,
 )
 from .sharding import numel
 from .surgery import SurgeryReport, reset
 from .trainer_prefix import PrefixCacheMixin
-
-# names that lived here before the package was split into layers; ``hf_relearn.trainer.X`` keeps working
-__all__ = [
-    "RelearnTrainer", "RelearnArguments", "HfRelearnTrainingArguments", "RelearnResult", "RecoveryCallback",
-    "ConvergenceCallback", "ExamplesSeen", "SwapWarmupCallback", "OBJECTIVES", "TRAINABLE", "RESULT_FILE", "RUN_FILE",
-    "read_original_run", "base_run_warnings", "first_reach", "recovery_threshold", "build_compute_metrics",
-    "check_swap_warmup", "check_world_size", "cpu_distributed_default",
-]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -94,6 +84,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             kwargs.setdefault("preprocess_logits_for_metrics", argmax_logits)
         callbacks.append(ExamplesSeen())
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        count_shifted_targets(self)
         args.refuse_when_sharded(self.is_fsdp_enabled or self.is_deepspeed_enabled)
         if args.objective == "distill":
             self.label_names = []
@@ -163,6 +154,8 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             self.teacher = Teacher(copy.deepcopy(self.model))
         if args.objective != "distill" and "baseline" not in self.measured:
             self.measured["baseline"] = self._measure("relearn: baseline (intact model)")
+        if args.objective != "distill" and "eval_loss_se" not in self.measured["baseline"]:
+            self.measured["baseline"]["eval_loss_se"] = eval_loss_se(self, causal=args.objective == "clm")
         if args.swap_encoder:
             self._swap_encoder()
         else:
@@ -191,9 +184,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         after = self.measured["after_reset"][args.metric_key]
         self.threshold = recovery_threshold(baseline, after, args)
         self.data_warnings = self._unigram_warning(baseline)
-        self.recovery = RecoveryCallback(
-            args.metric_key, self.threshold, args.higher_is_better, args.patience, args.stop_at_recovery
-        )
+        self.recovery = RecoveryCallback.for_run(args, self.threshold, start=after)
         self.add_callback(self.recovery)
 
     def _swap_encoder(self) -> None:
@@ -362,7 +353,10 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             tolerance_abs=args.tolerance_abs,
             recovery_metric=key,
             patience=args.patience,
+            recovery_window=args.recovery_window,
             baseline_eval_loss=base.get("eval_loss"),
+            eval_loss_se=base.get("eval_loss_se"),
+            base_selected_on=self._original().get("selected_on"),
             after_reset_eval_loss=after.get("eval_loss"),
             final_eval_loss=evals[-1].get("eval_loss") if evals else after.get("eval_loss"),
             baseline_metric=base[key],
@@ -383,27 +377,26 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             **self._recovery_figures(evals),
         )
 
+    def _original(self) -> dict:
+        """The base run's budget, curve, warnings and what chose it (empty without ``original_run``)."""
+        if not hasattr(self, "_original_run"):
+            self._original_run = read_original_run(self.args.original_run) if self.args.original_run else {}
+        return self._original_run
+
     def _recovery_figures(self, evals: list[dict]) -> dict:
         """Curve, recovery step, its examples and tokens, the original budget and its share, warnings."""
         args, key = self.args, self.args.metric_key
         after = self.measured["after_reset"]
         curve = [(0, after[key])] + [(e["step"], e[key]) for e in evals]
-        step = first_reach(curve, self.threshold, args.higher_is_better, args.patience)
+        step = first_reach(curve, self.threshold, args.higher_is_better, args.patience, args.recovery_window)
         at = {0: {"relearn_examples_seen": 0, "num_input_tokens_seen": 0}} | {e["step"]: e for e in evals}
         tokens_at = at[step].get("num_input_tokens_seen") if step is not None else None
-        original = read_original_run(args.original_run) if args.original_run else {}
+        original = self._original()
         orig_steps = args.original_steps or original.get("steps")
         orig_tokens = args.original_tokens or original.get("tokens")
-        warnings = list(original.get("warnings", [])) + list(self.data_warnings)
-        if first_reach([(0, after[key])], self.threshold, args.higher_is_better) == 0:
-            base = self.measured["baseline"][key]
-            warnings.append(
-                Caveat(
-                    RESET_BARELY_MATTERED,
-                    f"the reset barely mattered: right after it {key} was {after[key]:.4f}, already within the tolerance of "
-                    f"the baseline {base:.4f}; this block did little, so its cheap 'recovery' says nothing",
-                )
-            )
+        warnings = relearn_warnings(
+            original, self.data_warnings, self.measured["baseline"], after, self.threshold, args
+        )
         published = getattr(self, "original_curve", None)
         orig_curve = published or original.get("curve")
         orig_steps = orig_steps or (published[-1][0] if published else None)
@@ -415,6 +408,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         orig_tokens = orig_tokens or (orig_steps * per_step if orig_steps and per_step else None)
         return dict(
             curve=[[s, v] for s, v in curve],
+            curve_noise=curve_noise(curve),
             recovered=step is not None,
             steps_to_recover=step,
             examples_to_recover=at[step]["relearn_examples_seen"] if step is not None else None,

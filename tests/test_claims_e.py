@@ -18,10 +18,11 @@ import hf_relearn.config as config_module
 import hf_relearn.runner as runner_module
 import hf_relearn.trainer_prefix as trainer_prefix
 from hf_relearn import RelearnError
+from hf_relearn.config import RelearnArguments
 from hf_relearn.files import RUN_FILE
 from hf_relearn.prefix_cache import PrefixCache
 from hf_relearn.probe import ProbeArguments
-from hf_relearn.trainer import RelearnArguments, RelearnTrainer
+from hf_relearn.trainer import RelearnTrainer
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -100,15 +100,18 @@ def converged_base(tmp_path_factory):
 def test_pretrain_until_converged_keeps_the_best_checkpoint_as_the_budget(converged_base):
     out, info = converged_base
     assert info["stopped"] == "converged" and info["steps"] < 3000
-    steps, losses = zip(*info["curve"], strict=True)
+    # the checkpoint is chosen on the selection split; its loss is reported on the evaluation split
+    steps, losses = zip(*info["selection_curve"], strict=True)
     best = min(losses)
-    assert info["budget_steps"] == steps[losses.index(best)] < info["steps"]
-    assert info["final_eval_loss"] == best  # the saved model is the best one evaluated
+    assert info["budget_steps"] == steps[losses.index(best)] <= info["steps"]
+    assert info["final_eval_loss"] == dict(info["curve"])[info["budget_steps"]]
+    assert [s for s, _ in info["curve"]] == list(steps) and info["curve"] != info["selection_curve"]
+    assert info["selected_on"] == "selection split" and info["selection_examples"] == info["eval_examples"] == 32
     assert info["warnings"] == [] and info["warning_codes"] == []
     assert not list(out.glob("checkpoint-*"))  # they only served to keep the best model
     original = read_original_run(out)  # what a relearn against this base reads
     assert original["steps"] == info["budget_steps"] and original["tokens"] == info["budget_tokens"]
-    assert 0 < info["budget_tokens"] < info["tokens"]
+    assert 0 < info["budget_tokens"] <= info["tokens"]
 
 
 def test_a_relearn_baseline_is_the_kept_best_model(converged_base, tmp_path):
@@ -122,8 +125,9 @@ def test_a_relearn_baseline_is_the_kept_best_model(converged_base, tmp_path):
         report_to=[], disable_tqdm=True, save_final_model=False,
     )  # fmt: skip
     result = relearn(ModelArguments(model=str(out)), DataArguments(), args, quiet=True)
-    # data settings inherited from the base run: the same validation rows, so the same loss as the kept model
+    # data settings inherited from the base run: the same evaluation rows, so the same loss as the kept model
     assert result.baseline_eval_loss == pytest.approx(info["final_eval_loss"], rel=1e-6)
+    assert result.base_selected_on == "selection split" and 0 < result.eval_loss_se < 0.1 * result.baseline_eval_loss
     assert result.original_steps == info["budget_steps"]
 
 
@@ -182,18 +186,18 @@ def test_a_killed_base_resumes_to_the_same_converged_model(converged_base, tmp_p
     model, data, settings = _tiny_converging_run(tmp_path)
     import hf_relearn.runner as runner
 
-    original = runner.Trainer
+    original = runner.SelectionTrainer
 
     class KilledTrainer(original):
         def __init__(self, *args, callbacks=None, **kwargs):
             super().__init__(*args, callbacks=[*(callbacks or []), KillAt()], **kwargs)
 
-    runner.Trainer = KilledTrainer
+    runner.SelectionTrainer = KilledTrainer
     try:
         with pytest.raises(_Killed):
             pretrain(model, data, PretrainArguments(**settings), quiet=True)
     finally:
-        runner.Trainer = original
+        runner.SelectionTrainer = original
     last = tmp_path / f"checkpoint-{kill_at}"
     assert last.is_dir()
     resumed = pretrain(model, data, PretrainArguments(**settings, resume_from_checkpoint=str(last)), quiet=True)

@@ -15,9 +15,11 @@ from hf_relearn import RelearnError
 from hf_relearn.data import (
     DataArguments,
     build_datasets,
+    build_splits,
     byte_tokenizer,
     generated_corpus,
     get_tokenizer,
+    selection_rows,
     stdlib_corpus,
     unigram_loss,
 )
@@ -215,8 +217,9 @@ def test_data_arguments_refuse_unsupported_extension(tmp_path):
 def test_build_datasets_shapes_per_objective(tok, objective, train_columns, eval_columns, width):
     train, evaluation, collate = build_datasets(_args(), tok, objective)
     assert train.column_names == train_columns and evaluation.column_names == eval_columns
-    # 30,000 bytes: the last 10% (3,000) held out -> 46 eval blocks of 64; 27,000 -> 421 train blocks
-    assert (len(train), len(evaluation)) == (421, 46)
+    # 30,000 bytes: the last 10% (3,000) held out -> 46 validation blocks of 64, every 2nd of them (23) selects and
+    # the other 23 evaluate; 27,000 -> 421 train blocks
+    assert (len(train), len(evaluation)) == (421, 23)
     for dataset in (train, evaluation):
         batch = collate([dataset[i] for i in range(3)])
         assert set(batch) == set(dataset.column_names) | ({"labels"} if objective == "mlm" else set())
@@ -237,7 +240,7 @@ def test_clm_and_seq2seq_labels(tok):
 
 
 def test_holdout_is_the_contiguous_end_of_the_stream(tok):
-    args = _args(generated_chars=30_001, validation_fraction=0.2, corpus_seed=5)
+    args = _args(generated_chars=30_001, validation_fraction=0.2, corpus_seed=5, selection_fraction=0)
     text = generated_corpus(30_001, seed=5).encode()
     train, evaluation, _ = build_datasets(args, tok, "clm")
     train_bytes, eval_bytes = _bytes(_rows(train)), _bytes(_rows(evaluation))
@@ -246,6 +249,31 @@ def test_holdout_is_the_contiguous_end_of_the_stream(tok):
     assert text[start:].startswith(eval_bytes)  # the eval blocks are the last 20%
     assert len(train_bytes) <= start  # no token in both
     assert not {tuple(r) for r in _rows(train)} & {tuple(r) for r in _rows(evaluation)}
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_selection_and_evaluation_splits_divide_the_validation_blocks(tok, objective):
+    whole = build_splits(_args(selection_fraction=0), tok, "clm")
+    assert whole.selection is None
+    blocks = _rows(whole.evaluation)  # 46 validation blocks
+    split = build_splits(_args(), tok, objective)
+    column = "labels" if objective == "mlm" else "input_ids"
+    evaluation, selection = _rows(split.evaluation, column), _rows(split.selection, column)
+    if objective == "mlm":  # masked rows: their labels are the original tokens where masked
+        evaluation = [[t for t in row if t != -100] for row in evaluation]
+        assert all(set(row) <= set(blocks[2 * i]) for i, row in enumerate(evaluation))
+        assert _rows(split.evaluation) != _rows(split.selection)[: len(evaluation)]
+    else:  # even blocks evaluate, odd blocks select; nothing in both, nothing lost
+        assert evaluation == blocks[0::2] and selection == blocks[1::2]
+    assert len(split.evaluation) + len(split.selection) == len(blocks)
+    third = build_splits(_args(selection_fraction=1 / 3), tok, "clm")
+    assert _rows(third.selection) == [b for i, b in enumerate(blocks) if i % 3 == 2]
+    assert selection_rows(6, 0.5).tolist() == [False, True, False, True, False, True]
+    assert not selection_rows(5, 0.0).any()
+    capped = build_splits(_args(max_eval_samples=4), tok, "clm")
+    assert _rows(capped.evaluation) == blocks[0:8:2] and _rows(capped.selection) == blocks[1:8:2]
+    with pytest.raises(RelearnError, match=r"selection_fraction must be in \[0, 1\)"):
+        _args(selection_fraction=1.0)
 
 
 def test_max_samples_keep_the_first_blocks(tok):
@@ -323,7 +351,8 @@ def test_txt_train_file_is_read_as_one_stream_with_line_breaks(tok, tmp_path):
     text = "".join(f"Zeile {i}: grüße aus köln, ünd noch ein satz.\n" for i in range(200))
     path = tmp_path / "train.txt"
     path.write_text(text, encoding="utf-8")
-    train, evaluation, _ = build_datasets(_args(train_file=str(path), block_size=50), tok, "clm")
+    args = _args(train_file=str(path), block_size=50, selection_fraction=0)
+    train, evaluation, _ = build_datasets(args, tok, "clm")
     stream = text.encode()
     assert stream.startswith(_bytes(_rows(train)))
     assert _bytes(_rows(evaluation)) in stream[len(stream) - round(0.1 * len(stream)) :]
@@ -343,7 +372,7 @@ def test_validation_file_replaces_the_holdout(tok, tmp_path):
     train_path, valid_path = tmp_path / "train.txt", tmp_path / "valid.csv"
     train_path.write_text(generated_corpus(10_000, seed=0))
     valid_path.write_text("text,other\n" + "".join(f"validation row {i},x\n" for i in range(40)))
-    args = _args(train_file=str(train_path), validation_file=str(valid_path))
+    args = _args(train_file=str(train_path), validation_file=str(valid_path), selection_fraction=0)
     train, evaluation, _ = build_datasets(args, tok, "clm")
     assert len(train) == 10_000 // 64  # nothing held out
     expected = [t for i in range(40) for t in (*f"validation row {i}".encode(), tok.eos_token_id)]
@@ -355,7 +384,8 @@ def test_a_local_dataset_folder_uses_its_validation_split(tok, tmp_path):
     for split, n in (("train", 400), ("validation", 60)):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": f"{split} doc {i}."}) + "\n" for i in range(n))
-    train, evaluation, _ = build_datasets(_args(dataset_name=str(tmp_path), block_size=32), tok, "clm")
+    args = _args(dataset_name=str(tmp_path), block_size=32, selection_fraction=0)
+    train, evaluation, _ = build_datasets(args, tok, "clm")
     assert len(train) == len(_tokens_of_docs(tok, "train", 400)) // 32  # nothing held out of train
     for dataset, split, n in ((train, "train", 400), (evaluation, "validation", 60)):
         got = [t for row in _rows(dataset) for t in row]
@@ -368,11 +398,14 @@ def _tokens_of_docs(tok, split: str, n: int) -> list[int]:
 
 def test_tinyshakespeare(tok, shared_data):
     path = shared_data / "tinyshakespeare.txt"
-    train, evaluation, _ = build_datasets(DataArguments(train_file=str(path)), tok, "clm")
+    train, evaluation, _ = build_datasets(DataArguments(train_file=str(path), selection_fraction=0), tok, "clm")
     stream = path.read_bytes()
     assert (len(train), len(evaluation)) == ((len(stream) - round(0.1 * len(stream))) // 128, 871)
     assert stream.startswith(_bytes(_rows(train)))
     assert stream[len(stream) - round(0.1 * len(stream)) :].startswith(_bytes(_rows(evaluation)))
+    split = build_splits(DataArguments(train_file=str(path)), tok, "clm")  # 871 validation blocks: 435 + 436
+    assert (len(split.evaluation), len(split.selection)) == (436, 435)
+    assert _rows(split.evaluation) == _rows(evaluation)[0::2] and _rows(split.selection) == _rows(evaluation)[1::2]
     assert 3.0 < unigram_loss(train, evaluation, len(tok)) < 3.7
 
 
@@ -395,14 +428,16 @@ def test_too_short_text_says_how_many_tokens_it_needs(tok, tmp_path):
     needed = int(re.search(r"needs at least (\d+)", str(info.value)).group(1))
     path.write_text("x" * needed)  # the stated minimum is exactly enough
     train, evaluation, _ = build_datasets(_args(train_file=str(path)), tok, "clm")
-    assert len(train) >= 2 and len(evaluation) == 1
+    assert len(train) >= 2 and len(evaluation) == 1  # 2 validation blocks: one selects, one evaluates
     path.write_text("x" * (needed - 1))
     with pytest.raises(RelearnError, match=f"{needed - 1} tokens: block_size 64 .* needs at least {needed}"):
         build_datasets(_args(train_file=str(path)), tok, "clm")
     valid = tmp_path / "valid.txt"
     valid.write_text("y" * 20)
-    with pytest.raises(RelearnError, match=r"valid.txt has 20 tokens: block_size 64 needs at least 64"):
+    with pytest.raises(RelearnError, match=r"valid.txt has 20 tokens: block_size 64 needs at least 128 \(2 held-out"):
         build_datasets(_args(validation_file=str(valid)), tok, "clm")
+    with pytest.raises(RelearnError, match=r"valid.txt has 20 tokens: block_size 64 needs at least 64 \(1 held-out"):
+        build_datasets(_args(validation_file=str(valid), selection_fraction=0), tok, "clm")
 
 
 def test_missing_column_lists_the_columns(tok, tmp_path):

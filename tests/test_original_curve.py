@@ -9,11 +9,11 @@ import pytest
 from hub_server import FakeHub, fake_hub_endpoint
 
 from hf_relearn import original_curve as oc
+from hf_relearn.config import RelearnArguments
 from hf_relearn.data import DataArguments
 from hf_relearn.errors import RelearnError
 from hf_relearn.result import first_reach
 from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain, relearn
-from hf_relearn.trainer import RelearnArguments
 
 DATA = dict(block_size=64, generated_chars=60_000)
 TINY = "n_layer=2,n_embd=32,n_head=2,n_positions=64"

@@ -11,6 +11,7 @@ from test_relearn import GPT2, base_run, relearn_run
 from transformers import TrainerCallback
 
 from hf_relearn import RelearnError
+from hf_relearn.result import smoothed
 
 FROZEN = "transformer.h.0.mlp.c_fc.bias"  # layer 0: frozen when decoder.2 is re-learned
 
@@ -133,7 +134,9 @@ def test_a_reset_that_differs_on_one_of_two_processes_is_recorded(base, tmp_path
 
 # ------------------------------------------------------------------------------------------ recovery settings
 def test_tolerance_abs_sets_the_threshold_and_the_recovery_step(base, tmp_path):
-    r = relearn_run(tmp_path / "abs", base, "decoder.0", tolerance_abs=0.005, max_steps=100, eval_steps=5)
+    r = relearn_run(
+        tmp_path / "abs", base, "decoder.0", tolerance_abs=0.005, max_steps=100, eval_steps=5, recovery_window=1
+    )  # the raw rule: the first evaluation within the threshold
     assert r.recovery_threshold == pytest.approx(r.baseline_eval_loss + 0.005)
     assert r.after_reset_eval_loss > r.recovery_threshold  # the reset moved it further than the tolerance
     first = next(step for step, value in r.curve if value <= r.baseline_eval_loss + 0.005)
@@ -148,7 +151,7 @@ def test_a_higher_is_better_metric_recovers_upwards(base, tmp_path):
     )  # fmt: skip
     assert r.recovery_metric == "eval_accuracy" and r.after_reset_metric < r.baseline_metric
     assert r.recovery_threshold == pytest.approx(r.baseline_metric * 0.95)  # below the baseline: accuracy rises
-    reached = [step for step, value in r.curve if value >= r.recovery_threshold]
+    reached = [step for step, value in smoothed(r.curve, r.recovery_window) if value >= r.recovery_threshold]
     assert r.steps_to_recover == (reached[0] if reached else None)
 
 

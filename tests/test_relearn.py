@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_relearn.cli import main
+from hf_relearn.config import RelearnArguments
 from hf_relearn.data import DataArguments
 from hf_relearn.errors import RelearnError
+from hf_relearn.result import first_reach, smoothed
 from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain, relearn
-from hf_relearn.trainer import RelearnArguments, first_reach
 
 CONTRACT = {
     "model", "block", "init", "seed", "objective", "tolerance", "baseline_eval_loss", "after_reset_eval_loss",
@@ -49,7 +50,8 @@ def assert_recovered(result, out: Path, tokens_per_example: int = 64):
     assert CONTRACT <= set(data) and data == json.loads(json.dumps(result.to_dict()))
     assert result.after_reset_eval_loss > result.recovery_threshold > result.baseline_eval_loss  # the reset hurt
     assert result.recovered and result.steps_to_recover > 0
-    assert dict(result.curve)[result.steps_to_recover] <= result.recovery_threshold
+    # recovered where the curve smoothed over recovery_window evaluations is within the threshold
+    assert dict(smoothed(result.curve, result.recovery_window))[result.steps_to_recover] <= result.recovery_threshold
     assert result.recovery_threshold == pytest.approx(result.baseline_eval_loss * (1 + result.tolerance))
     assert result.frozen_unchanged and result.frozen_changed == []
     assert result.examples_to_recover == result.steps_to_recover * 16
@@ -60,12 +62,13 @@ def assert_recovered(result, out: Path, tokens_per_example: int = 64):
 
 def test_gpt2_on_generated_text(gpt2_base, tmp_path):
     info = json.loads((gpt2_base / "hf_relearn_run.json").read_text())
-    assert info["steps"] == 300 and info["final_eval_loss"] < 0.7 * info["curve"][0][1]
+    # (on the evaluation split: every 2nd held-out block; 0.701 of the first evaluation measured there)
+    assert info["steps"] == 300 and info["final_eval_loss"] < 0.72 * info["curve"][0][1]
     result = relearn_run(tmp_path, gpt2_base, "decoder.1")
     assert_recovered(result, tmp_path)
     assert result.original_steps == 300 and result.original_tokens == info["tokens"]
     assert 0.99 * 300 * 16 * 64 < info["tokens"] <= 300 * 16 * 64  # an epoch's last batch may be short
-    assert result.steps_trained == result.steps_to_recover  # stopped at recovery
+    assert result.steps_trained == result.steps_to_recover + 2 * 10  # stopped once the smoothed curve showed it
     # the base's own curve first reached the recovery threshold at this step (its evaluations every 50 steps)
     expected = next(step for step, loss in info["curve"] if loss <= result.recovery_threshold)
     assert result.original_steps_to_same_loss == expected
@@ -137,7 +140,7 @@ def test_first_reach():
 
 
 def test_stop_rule_is_exact_and_patience_holds(gpt2_base, tmp_path):
-    kw = dict(learning_rate=1e-3, eval_steps=5, tolerance=0.005)
+    kw = dict(learning_rate=1e-3, eval_steps=5, tolerance=0.005, recovery_window=1)  # the raw rule first
     stopped = relearn_run(tmp_path / "a", gpt2_base, "decoder.2", **kw)
     full = relearn_run(
         tmp_path / "b", gpt2_base, "decoder.2", stop_at_recovery=False, max_steps=stopped.steps_trained + 40, **kw
@@ -153,6 +156,15 @@ def test_stop_rule_is_exact_and_patience_holds(gpt2_base, tmp_path):
     expected = next(s for (s, ok), (_, next_ok) in zip(within, within[1:], strict=False) if ok and next_ok)
     assert patient.steps_to_recover == expected >= full.steps_to_recover
     assert patient.steps_trained == expected + 5  # stopped at the second qualifying evaluation
+    # the default rule: the mean of 5 evaluations around a point, read off a longer run's curve
+    kw["recovery_window"] = 5
+    smooth = relearn_run(tmp_path / "d", gpt2_base, "decoder.2", **kw)
+    longer = relearn_run(tmp_path / "e", gpt2_base, "decoder.2", stop_at_recovery=False,
+                         max_steps=smooth.steps_trained + 20, **kw)  # fmt: skip
+    expected = first_reach(longer.curve, longer.recovery_threshold, False, 1, 5)
+    assert smooth.steps_to_recover == longer.steps_to_recover == expected >= full.steps_to_recover
+    assert smooth.steps_trained == expected + 2 * 5  # two evaluations past the point: its window's end
+    assert longer.curve[: len(smooth.curve)] == smooth.curve
 
 
 class Interrupt(TrainerCallback):
@@ -346,7 +358,8 @@ def test_recovery_on_a_task_metric(gpt2_base, tmp_path):
     assert result.recovery_metric == "eval_accuracy"
     assert 0.3 < result.baseline_metric < 1 and result.after_reset_metric < result.recovery_threshold
     assert result.recovery_threshold == pytest.approx(result.baseline_metric * (1 - 0.01))  # higher is better
-    assert result.recovered and dict(result.curve)[result.steps_to_recover] >= result.recovery_threshold
+    smooth = dict(smoothed(result.curve, result.recovery_window))
+    assert result.recovered and smooth[result.steps_to_recover] >= result.recovery_threshold
     # the local evaluate module computes the same number as the built-in accuracy
     other = relearn_run(
         tmp_path / "x", gpt2_base, "decoder.1", metrics=[str(module)], recovery_metric="exact_share", max_steps=1
@@ -368,7 +381,7 @@ def test_the_relearn_console_is_one_bar_and_one_line_per_evaluation(gpt2_base, t
     result = json.loads((tmp_path / "plain" / "relearn_result.json").read_text())
     # before training: what the run will cost; then one line per evaluation with its distance to the threshold
     assert out.startswith(
-        "relearn decoder.2: at most 10 steps x 8 examples (80 rows, stops at recovery); 2 evaluations x 234 "
+        "relearn decoder.2: at most 10 steps x 8 examples (80 rows, stops at recovery); 2 evaluations x 117 "
     )
     threshold = result["recovery_threshold"]
     for i, (step, value) in enumerate(result["curve"][1:]):
@@ -395,3 +408,47 @@ def test_a_run_handed_its_baseline_trains_exactly_like_one_that_measured_it(gpt2
                      baseline={"eval_loss": measured.baseline_eval_loss})  # fmt: skip
     assert handed.train_curve == measured.train_curve and handed.curve == measured.curve
     assert handed.baseline_eval_loss == measured.baseline_eval_loss
+
+
+def test_the_baseline_standard_error_comes_from_per_row_losses(gpt2_base, tmp_path):
+    from hf_relearn.caveats import NOISY_BASELINE
+    from hf_relearn.data import build_datasets, get_tokenizer
+    from hf_relearn.modeling import load_model
+
+    result = relearn_run(tmp_path / "a", gpt2_base, "decoder.1", max_steps=5, eval_steps=5)
+    # each evaluation row through the model alone, with the model's own loss: nothing shared with the run's code path
+    data = json.loads((tmp_path / "a" / "hf_relearn_data.json").read_text())
+    _, evaluation, _ = build_datasets(DataArguments(**data), get_tokenizer("auto", str(gpt2_base)), "clm")
+    model = load_model(str(gpt2_base)).eval()
+    with torch.no_grad():
+        rows = torch.tensor(evaluation["input_ids"])
+        losses = torch.stack([model(input_ids=r[None], labels=r[None]).loss for r in rows]).double()
+    assert result.baseline_eval_loss == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert result.eval_loss_se == pytest.approx((losses.std() / len(losses) ** 0.5).item(), rel=1e-4)
+    assert result.base_selected_on == "last step"  # a fixed-budget base: nothing was chosen
+    relative = result.eval_loss_se / result.baseline_eval_loss  # 0.82% on these 117 rows of 64 tokens
+    assert (NOISY_BASELINE in result.warning_codes) == (result.tolerance < 2 * relative)
+    # a tolerance inside the noise is said so; one well outside it is not
+    tight = relearn_run(tmp_path / "b", gpt2_base, "decoder.1", max_steps=5, eval_steps=5, tolerance=relative)
+    loose = relearn_run(tmp_path / "c", gpt2_base, "decoder.1", max_steps=5, eval_steps=5, tolerance=3 * relative)
+    assert NOISY_BASELINE in tight.warning_codes and NOISY_BASELINE not in loose.warning_codes
+    assert tight.eval_loss_se == loose.eval_loss_se == result.eval_loss_se
+
+
+def test_baseline_warnings_name_a_biased_or_noisy_baseline():
+    from hf_relearn.caveats import NOISY_BASELINE, SELECTED_ON_EVALUATION
+    from hf_relearn.result import baseline_warnings, selected_on
+
+    def info(until_converged, fraction):
+        return {"kind": "pretrain", "until_converged": until_converged, "data_args": {"selection_fraction": fraction}}
+
+    assert selected_on(info(True, 0.5)) == "selection split"
+    assert selected_on(info(True, 0.0)) == "evaluation split"
+    assert selected_on({"kind": "pretrain", "until_converged": True, "data_args": {}}) == "evaluation split"
+    assert selected_on(info(False, 0.5)) == "last step"
+    assert selected_on({}) is None
+    codes = [w.code for w in baseline_warnings("evaluation split", 2.0, 0.001, 0.01)]
+    assert codes == [SELECTED_ON_EVALUATION]
+    assert [w.code for w in baseline_warnings("selection split", 2.0, 0.011, 0.01)] == [NOISY_BASELINE]
+    assert baseline_warnings("selection split", 2.0, 0.0099, 0.01) == []  # 2 x 0.495% < 1%
+    assert baseline_warnings("selection split", 2.0, None, 0.01) == baseline_warnings(None, 2.0, 0.5, None) == []

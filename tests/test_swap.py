@@ -155,8 +155,8 @@ def t5_real_base(tmp_path_factory):
 
 
 def _relearn(out, base, data, **kw):
+    from hf_relearn.config import RelearnArguments
     from hf_relearn.runner import ModelArguments, relearn
-    from hf_relearn.trainer import RelearnArguments
 
     callbacks = kw.pop("callbacks", None)
     defaults = dict(
@@ -226,7 +226,7 @@ def test_an_all_trainable_swap_trains_the_tied_embedding_under_all_its_names(t5_
 def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data, tmp_path):
     from transformers import TrainerCallback
 
-    from hf_relearn.trainer import RelearnArguments
+    from hf_relearn.config import RelearnArguments
 
     snaps = {}
 
@@ -262,7 +262,7 @@ def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data
             RelearnArguments(output_dir=str(tmp_path / "x"), **kw)
     from types import SimpleNamespace
 
-    from hf_relearn.trainer import check_swap_warmup
+    from hf_relearn.config import check_swap_warmup
 
     launched = SimpleNamespace(swap_warmup_steps=3, swap_encoder="t5", swap_freeze="encoder-trainable", world_size=2)
     with pytest.raises(RelearnError, match="not supported under a 2-process launch"):
