@@ -17,6 +17,7 @@ from .grid_findings import (
     damage_relative,
     depth_width_words,
     jump_words,
+    layer_runs,
     position_words,
     reference_arm,
     repaired_words,
@@ -207,51 +208,42 @@ def answer_in_words(rows: list[dict], summary: list[dict]) -> list[str]:
 
 
 def _layer_cost_words(rows: list[dict], summary: list[dict], layer_rows: list[dict]) -> list[str]:
-    """Per grid point: the range of the cost of re-learning one reset layer, its trend with depth, and how it
-    compares with the original run's steps to the same loss."""
+    """Per grid point: how many runs of one reset layer (rest frozen) came back, each layer's cost (Kaplan-Meier over
+    its runs: a run not back is censored, never a value), and, for the runs that came back, how their steps compare
+    with the original run's steps to the same loss."""
+    from .grid_findings import outcome
+    from .survival import summarise as km
+
     out = []
-    grids = {json.dumps(s["grid"], sort_keys=True) for s in summary}
+    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("original_steps")]
     first = rows[0]
-    tol = first["tolerance"]
-    for grid in sorted(grids):
-        mine = [
-            s
-            for s in layer_rows
-            if json.dumps(s["grid"], sort_keys=True) == grid and s["cost_fraction"] == s["cost_fraction"]
-        ]
-        if not mine:
-            continue
-        label = _grid_label(json.loads(grid))
-        base_rows = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
-        budgets = sorted({r["original_steps"] for r in base_rows if r["original_steps"]})
-        budget = "/".join(str(b) for b in budgets) or "unknown"
-        dear = max(mine, key=lambda s: s["cost_fraction"])
-        cheap = min(mine, key=lambda s: s["cost_fraction"])
-        fr = [s["cost_fraction"] for s in mine]
-        censored = (
-            " (≥: some runs had not recovered when they stopped, so the true cost is higher)"
-            if any(s["censored"] for s in mine)
-            else ""
-        )
+    by_grid: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_grid[json.dumps(r["grid"], sort_keys=True)].append(r)
+    for grid, rs in sorted(by_grid.items()):
+        budgets = "/".join(str(b) for b in sorted({r["original_steps"] for r in rs}))
+        by_block: dict[str, list[dict]] = defaultdict(list)
+        for r in rs:
+            by_block[r["block"]].append(r)
+        cells = "; ".join(f"{block} {km([outcome(r) for r in mine])}" for block, mine in by_block.items())
+        back = sum(r["recovered"] for r in rs)
         out.append(
-            f"**{label}** (original budget{'s' if len(budgets) > 1 else ''} {budget} steps): re-learning one reset layer with the rest frozen got the "
-            f"validation loss back within {100 * tol:g}%{_of_what(first)} in {_cost(cheap)} to {_cost(dear)} of the original "
-            f"budget (mean {_pct(statistics.fmean(fr))}){censored}. "
-            + (
-                f"Dearest: {dear['block']} ({_cost(dear)}; the reset raised the loss {jump_text(dear)}). Cheapest: "
-                f"{cheap['block']} ({_cost(cheap)}; loss +{jump_text(cheap)})."
-                if dear["cost_fraction"] != cheap["cost_fraction"]
-                else "Every layer cost the same"
-                + (": no run recovered within its step limit." if all(s["recovered"] == 0 for s in mine) else ".")
-            )
+            f"**{_grid_label(json.loads(grid))}** (original budget{'s' if '/' in budgets else ''} {budgets} steps): "
+            f"re-learning one reset layer with the rest frozen brought the validation loss back within "
+            f"{100 * first['tolerance']:g}%{_of_what(first)} in {back} of {len(rs)} runs. Cost as a share of the "
+            f"budget, per layer (Kaplan-Meier; a run not back is censored at the share it trained): {cells}."
         )
-        scratch = [s["scratch_steps"][0] for s in mine if not math.isnan(s["scratch_steps"][0])]
-        steps = [s["steps"][0] for s in mine if not math.isnan(s["steps"][0])]
-        if scratch and steps:
+        ratios = sorted(
+            r["steps_to_recover"] / r["original_steps_to_same_loss"]
+            for r in rs
+            if r["recovered"] and r.get("original_steps_to_same_loss")
+        )
+        if ratios:
+            median = statistics.median(ratios)
             out.append(
-                f"  From scratch, the original run first reached the same loss at step {statistics.fmean(scratch):.0f} "
-                f"on average; re-learning one layer took {statistics.fmean(steps):.0f} steps "
-                f"({statistics.fmean(steps) / statistics.fmean(scratch):.2f}x)."
+                f"  Of the {len(ratios)} runs that came back, re-learning took a median {median:.2f}x the steps the "
+                f"original run needed from scratch to first reach the same loss (range {ratios[0]:.2f}-"
+                f"{ratios[-1]:.2f}x; runs not back are not in this)."
             )
     return out
 

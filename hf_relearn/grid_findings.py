@@ -1,10 +1,9 @@
 """Does the position of the reset layer matter, and do depth N and width D? Answers with spread, from results.csv.
 
-The cost of one run is the share of its base's own budget it took to recover (``fraction_of_original``); a run that
-did not recover counts at the steps it trained (a lower bound, so rank statistics treat it as at least that dear).
-Position: Spearman's rho of layer index with cost over runs (seeds pooled), with a permutation p-value and a
-bootstrap interval. N at fixed D and D at fixed N: the mean cost per reset layer per value, and rho of the value
-with cost. Relative depth L/(N-1) pools depths. Imports no torch.
+The cost of one run is the share of its base's own budget it took to recover; a run that did not recover is
+right-censored at the share it trained and enters no mean or rank as a value (``survival``: Kaplan-Meier summaries,
+tests that count trained bases). Position is read per class (first, middle, last layer), and depth and width are
+compared within a class, since first and last layers behave unlike the ones between them. Imports no torch.
 """
 
 from __future__ import annotations
@@ -13,8 +12,11 @@ import json
 import math
 from collections import defaultdict
 
+import numpy as np
+
 from .files import DEPTH_KEYS, WIDTH_KEYS, split_variant, with_variant
-from .stats import mean_sd, permutation_difference, rank_correlation
+from .stats import mean_sd
+from .survival import MIN_BASES, Outcome, paired, per_base, ratio, summarise, trend
 
 LOOSER_TOLERANCES = (0.02, 0.05)  # read from each run's curve: it passes a looser threshold before it stops
 
@@ -47,6 +49,23 @@ def run_cost(row: dict, tolerance: float | None = None) -> float:
     if not budget:
         return math.nan
     return steps_within(row, tolerance)[0] / budget
+
+
+def outcome(row: dict, tolerance: float | None = None) -> Outcome:
+    """One run as a censored cost: the share of its budget to within ``tolerance`` (observed), or the share it
+    trained (censored). Needs ``original_steps``."""
+    steps, reached = steps_within(row, tolerance)
+    return Outcome(steps / row["original_steps"], reached, row["base_id"])
+
+
+POSITIONS = ("first", "middle", "last")
+
+
+def position(row: dict) -> str:
+    """A reset layer's position class in its stack: ``first``, ``last`` or ``middle`` (every layer between)."""
+    if row["layer"] == 0:
+        return "first"
+    return "last" if row["layer"] == row["n_layers"] - 1 else "middle"
 
 
 def layer_runs(rows: list[dict]) -> list[dict]:
@@ -105,27 +124,106 @@ def _tolerances(rows: list[dict]) -> list[float | None]:
     return [None] + [t for t in LOOSER_TOLERANCES if t > own]
 
 
+def _costed(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("original_steps")]
+
+
+def _within(tol: float | None) -> str:
+    return "" if tol is None else f", to within {100 * tol:g}%"
+
+
 def position_words(rows: list[dict]) -> list[str]:
-    """Per grid point and arm: does the reset layer's position change the cost (rank correlation over runs)?"""
+    """Per grid point and arm: each position class's cost (Kaplan-Meier), and whether a base's edge layers (first and
+    last) cost more than its middle ones (a sign test over bases)."""
     out = []
-    for (grid, arm), rs in _groups(layer_runs(rows)).items():
-        if len({r["layer"] for r in rs}) < 3:
+    for (grid, arm), rs in _groups(_costed(layer_runs(rows))).items():
+        if len({r["layer"] for r in rs}) < 2:
             continue
         for tol in _tolerances(rs):
-            pairs = [(r["layer"], run_cost(r, tol)) for r in rs if not math.isnan(run_cost(r, tol))]
-            if len({p[1] for p in pairs}) < 2:  # every run at the same cap: nothing to rank
-                continue
-            rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
-            if rc.p_value < 0.05:
-                verdict = "later layers cost more" if rc.rho > 0 else "earlier layers cost more"
-            else:
-                verdict = "no significant trend with position"
-            within = "" if tol is None else f", to within {100 * tol:g}%"
-            out.append(
-                f"Position ({_label(json.loads(grid))}, arm {arm}{within}): layer index vs cost {rc}: {verdict}. "
-                + _edges_words(rs, tol)
+            classes = {p: [outcome(r, tol) for r in rs if position(r) == p] for p in POSITIONS}
+            cells = "; ".join(f"{p}: {summarise(o)}" for p, o in classes.items() if o)
+            line = f"Position ({_label(json.loads(grid))}, arm {arm}{_within(tol)}): {cells}."
+            score = _scores_within_bases(rs, tol)
+            trend_words = _within_base_words(
+                rs, lambda r: r["layer"], lambda r, score=score: score[id(r)], "a later layer cost more"
             )
+            out.append(line + _edges_words(rs, tol) + trend_words)
     return out
+
+
+def _edges_words(rows: list[dict], tolerance: float | None) -> str:
+    """Within each base: its edge layers (first and last, reduced to one outcome) against its middle ones."""
+    edges = {o.base: o for o in per_base([outcome(r, tolerance) for r in rows if position(r) != "middle"])}
+    inner = {o.base: o for o in per_base([outcome(r, tolerance) for r in rows if position(r) == "middle"])}
+    pairs = [(edges[b], inner[b]) for b in edges if b in inner]
+    if not pairs:
+        return " No middle layer to compare the edges with."
+    dearer, cheaper, undecided, test = paired(pairs)
+    counts = f"in {dearer} of {len(pairs)} bases, cheaper in {cheaper}, undecided (censored) in {undecided}"
+    verdict = f"{test}" if test else f"{len(pairs) - undecided} decided bases: too few to test, described only"
+    return f" A base's first and last layers cost more than its middle ones {counts} ({verdict})."
+
+
+def _no_effect(test, fitted) -> str:
+    """The words for a test that found nothing: never 'does not matter'."""
+    words = "no effect detected"
+    if fitted is not None:
+        words += f"; ratio per doubling {fitted}"
+    return words
+
+
+def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...], name: str) -> list[str]:
+    """For each value of the ``fixed`` key and each position class: the cost at each value of the ``vary`` key
+    (Kaplan-Meier), a permutation test over bases of whether it follows the value, and the cost ratio per doubling
+    with its interval (Weibull AFT on per-base outcomes)."""
+    runs = [r for r in _costed(layer_runs(rows)) if row_arm(r) == "block"]
+    out = []
+    by_fixed: dict[object, list[dict]] = defaultdict(list)
+    for r in runs:
+        vk, fk = _key(r["grid"], vary), _key(r["grid"], fixed)
+        if vk:
+            by_fixed[r["grid"].get(fk) if fk else None].append(r)
+    for fixed_value, rs in sorted(by_fixed.items(), key=lambda kv: str(kv[0])):
+        vk = _key(rs[0]["grid"], vary)
+        values = sorted({r["grid"][vk] for r in rs})
+        if len(values) < 2:
+            continue
+        at = f" at {_key(rs[0]['grid'], fixed)}={fixed_value}" if fixed_value is not None else ""
+        for tol in _tolerances(rs):
+            for where in POSITIONS:
+                mine = [r for r in rs if position(r) == where]
+                if len({r["grid"][vk] for r in mine}) < 2:
+                    continue
+                xs, outcomes = [r["grid"][vk] for r in mine], [outcome(r, tol) for r in mine]
+                cells = "; ".join(
+                    f"{vk}={v}: {summarise([o for x, o in zip(xs, outcomes, strict=True) if x == v])}"
+                    for v in sorted(set(xs))
+                )
+                found, fitted = trend(xs, outcomes), ratio(xs, outcomes)
+                if not any(o.recovered for o in outcomes):
+                    verdict = "no run came back: nothing to compare, only that every cost is above its cap"
+                elif found is None:
+                    verdict = f"fewer than {MIN_BASES} bases at a value: described, not tested"
+                else:
+                    rho, test = found
+                    if test.significant:
+                        more = "costs more" if rho > 0 else "costs less"
+                        verdict = f"larger {name} {more} ({test}; rho {rho:+.2f})" + (
+                            f"; ratio per doubling {fitted}" if fitted else ""
+                        )
+                    else:
+                        verdict = f"{_no_effect(test, fitted)} ({test})"
+                out.append(
+                    f"{name[0].upper() + name[1:]}{at}, {where} layer (arm block{_within(tol)}): {cells}. {verdict}."
+                )
+    return out
+
+
+def depth_width_words(rows: list[dict]) -> list[str]:
+    """Depth N at fixed width and width D at fixed depth, per position class, in sentences."""
+    return _effect_words(rows, DEPTH_KEYS, WIDTH_KEYS, "depth N") + _effect_words(
+        rows, WIDTH_KEYS, DEPTH_KEYS, "width D"
+    )
 
 
 def repaired(row: dict) -> float:
@@ -172,15 +270,7 @@ def repaired_words(rows: list[dict]) -> list[str]:
         undamaged = sum(math.isnan(repaired(r)) for r in rs)
         if undamaged:
             line += f" Left out: {undamaged} run(s) whose reset did not raise the loss (no damage to repair)."
-        pairs = [(r["layer"], repaired(r)) for r in rs if not math.isnan(repaired(r))]
-        if len({p[0] for p in pairs}) >= 3:
-            rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
-            trend = (
-                ("later layers repaired more" if rc.rho > 0 else "earlier layers repaired more")
-                if rc.p_value < 0.05
-                else "no significant trend with position"
-            )
-            line += f" Layer index vs share repaired {rc}: {trend}."
+        line += _within_base_words(rs, lambda r: r["layer"], repaired, "a later layer was repaired more")
         out.append(line)
     return out
 
@@ -192,156 +282,129 @@ def reset_jump(row: dict) -> float:
     return (after - base) / abs(base) if base else after - base
 
 
-def jump_words(rows: list[dict]) -> list[str]:
-    """Per grid point and arm: does the loss jump right after the reset predict the cost of re-learning?"""
-    out = []
-    runs = [r for r in rows if not r.get("swap") and r.get("original_steps")]
-    fixed = fixed_budget(runs)  # every cost the same: relate the jump to the share of the damage repaired instead
-    measure = repaired if fixed else run_cost
-    for (grid, arm), rs in _groups(runs).items():
-        pairs = [(reset_jump(r), measure(r)) for r in rs if not math.isnan(measure(r))]
-        if len({p[0] for p in pairs}) < 3 or len({p[1] for p in pairs}) < 2:
-            continue
-        rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
-        more, less = ("is repaired more", "is repaired less") if fixed else ("costs more", "costs less")
-        verdict = (f"a larger jump {more if rc.rho > 0 else less}") if rc.p_value < 0.05 else "no significant relation"
-        censored = sum(not r["recovered"] for r in rs)
-        lower = f" ({censored} unrecovered runs enter at their lower bound)" if censored and not fixed else ""
-        against = (
-            f"the share of the damage repaired in {rs[0]['steps_trained']} steps"
-            if fixed
-            else "the cost of re-learning"
-        )
-        out.append(
-            f"Zero-shot jump ({_label(json.loads(grid))}, arm {arm}): the loss rise right after the reset, with no "
-            f"training (what `hf-relearn probe` measures), vs {against}{lower}: {rc}: {verdict}."
-        )
-    return out
+def _scores_within_bases(rows: list[dict], tolerance: float | None = None) -> dict[int, float]:
+    """Each run's Gehan score among the runs of its own base (by ``id`` of the row): its cost's rank where a censored
+    cost leaves it undecided."""
+    from .survival import gehan_scores
+
+    by_base: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_base[r["base_id"]].append(r)
+    score = {}
+    for runs in by_base.values():
+        score.update(zip(map(id, runs), gehan_scores([outcome(r, tolerance) for r in runs]), strict=True))
+    return score
 
 
-def _edges_words(rows: list[dict], tolerance: float | None) -> str:
-    """A rank correlation misses a U shape: compare the first and last layers with the ones between them."""
-    last = max(r["layer"] for r in rows)
-    edges = [run_cost(r, tolerance) for r in rows if r["layer"] in (0, last)]
-    inner = [run_cost(r, tolerance) for r in rows if r["layer"] not in (0, last)]
-    if not edges or not inner:
-        return ""
-    p = permutation_difference(edges, inner)
+def _within_base_words(rows: list[dict], x_of, y_of, more: str) -> str:
+    """Within each base with 3 or more reset layers: the sign of Spearman's rho of ``x_of`` with ``y_of`` over its
+    layers (the runs of one layer, e.g. reset seeds, averaged first); then a sign test over the bases (the base is the
+    unit: runs that repeat a layer add no base)."""
+    from scipy import stats
+
+    from .survival import _rank_correlation
+
+    layers: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if not math.isnan(y_of(r)):
+            layers[r["base_id"]][r["layer"]].append((x_of(r), y_of(r)))
+    signs = []
+    for by_layer in layers.values():
+        points = np.array([np.mean(v, axis=0) for v in by_layer.values()])
+        if len(points) >= 3:
+            signs.append(float(_rank_correlation(points[:, 0], points[:, 1])))
+    up, down = sum(s > 0 for s in signs), sum(s < 0 for s in signs)
+    if up + down < MIN_BASES:
+        return f" Within a base, {more} in {up} of {len(signs)} bases (too few to test)."
+    p = stats.binomtest(up, up + down, 0.5).pvalue
     p_text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-    return f"First and last layer {_pct_sd(edges)} vs the layers between {_pct_sd(inner)} (permutation {p_text})."
-
-
-def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...], name: str) -> list[str]:
-    """For each value of the ``fixed`` key: the mean cost per reset layer at each value of the ``vary`` key."""
-    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and not math.isnan(run_cost(r))]
-    out = []
-    by_fixed: dict[object, list[dict]] = defaultdict(list)
-    for r in runs:
-        vk, fk = _key(r["grid"], vary), _key(r["grid"], fixed)
-        if vk:
-            by_fixed[r["grid"].get(fk) if fk else None].append(r)
-    for fixed_value, rs in sorted(by_fixed.items(), key=lambda kv: str(kv[0])):
-        vk = _key(rs[0]["grid"], vary)
-        values = sorted({r["grid"][vk] for r in rs})
-        if len(values) < 2:
-            continue
-        at = f" at {_key(rs[0]['grid'], fixed)}={fixed_value}" if fixed_value is not None else ""
-        for tol in _tolerances(rs):
-            costs = {v: [run_cost(r, tol) for r in rs if r["grid"][vk] == v] for v in values}
-            rc = rank_correlation([r["grid"][vk] for r in rs], [run_cost(r, tol) for r in rs])
-            if rc.p_value < 0.05:
-                trend = f"larger {name} costs more" if rc.rho > 0 else f"larger {name} costs less"
-            else:
-                trend = f"no significant effect of {name}"
-            within = "" if tol is None else f", to within {100 * tol:g}%"
-            out.append(
-                f"{name[0].upper() + name[1:]}{at} (arm block{within}, cost per reset layer, mean ± sd over layers and "
-                f"seeds): {'; '.join(f'{vk}={v}: {_pct_sd(c)}' for v, c in costs.items())}. {vk} vs cost {rc}: {trend}."
-            )
-    return out
-
-
-def relative_depth_words(rows: list[dict]) -> list[str]:
-    """Pooled over depths: does the relative position L/(N-1) order the cost, at each width?"""
-    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("relative_depth") is not None]
-    depths = {_key(r["grid"], DEPTH_KEYS) and r["grid"][_key(r["grid"], DEPTH_KEYS)] for r in runs}
-    if len(depths) < 2:
-        return []
-    out = []
-    by_width: dict[object, list[dict]] = defaultdict(list)
-    for r in runs:
-        wk = _key(r["grid"], WIDTH_KEYS)
-        by_width[r["grid"].get(wk) if wk else None].append(r)
-    for width, rs in sorted(by_width.items(), key=lambda kv: str(kv[0])):
-        pairs = [(r["relative_depth"], run_cost(r)) for r in rs if not math.isnan(run_cost(r))]
-        rc = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
-        at = f" at width {width}" if width is not None else ""
-        out.append(f"Relative depth L/(N-1) vs cost{at}, depths pooled: {rc}.")
-    return out
-
-
-def depth_width_words(rows: list[dict]) -> list[str]:
-    """Depth N at fixed width, width D at fixed depth, and relative depth pooled over depths, in sentences."""
     return (
-        _effect_words(rows, DEPTH_KEYS, WIDTH_KEYS, "depth N")
-        + _effect_words(rows, WIDTH_KEYS, DEPTH_KEYS, "width D")
-        + relative_depth_words(rows)
+        f" Within a base, {more} in {up} of {len(signs)} bases, less in {down} (sign test over bases, {p_text}; the "
+        f"smallest p this design allows is {2 * 0.5 ** (up + down):.3g})."
     )
 
 
-def arm_words(rows: list[dict]) -> list[str]:
-    """Where a grid point ran other arms beside ``block`` (or variants of the relearn settings) and runs miss the
-    study's tolerance: each arm's cost at the looser tolerances, read from the curves, against its reference arm's
-    (``reference_arm``), paired by base and layer (the study's own tolerance is compared over recovered runs in
-    ``findings``)."""
+def jump_words(rows: list[dict]) -> list[str]:
+    """Per grid point and arm: does the loss jump right after the reset go with the cost of re-learning, within a
+    base (a censored cost enters by its Gehan score: dearer only where that is certain)?"""
     out = []
-    groups = _groups(layer_runs(rows))
+    runs = [r for r in rows if not r.get("swap") and r.get("original_steps")]
+    fixed = fixed_budget(runs)  # every cost the same: relate the jump to the share of the damage repaired instead
+    for (grid, arm), rs in _groups(runs).items():
+        if len({reset_jump(r) for r in rs}) < 3:
+            continue
+        if fixed:
+            measure, what = repaired, f"the share of the damage repaired in {rs[0]['steps_trained']} steps"
+        else:
+            score = _scores_within_bases(rs)
+            measure, what = (lambda r, score=score: score[id(r)]), "the cost of re-learning"
+        more = "a larger jump went with a higher " + ("share repaired" if fixed else "cost")
+        words = _within_base_words(rs, reset_jump, measure, more)
+        out.append(
+            f"Zero-shot jump ({_label(json.loads(grid))}, arm {arm}): the loss rise right after the reset, with no "
+            f"training (what `hf-relearn probe` measures), vs {what}.{words}"
+        )
+    return out
+
+
+def arm_words(rows: list[dict]) -> list[str]:
+    """Where a grid point ran other arms beside ``block`` (or variants of the relearn settings): at each tolerance
+    that runs reached or missed, each arm's cost (Kaplan-Meier) against its reference arm's (``reference_arm``), and
+    in how many bases it was certainly cheaper (per base, its runs reduced to one outcome; a sign test over bases)."""
+    out = []
+    groups = _groups(_costed(layer_runs(rows)))
     for (grid, arm), rs in groups.items():
         ref = reference_arm(arm)
-        theirs_by = {(r["base_id"], r["layer"]): r for r in groups.get((grid, ref), [])}
-        pairs = [(r, theirs_by[(r["base_id"], r["layer"])]) for r in rs if (r["base_id"], r["layer"]) in theirs_by]
-        if arm == ref or not pairs:
+        theirs = [
+            r
+            for r in groups.get((grid, ref), [])
+            if (r["base_id"], r["layer"]) in {(m["base_id"], m["layer"]) for m in rs}
+        ]
+        if arm == ref or not theirs:
             continue
-        for tol in _tolerances([r for pair in pairs for r in pair])[1:]:
-            mine = [run_cost(a, tol) for a, _ in pairs]
-            theirs = [run_cost(b, tol) for _, b in pairs]
-            cheaper = sum(m < t for m, t in zip(mine, theirs, strict=True))
-            reached = [sum(steps_within(r, tol)[1] for r in side) for side in zip(*pairs, strict=True)]
+        for tol in _tolerances(rs + theirs):
+            mine_by = {o.base: o for o in per_base([outcome(r, tol) for r in rs])}
+            ref_by = {o.base: o for o in per_base([outcome(r, tol) for r in theirs])}
+            pairs = [(ref_by[b], mine_by[b]) for b in mine_by if b in ref_by]
+            cheaper, dearer, undecided, test = paired(pairs)
+            verdict = f"{test}" if test else "too few decided bases to test"
             out.append(
-                f"Arms ({_label(json.loads(grid))}, to within {100 * tol:g}%): '{arm}' {_pct_sd(mine)} "
-                f"({reached[0]} of {len(pairs)} reached) vs '{ref}' {_pct_sd(theirs)} ({reached[1]} of {len(pairs)}); "
-                f"'{arm}' cheaper in {cheaper} of {len(pairs)} pairs (same base and layer; an unreached run counts at "
-                "the steps it trained)."
+                f"Arms ({_label(json.loads(grid))}{_within(tol)}): '{arm}' {summarise([outcome(r, tol) for r in rs])} vs "
+                f"'{ref}' {summarise([outcome(r, tol) for r in theirs])}; '{arm}' certainly cheaper in {cheaper} of "
+                f"{len(pairs)} bases, dearer in {dearer}, undecided in {undecided} ({verdict})."
             )
     return out
 
 
+def _median_cell(outcomes: list[Outcome]) -> str:
+    s = summarise(outcomes)
+    median = f"not reached (≥{_pct(s.followed)})" if math.isinf(s.median) else _pct(s.median)
+    return f"{median} ({s.recovered}/{s.runs})"
+
+
 def grid_table(rows: list[dict]) -> str:
-    """One line per grid point and arm: base budget, runs, unrecovered, mean cost, the dearest and cheapest layer."""
+    """One line per grid point and arm: base budget, runs, runs back, and per position class the Kaplan-Meier median
+    cost with runs back / runs (at the study's tolerance and at looser ones read from the curves)."""
     looser = [t for t in LOOSER_TOLERANCES if all(t > r["tolerance"] for r in rows)]
+    tolerances = [None, *looser]
+    heads = "".join(
+        f"{p} to {'its tolerance' if t is None else f'{100 * t:g}%'} | " for t in tolerances for p in POSITIONS
+    )
     lines = [
-        "| grid point | arm | base budget (steps) | base eval loss | runs | not recovered | cost per reset layer | "
-        + "".join(f"to {100 * t:g}% (not reached) | " for t in looser)
-        + "dearest layer | cheapest layer |",
-        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(looser) + "---|---|",
+        "| grid point | arm | base budget (steps) | base eval loss | runs | back | " + heads,
+        "|---|---|---:|---:|---:|---:|" + "---:|" * (len(POSITIONS) * len(tolerances)),
     ]
-    for (grid, arm), rs in _groups(layer_runs(rows)).items():
-        budgets = {r["base_id"]: r["original_steps"] for r in rs if r.get("original_steps")}
+    for (grid, arm), rs in _groups(_costed(layer_runs(rows))).items():
+        budgets = {r["base_id"]: r["original_steps"] for r in rs}
         losses = {r["base_id"]: r["baseline_eval_loss"] for r in rs}
         m, sd = mean_sd(list(budgets.values()))
-        per_layer: dict[int, list[float]] = defaultdict(list)
-        for r in rs:
-            per_layer[r["layer"]].append(run_cost(r))
-        means = {layer: mean_sd(v)[0] for layer, v in per_layer.items()}
-        dear = max(means, key=lambda k: means[k])
-        cheap = min(means, key=lambda k: means[k])
+        cells = ""
+        for t in tolerances:
+            for p in POSITIONS:
+                mine = [outcome(r, t) for r in rs if position(r) == p]
+                cells += f"{_median_cell(mine) if mine else '—'} | "
         lines.append(
             f"| {_label(json.loads(grid))} | {arm} | {m:.0f} ± {sd:.0f} | {mean_sd(list(losses.values()))[0]:.4f} | "
-            f"{len(rs)} | {sum(not r['recovered'] for r in rs)} | {_pct_sd([run_cost(r) for r in rs])} | "
-            + "".join(
-                f"{_pct_sd([run_cost(r, t) for r in rs])} ({sum(not steps_within(r, t)[1] for r in rs)}) | "
-                for t in looser
-            )
-            + f"{dear} ({_pct(means[dear])}) | {cheap} ({_pct(means[cheap])}) |"
+            f"{len(rs)} | {sum(r['recovered'] for r in rs)} | " + cells
         )
     return "\n".join(lines)

@@ -1,23 +1,36 @@
 """Study plots: a study's rows and summary -> PNG files (matplotlib only, no torch).
 
-``make_plots`` draws the relearn curves against the base's own training, the cost by reset layer, the trainable
-arms side by side, the cost against depth and width, and (with encoder swaps) the swap runs' recovery. Every PNG is
+``make_plots`` draws the relearn curves against the base's own training, the cost by reset layer (Kaplan-Meier
+medians), the trainable arms side by side, recovery as survival curves per position class, and (with encoder swaps)
+the swap runs' recovery. Every PNG is
 written atomically (``_save``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from .findings import DEFAULT_SWAP_ARM, _grid_label, arm_label, run_arm, run_label
-from .grid_findings import damage_relative, fixed_budget, layer_runs, repaired_by_layer, row_arm, run_cost
+from .grid_findings import (
+    POSITIONS,
+    damage_relative,
+    fixed_budget,
+    layer_runs,
+    outcome,
+    position,
+    repaired_by_layer,
+    row_arm,
+)
 from .stats import mean_sd
+from .survival import summarise
 
 
 def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[Path]:
-    """PNG plots: relearn curves vs the base's training curve, cost vs layer, arms side by side, cost vs N and D."""
+    """PNG plots: relearn curves vs the base's training curve, cost vs layer, arms side by side, recovery curves per
+    position class."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     made = []
 
@@ -25,16 +38,12 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
     grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in rows))
     made.append(_curves_plot(rows, grids, plots_dir / "curves.png"))
 
-    # 2. cost vs layer, one line per arm (and grid point), spread over seeds as error bars
-    layer_sum = [
-        s
-        for s in summary
-        if s["layer"] is not None and s["init"] == "scratch" and s["cost_fraction"] == s["cost_fraction"]
-    ]
+    # 2. cost vs layer, one line per arm (and grid point): Kaplan-Meier medians with their intervals
+    costed = [r for r in layer_runs(rows) if r.get("original_steps") and r["init"] == "scratch"]
     if fixed_budget(layer_runs(rows)):  # every cost is the same budget: draw the damage repaired instead
         made.append(_repaired_plot(rows, plots_dir / "repaired.png"))
-    elif layer_sum:
-        made.append(_cost_vs_layer_plot(layer_sum, grids, plots_dir / "cost_vs_layer.png"))
+    elif costed:
+        made.append(_cost_vs_layer_plot(rows, grids, plots_dir / "cost_vs_layer.png"))
 
     # 3. arms side by side, at the grid point that ran the most arms
     grid = arms_grid(summary, grids)
@@ -42,8 +51,9 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
     if len(arms) > 1:
         made.append(_arms_plot(summary, arms, grid, plots_dir / "arms.png"))
 
-    # 4. depth and width: cost vs relative position, one line per grid value
-    made += _relative_depth_plot(rows, plots_dir)
+    # 4. recovery as survival curves, per grid point and position class
+    if not fixed_budget(layer_runs(rows)):
+        made += _survival_plot(rows, plots_dir)
     if any(r.get("swap") for r in rows):
         made.append(_swap_plot(rows, plots_dir / "swap_recovery.png"))
     return made
@@ -126,42 +136,37 @@ def _curves_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _cost_vs_layer_plot(layer_sum: list[dict], grids: list[str], path: Path) -> Path:
-    """Cost by reset layer, one line per arm (and grid point); mean ± sd over seeds, each seed a grey dot."""
+def _cost_vs_layer_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
+    """Cost by reset layer, one line per arm (and grid point): the Kaplan-Meier median over the layer's runs with its
+    95% interval; where fewer than half came back, a hollow triangle at the longest share trained (not reached)."""
     import matplotlib.ticker
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in dict.fromkeys((json.dumps(s["grid"], sort_keys=True), s["arm"]) for s in layer_sum):
-        ss = sorted(
-            (s for s in layer_sum if (json.dumps(s["grid"], sort_keys=True), s["arm"]) == key),
-            key=lambda s: s["layer"],
-        )
+    runs = [r for r in layer_runs(rows) if r.get("original_steps") and r["init"] == "scratch"]
+    keys = list(dict.fromkeys((json.dumps(r["grid"], sort_keys=True), row_arm(r)) for r in runs))
+    for key in keys:
+        mine = [r for r in runs if (json.dumps(r["grid"], sort_keys=True), row_arm(r)) == key]
+        layers = sorted({r["layer"] for r in mine})
+        stats = [summarise([outcome(r) for r in mine if r["layer"] == layer]) for layer in layers]
         label = f"{_grid_label(json.loads(key[0]))} · {key[1]}" if len(grids) > 1 else arm_label(key[1])
-        # a layer none of whose runs recovered is drawn at its lower bound (steps trained) with a hollow triangle
-        ys = [100 * (s["fraction"][0] if s["recovered"] else s["cost_fraction"]) for s in ss]
-        line = ax.errorbar(
-            [s["layer"] for s in ss], ys, yerr=[100 * (s["fraction"][1] if s["recovered"] else 0) for s in ss],
-            marker="o", capsize=3, label=label,
-        )  # fmt: skip
-        censored = [(s["layer"], y) for s, y in zip(ss, ys, strict=True) if s["censored"]]
-        if censored:
-            ax.scatter(*zip(*censored, strict=True), marker="^", s=90, facecolors="none",
-                       edgecolors=line[0].get_color(), zorder=5)  # fmt: skip
-        for s in ss:
-            ax.scatter(
-                [s["layer"]] * len(s["fraction_list"]),
-                [100 * f for f in s["fraction_list"]],
-                s=8,
-                color="grey",
-                alpha=0.5,
-            )
+        reached = [(layer, st) for layer, st in zip(layers, stats, strict=True) if not math.isinf(st.median)]
+        color = None
+        if reached:
+            xs, ys = [layer for layer, _ in reached], [100 * st.median for _, st in reached]
+            low = [100 * (st.median - st.low) for _, st in reached]
+            high = [100 * (min(st.high, st.followed) - st.median) for _, st in reached]
+            line = ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+            color = line[0].get_color()
+        never = [(layer, 100 * st.followed) for layer, st in zip(layers, stats, strict=True) if math.isinf(st.median)]
+        if never:
+            ax.scatter(*zip(*never, strict=True), marker="^", s=90, facecolors="none", edgecolors=color or "k",
+                       label=None if reached else label, zorder=5)  # fmt: skip
     ax.set_xlabel("reset layer L")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("steps to recover, % of original budget")
-    ax.set_title("Cost of re-learning one layer, by position (mean ± sd over seeds)", fontsize=10)
-    if any(s["censored"] for s in layer_sum):
-        ax.scatter([], [], marker="^", facecolors="none", edgecolors="k", label="not all recovered: at least this")
+    ax.set_title("Cost of re-learning one layer (Kaplan-Meier median, 95% CI)", fontsize=10)
+    ax.scatter([], [], marker="^", facecolors="none", edgecolors="k", label="median not reached within this")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
@@ -219,38 +224,46 @@ def _arms_plot(summary: list[dict], arms: list[str], grid: str, path: Path) -> P
     return _save(fig, path)
 
 
-def _relative_depth_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
-    """Cost vs the reset layer's relative depth L/(N-1), one line per grid point (N, D), arm ``block``; mean ± sd
-    over seeds (a run that did not recover counts at its steps trained, drawn hollow: a lower bound)."""
-    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("relative_depth") is not None]
+def _survival_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
+    """Recovery as survival curves: per grid point (a panel each), the share of runs back within the tolerance vs the
+    share of the budget trained (1 - Kaplan-Meier), one line per position class, arm ``block``; ticks mark runs that
+    stopped without coming back. The curves' points are written beside it (recovery_by_position.csv)."""
+    from lifelines import KaplanMeierFitter
+
+    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("original_steps")]
     grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in runs))
-    if not runs or (len(grids) < 2 and len({r["layer"] for r in runs}) < 2):
+    if not runs:
         return []
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    points = ["grid point,relative depth,runs,cost mean,cost sd,any unrecovered"]  # the numbers behind the plot
-    for grid in grids:
-        mine = [r for r in runs if json.dumps(r["grid"], sort_keys=True) == grid]
-        depths = sorted({r["relative_depth"] for r in mine})
-        stats = [mean_sd([run_cost(r) for r in mine if r["relative_depth"] == d]) for d in depths]
-        label = ", ".join(f"{k}={v}" for k, v in json.loads(grid).items()) or "base"
-        for d, (m, sd) in zip(depths, stats, strict=True):
-            at = [r for r in mine if r["relative_depth"] == d]
-            points.append(f'"{label}",{d:g},{len(at)},{m:.6g},{sd:.6g},{any(not r["recovered"] for r in at)}')
-        line = ax.errorbar(depths, [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats], fmt="-o", ms=4,
-                           capsize=3, label=label)  # fmt: skip
-        censored = [(d, m) for d, (m, _) in zip(depths, stats, strict=True)
-                    if any(not r["recovered"] for r in mine if r["relative_depth"] == d)]  # fmt: skip
-        if censored:
-            ax.plot([d for d, _ in censored], [100 * m for _, m in censored], "o", mfc="white",
-                    color=line[0].get_color(), ms=8)  # fmt: skip
-    ax.set_xlabel("relative depth of the reset layer, L/(N-1)  (0 = first, 1 = last)")
-    ax.set_ylabel("steps to recover, % of the base's budget")
-    ax.set_title("Cost of re-learning one layer vs its relative depth")
-    ax.legend(fontsize=8, ncol=2)
+    cols = min(3, len(grids))
+    nrows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    points = ["grid point,position,share of budget,share of runs back"]
+    for ax, grid in zip(axes.flat, grids, strict=False):
+        label = _grid_label(json.loads(grid))
+        for where in POSITIONS:
+            mine = [outcome(r) for r in runs if json.dumps(r["grid"], sort_keys=True) == grid and position(r) == where]
+            if not mine:
+                continue
+            fitter = KaplanMeierFitter().fit([o.cost for o in mine], [o.recovered for o in mine])
+            back = fitter.cumulative_density_.iloc[:, 0]
+            ax.step(100 * back.index, back.values, where="post", label=f"{where} ({len(mine)} runs)")
+            censored = [100 * o.cost for o in mine if not o.recovered]
+            ax.plot(censored, [float(fitter.cumulative_density_at_times(c / 100).iloc[0]) for c in censored], "|",
+                    color=ax.lines[-1].get_color(), ms=10)  # fmt: skip
+            points += [f'"{label}",{where},{t:.6g},{v:.6g}' for t, v in zip(back.index, back.values, strict=True)]
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("% of the base's budget trained")
+        ax.legend(fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of runs back")
+    for ax in list(axes.flat)[len(grids) :]:
+        ax.axis("off")
+    fig.suptitle(f"Back within {100 * runs[0]['tolerance']:g}%: one reset layer, the rest frozen (| = stopped, not back)",
+                 fontsize=10)  # fmt: skip
     fig.tight_layout()
-    (plots_dir / "cost_vs_relative_depth.csv").write_text("\n".join(points) + "\n")
-    return [_save(fig, plots_dir / "cost_vs_relative_depth.png")]
+    (plots_dir / "recovery_by_position.csv").write_text("\n".join(points) + "\n")
+    return [_save(fig, plots_dir / "recovery_by_position.png")]
 
 
 def _swap_plot(rows: list[dict], path: Path) -> Path:

@@ -189,7 +189,7 @@ def test_push_of_a_study_uploads_its_card_table_plots_and_recipe(study, hub):
     assert main(["push", str(study), "--repo-id", "me/tiny-study"]) == 0
     files = hub.files("me/tiny-study")
     plots = [f"plots/{p.name}" for p in sorted((study / "plots").glob("*.png"))]
-    assert plots == ["plots/cost_vs_layer.png", "plots/cost_vs_relative_depth.png", "plots/curves.png"]
+    assert plots == ["plots/cost_vs_layer.png", "plots/curves.png", "plots/recovery_by_position.png"]
     assert set(files) == {"README.md", "results.csv", "recipe.yaml", *plots}  # no run folders, no models
     for name in ("results.csv", "recipe.yaml", *plots):
         assert files[name] == (study / name).read_bytes(), name

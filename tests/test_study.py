@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -55,22 +54,27 @@ def test_study_runs_every_layer_of_every_grid_point_and_reports(tiny_study):
     assert [r["relative_depth"] for r in rows] == [0.0, 1.0, 0.0, 0.5, 1.0]
     report = (tiny_study / "report.md").read_text()
     assert "## The answer" in report
-    # depth N at fixed width: each depth's mean ± sd cost per reset layer, computed here from the rows
-    parts = []
-    for n in (2, 3):
-        costs = [r["steps_to_recover"] / r["original_steps"] for r in rows if r["n_layers"] == n]
-        parts.append(f"n_layer={n}: {100 * statistics.fmean(costs):.1f} ± {100 * statistics.stdev(costs):.1f}%")
-    assert f"Depth N (arm block, cost per reset layer, mean ± sd over layers and seeds): {'; '.join(parts)}." in report
-    assert "n_layer vs cost rho = " in report and "## Position, depth and width" in report
-    # the numbers behind the relative-depth plot: a line per grid point, a point per layer, costs from the rows
-    points = (tiny_study / "plots" / "cost_vs_relative_depth.csv").read_text().splitlines()[1:]
-    expected = [
-        f'"n_layer={r["n_layers"]}",{r["relative_depth"]:g},1,{r["steps_to_recover"] / r["original_steps"]:.6g},0,False'
-        for r in rows
-    ]
-    assert points == expected
+    # depth N per position class: each depth's cost (one base each: described, never tested), from the rows
+    for where, depth in (("first", 0.0), ("last", 1.0)):
+        line = next(w for w in report.splitlines() if w.startswith(f"- Depth N, {where} layer (arm block)"))
+        for r in (r for r in rows if r["relative_depth"] == depth):
+            cost = r["steps_to_recover"] / r["original_steps"]
+            assert f"n_layer={r['n_layers']}: 1/1 back (1 base); median {100 * cost:.1f}%" in line
+        assert line.endswith("fewer than 3 bases at a value: described, not tested.")
+    assert "## Position, depth and width" in report and "p = " not in report  # one base a grid point: no test
+    # the numbers behind the recovery curves: per grid point and position class, the share back at each cost
+    points = (tiny_study / "plots" / "recovery_by_position.csv").read_text().splitlines()[1:]
+    where = {0.0: "first", 0.5: "middle", 1.0: "last"}
+    expected = []
+    for r in rows:
+        label, cost = (
+            f'"n_layer={r["n_layers"]}",{where[r["relative_depth"]]}',
+            r["steps_to_recover"] / r["original_steps"],
+        )
+        expected += [f"{label},0,0", f"{label},{cost:.6g},1"]
+    assert sorted(points) == sorted(expected)
     # each plot at its figure size (curves: a panel per grid point), with its data drawn in colour across it
-    sizes = {"curves.png": (13, 4.5), "cost_vs_layer.png": (7, 4.5), "cost_vs_relative_depth.png": (7.5, 4.8)}
+    sizes = {"curves.png": (13, 4.5), "cost_vs_layer.png": (7, 4.5), "recovery_by_position.png": (8.4, 3.4)}
     for png, inches in sizes.items():
         assert_plot(tiny_study / "plots" / png, inches)
         assert f"plots/{png}" in report
