@@ -124,6 +124,10 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "cost_fraction": statistics.fmean(c / r["original_steps"] for c, r in zip(cost, rs, strict=True))
                 if all(r["original_steps"] for r in rs)
                 else math.nan,
+                # the longest share of its budget any run trained: where none came back, the cost is above each run's
+                "trained_fraction": max(c / r["original_steps"] for c, r in zip(cost, rs, strict=True))
+                if all(r["original_steps"] for r in rs)
+                else math.nan,
                 "censored": len(rec) < len(rs),
                 "tolerance": rs[0]["tolerance"],
                 "swap": rs[0].get("swap"),
@@ -174,12 +178,16 @@ def table_markdown(summary: list[dict]) -> str:
 
 
 def _steps_cell(s: dict) -> str:
-    return f"≥{s['cost']:.0f}" if s["recovered"] == 0 else _fmt(*s["steps"]) + ("+" if s["censored"] else "")
+    if s["recovered"] == 0:  # every run censored: no cost was observed, only the steps each trained without it
+        return f"not in {max(s['unrecovered_steps'])}"
+    return _fmt(*s["steps"]) + ("+" if s["censored"] else "")
 
 
 def _frac_cell(s: dict) -> str:
     if s["recovered"] == 0:
-        return f"≥{100 * s['cost_fraction']:.1f}%" if s["cost_fraction"] == s["cost_fraction"] else "n/a"
+        return (
+            f"not in {100 * s['trained_fraction']:.1f}%" if s["trained_fraction"] == s["trained_fraction"] else "n/a"
+        )
     return _fmt(100 * s["fraction"][0], 100 * s["fraction"][1], 1) + "%"
 
 

@@ -165,10 +165,13 @@ def _edges_words(rows: list[dict], tolerance: float | None) -> str:
 
 
 def _no_effect(test, fitted) -> str:
-    """The words for a test that found nothing: never 'does not matter'."""
+    """The words for a test that found nothing: never 'does not matter'. Where the bases were as separated as their
+    number allows (p at the design's floor), say that the design, not the data, stopped the test."""
     words = "no effect detected"
+    if test.p <= test.min_p * (1 + 1e-6):
+        words += " (yet every base was as far apart as this design can show: more bases are needed to decide)"
     if fitted is not None:
-        words += f"; ratio per doubling {fitted}"
+        words += f"; a Weibull fit on the per-base costs (a model, not the test) gives {fitted} per doubling"
     return words
 
 
@@ -209,7 +212,7 @@ def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...
                     if test.significant:
                         more = "costs more" if rho > 0 else "costs less"
                         verdict = f"larger {name} {more} ({test}; rho {rho:+.2f})" + (
-                            f"; ratio per doubling {fitted}" if fitted else ""
+                            f"; a Weibull fit on the per-base costs gives {fitted} per doubling" if fitted else ""
                         )
                     else:
                         verdict = f"{_no_effect(test, fitted)} ({test})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -135,8 +136,6 @@ def eval_loss_se(trainer, causal: bool) -> float | None:
 
     The global RNG is left as it was (iterating a DataLoader draws from it).
     """
-    import math
-
     device = trainer.args.device
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in trainer.get_eval_dataloader())
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .caveats import RESET_BARELY_MATTERED, UNIGRAM_LEVEL, codes_of
+from .caveats import NOISY_BASELINE, RESET_BARELY_MATTERED, UNIGRAM_LEVEL, codes_of
 from .errors import RelearnError
 from .files import ARM_LABELS, RESULTS  # noqa: F401  (ARM_LABELS re-exported: hf_relearn.report.ARM_LABELS)
 from .findings import (  # noqa: F401  (re-exported: hf_relearn.report.summarise, ...)
@@ -185,6 +185,14 @@ def _codes(row: dict, codes_column: str, warnings_column: str) -> list[str]:
     return list(codes) if isinstance(codes, list) else codes_of(row.get(warnings_column) or [])
 
 
+def _selected_on(row: dict) -> str | None:
+    """What chose a row's base: recorded (``base_selected_on``), or for rows written before it was, a base trained
+    until converged kept the checkpoint best on the rows that also measured its baseline."""
+    if "base_selected_on" in row:
+        return row["base_selected_on"]
+    return "evaluation split" if row.get("base_stopped") == "converged" else None
+
+
 def _warnings(rows: list[dict]) -> list[str]:
     out: list[str] = []
     for r in rows:
@@ -207,6 +215,18 @@ def _warnings(rows: list[dict]) -> list[str]:
     unigram = sorted({r["base_id"] for r in rows if UNIGRAM_LEVEL in _codes(r, "warning_codes", "warnings")})
     if unigram:
         out.append(f"bases no better than a unigram model of their data: {', '.join(unigram)}")
+    chosen = sorted({r["base_id"] for r in rows if _selected_on(r) == "evaluation split"})
+    if chosen:
+        out.append(
+            "bases chosen on the rows their baselines are measured on (the best checkpoint of a run to convergence, "
+            "picked on its validation rows, which then measured its baseline: a baseline that is the best of many "
+            f"noisy draws; pretrain now picks on a separate selection split): {', '.join(chosen)}"
+        )
+    noisy = sorted({r["base_id"] for r in rows if NOISY_BASELINE in _codes(r, "warning_codes", "warnings")})
+    if noisy:
+        out.append(
+            f"tolerances under twice the baseline's relative standard error (inside the noise): {', '.join(noisy)}"
+        )
     changed = [r["run_id"] for r in rows if not r["frozen_unchanged"]]
     if changed:
         out.append(f"frozen tensors changed in: {', '.join(changed)}")
