@@ -16,7 +16,7 @@ import numpy as np
 
 from .files import DEPTH_KEYS, WIDTH_KEYS, split_variant, with_variant
 from .stats import mean_sd
-from .survival import MIN_BASES, Outcome, paired, per_base, ratio, summarise, trend
+from .survival import MIN_BASES, Outcome, paired, per_base, rank_correlation, ratio, summarise, trend
 
 LOOSER_TOLERANCES = (0.02, 0.05)  # read from each run's curve: it passes a looser threshold before it stops
 
@@ -305,8 +305,6 @@ def _within_base_words(rows: list[dict], x_of, y_of, more: str) -> str:
     unit: runs that repeat a layer add no base)."""
     from scipy import stats
 
-    from .survival import _rank_correlation
-
     layers: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if not math.isnan(y_of(r)):
@@ -315,7 +313,7 @@ def _within_base_words(rows: list[dict], x_of, y_of, more: str) -> str:
     for by_layer in layers.values():
         points = np.array([np.mean(v, axis=0) for v in by_layer.values()])
         if len(points) >= 3:
-            signs.append(float(_rank_correlation(points[:, 0], points[:, 1])))
+            signs.append(float(rank_correlation(points[:, 0], points[:, 1])))
     up, down = sum(s > 0 for s in signs), sum(s < 0 for s in signs)
     if up + down < MIN_BASES:
         return f" Within a base, {more} in {up} of {len(signs)} bases (too few to test)."

@@ -159,8 +159,9 @@ def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray
     return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
-def _rank_correlation(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Spearman's rho along ``axis`` (average ranks for ties); 0 where a side is constant."""
+def rank_correlation(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's rho along ``axis`` (average ranks for ties, scipy's rankdata); 0 where a side is constant.
+    Vectorised, so that a permutation test evaluates all its shuffles at once."""
     ra, rb = _ranks(a, axis), _ranks(b, axis)
     ra = ra - ra.mean(axis=axis, keepdims=True)
     rb = rb - rb.mean(axis=axis, keepdims=True)
@@ -181,7 +182,7 @@ def _permutation_p(x: np.ndarray, y: np.ndarray, kind: str) -> float:
         data = (x,)
 
         def statistic(a: np.ndarray, axis: int = -1) -> np.ndarray:
-            return _rank_correlation(a, np.broadcast_to(y, a.shape), axis)
+            return rank_correlation(a, np.broadcast_to(y, a.shape), axis)
 
     result = stats.permutation_test(
         data, statistic, permutation_type=kind, n_resamples=9999, alternative="two-sided", vectorized=True, rng=0
@@ -215,7 +216,7 @@ def trend(values: list[float], outcomes: list[Outcome]) -> tuple[float, Test] | 
     if len(counts) < 2 or min(counts) < MIN_BASES:
         return None
     scores = gehan_scores(bases)
-    rho = float(_rank_correlation(xs, scores))
+    rho = float(rank_correlation(xs, scores))
     p = _permutation_p(xs, scores, "pairings")
     min_p = _permutation_p(xs, xs, "pairings")
     return rho, Test(p, min_p, tuple(counts), "permutation test of Spearman's rho of value and Gehan score")
