@@ -43,14 +43,6 @@ def higher_is_better(row: dict) -> bool:
     return row["recovery_metric"] != "eval_loss" and not row["recovery_metric"].endswith("loss")
 
 
-def run_cost(row: dict, tolerance: float | None = None) -> float:
-    """One run's cost as a share of its base's budget (a lower bound when it did not recover); nan without one."""
-    budget = row.get("original_steps")
-    if not budget:
-        return math.nan
-    return steps_within(row, tolerance)[0] / budget
-
-
 def outcome(row: dict, tolerance: float | None = None) -> Outcome:
     """One run as a censored cost: the share of its budget to within ``tolerance`` (observed), or the share it
     trained (censored). Needs ``original_steps``."""
