@@ -197,9 +197,7 @@ def validation_blocks_needed(selection_fraction: float) -> int:
     if not selection_fraction:
         return 1
     count = 2
-    while not (
-        selection_rows(count, selection_fraction).any() and not selection_rows(count, selection_fraction).all()
-    ):
+    while (chosen := selection_rows(count, selection_fraction)).all() or not chosen.any():
         count += 1
     return count
 

@@ -29,13 +29,6 @@ from .swap_findings import swap_mechanism_words
 _mean_sd = mean_sd
 
 
-def jump_text(s: dict, digits: int = 1) -> str:
-    """A summary's loss jump after the reset, unsigned: relative ('12.3%'), or absolute where the intact loss is 0."""
-    if math.isnan(s["jump"][0]):
-        return f"{s['jump_abs']:.4f} (absolute)"
-    return f"{100 * s['jump'][0]:.{digits}f}%"
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -207,15 +200,14 @@ def table_text(summary: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------ words
 def answer_in_words(rows: list[dict], summary: list[dict]) -> list[str]:
     """The answer to "how much re-training does a wiped layer need, and do L, N, D matter", from the numbers."""
-    layer_rows = [s for s in summary if s["layer"] is not None and s["init"] == "scratch" and s["arm"] == "block"]
-    out = _layer_cost_words(rows, summary, layer_rows)
+    out = _layer_cost_words(rows)
     out += _unrecovered_words(summary)
     out += _arm_words(summary)
     out += position_words(rows) + repaired_words(rows) + jump_words(rows) + depth_width_words(rows) + arm_words(rows)
     return out + swap_answer(summary)
 
 
-def _layer_cost_words(rows: list[dict], summary: list[dict], layer_rows: list[dict]) -> list[str]:
+def _layer_cost_words(rows: list[dict]) -> list[str]:
     """Per grid point: how many runs of one reset layer (rest frozen) came back, each layer's cost (Kaplan-Meier over
     its runs: a run not back is censored, never a value), and, for the runs that came back, how their steps compare
     with the original run's steps to the same loss."""
@@ -441,7 +433,3 @@ def _swap_same_steps(swaps: list[dict]) -> list[str]:
             )
         )
     return out
-
-
-def _cost(s: dict) -> str:
-    return f"{'≥' if s['censored'] else ''}{100 * s['cost_fraction']:.1f}% ({s['cost']:.0f} steps)"

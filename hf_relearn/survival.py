@@ -149,12 +149,6 @@ class Test:
         return self.p < 0.05
 
 
-def _ranks(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    from scipy import stats
-
-    return stats.rankdata(values, axis=axis)
-
-
 def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
@@ -162,7 +156,9 @@ def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray
 def rank_correlation(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     """Spearman's rho along ``axis`` (average ranks for ties, scipy's rankdata); 0 where a side is constant.
     Vectorised, so that a permutation test evaluates all its shuffles at once."""
-    ra, rb = _ranks(a, axis), _ranks(b, axis)
+    from scipy import stats
+
+    ra, rb = stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis)
     ra = ra - ra.mean(axis=axis, keepdims=True)
     rb = rb - rb.mean(axis=axis, keepdims=True)
     norm = np.sqrt((ra**2).sum(axis=axis) * (rb**2).sum(axis=axis))
