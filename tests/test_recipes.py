@@ -70,3 +70,12 @@ def test_a_cap_as_a_share_of_the_budget(tmp_path):
     for bad in ({"max_steps_share": 1.5}, {"max_steps_share": 0.0, "original_steps": 100}):
         with pytest.raises(RelearnError, match="max_steps_share"):
             RelearnArguments(output_dir=str(tmp_path), block="decoder.0", **bad)
+
+
+def test_a_recovery_window_must_be_odd(tmp_path):
+    from hf_relearn.config import RelearnArguments
+
+    for bad in (0, 2, -3):
+        with pytest.raises(RelearnError, match="recovery_window must be an odd number >= 1"):
+            RelearnArguments(output_dir=str(tmp_path), block="decoder.0", recovery_window=bad)
+    assert RelearnArguments(output_dir=str(tmp_path), block="decoder.0").recovery_window == 5
