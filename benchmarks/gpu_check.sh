@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks that issues "Speed end to end" and "Fully trained bases" (item 5) wait for, as ONE prepared run
-# for a lent GPU (the device tool's `run`: at most 10 minutes a command, 15 minutes of device time a session).
-# Every step has its own time limit and writes into $OUT, so one that fails or hangs costs only its own minutes.
+# Benchmark hf-relearn on your GPU in one run of about 10 minutes: the per-step speed of a relearn against full
+# training, the frozen-prefix cache against a plain Trainer on GPT-2 small, and one short relearn per GPU setting the
+# cache must survive (bf16 + torch.compile + SDPA, FlashAttention-2, FSDP2 and DeepSpeed ZeRO-3 with one process).
+# Every step has its own time limit and writes into $OUT (default /tmp/gpu-check), so one that fails or hangs costs
+# only its own minutes; summary.txt lists each step's exit code and time.
 #
-# Prepare here (no GPU needed), from the repository root:
-#   bash benchmarks/gpu_check.sh --prepare        # .gpu/: the corpus and the wheels the GPU image lacks
-# then call the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540)
-# and record what comes back ($OUT/*.txt, speed.json) in docs/benchmarks.md and docs/distributed.md with the card's
-# name. Without a GPU the same steps run on the CPU with tiny sizes (--dry-run), which checks the script itself.
+#   bash benchmarks/gpu_check.sh              # on a machine with a CUDA GPU
+#   bash benchmarks/gpu_check.sh --dry-run    # the same steps on the CPU at tiny sizes: checks the script itself
+#   bash benchmarks/gpu_check.sh --prepare    # for a GPU machine without network: .gpu/ gets the corpus and the
+#                                             # wheels it may lack; copy .gpu/ along with the checkout
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 GPU_DIR=.gpu
-# the GPU image (device tool, KINDS.md) has torch, accelerate, peft and transformers 5.17 but no datasets/evaluate
+# wheels a CUDA image with torch, accelerate and peft may lack (installed from .gpu/ when present)
 WHEELS="datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 evaluate==0.4.6 transformers==5.25.0"
 
 if [ "${1:-}" = "--prepare" ]; then

@@ -1,7 +1,8 @@
 """Model cards built from values: a relearn run's result (and its folder's data settings), or a study's report.
 
-Values in, a ``huggingface_hub.ModelCard`` out: no trainer, no model. The templates live in ``templates/`` inside
-the package and install with it. ``model-index`` carries the eval losses (Trainer's own card leaves them out).
+Values in, a ``huggingface_hub.ModelCard`` out: no trainer, no model. The templates live in the top-level ``cards/``
+folder and install as ``hf_relearn.card_templates``; a user's own Jinja2 template (``--card-template``) receives the
+same variables. ``model-index`` carries the eval losses (Trainer's own card leaves them out).
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from importlib.resources import files
 from pathlib import Path
 
 from .errors import RelearnError
 from .files import ARM_DESCRIPTIONS, DATA_FILE, RESULTS
 from .io import read_result, read_results
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(str(files("hf_relearn.card_templates")))
 TASKS = {
     "clm": "text-generation",
     "mlm": "fill-mask",
@@ -57,15 +59,40 @@ def _dataset_name(run_dir: Path, result: dict) -> str:
     return "its training data"
 
 
-def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_block: bool = False):
-    """A ``huggingface_hub.ModelCard`` for a relearn run, rendered from ``templates/relearn.md``.
+def template_path(name: str, template: str | os.PathLike | None = None) -> str:
+    """The template to render: the user's file when given (it must exist), else ``cards/NAME.md``."""
+    if template is None:
+        return str(TEMPLATES / f"{name}.md")
+    path = Path(template)
+    if not path.is_file():
+        raise RelearnError(f"card template {path}: no such file")
+    return str(path)
+
+
+def _render(card_data, name: str, template: str | os.PathLike | None, **values):
+    """``ModelCard.from_template`` with a template syntax error turned into one clear error."""
+    from huggingface_hub import ModelCard
+    from jinja2 import TemplateError
+
+    path = template_path(name, template)
+    try:
+        return ModelCard.from_template(card_data, template_path=path, **values)
+    except TemplateError as err:
+        raise RelearnError(f"card template {path}: {type(err).__name__}: {err}") from err
+
+
+def relearn_card(
+    run_dir: str | os.PathLike,
+    repo_id: str | None = None,
+    only_block: bool = False,
+    template: str | os.PathLike | None = None,
+):
+    """A ``huggingface_hub.ModelCard`` for a relearn run, rendered from ``cards/relearn.md`` (or ``template``).
 
     Its model-index (``eval_results``) carries baseline, after-reset and recovered eval loss and perplexity, steps,
     examples and tokens to recover, the fraction of the original budget and the original run's steps to the same
-    loss, with the values of relearn_result.json.
+    loss, with the values of relearn_result.json. A user template receives the variables ``cards/relearn.md`` uses.
     """
-    from huggingface_hub import ModelCard
-
     run_dir = Path(run_dir)
     r = read_result(run_dir)
     dataset = _dataset_name(run_dir, r)
@@ -73,9 +100,10 @@ def relearn_card(run_dir: str | os.PathLike, repo_id: str | None = None, only_bl
     name = repo_id or f"{Path(base).name}-relearn-{r['block']}"
     card_data = _relearn_card_data(r, base, name, dataset)
     s = r["surgery"]
-    return ModelCard.from_template(
+    return _render(
         card_data,
-        template_path=str(TEMPLATES / "relearn.md"),
+        "relearn",
+        template,
         title=f"{Path(base).name}: `{r['block']}` reset and re-learned",
         base_model=base,
         block=r["block"],
@@ -160,11 +188,21 @@ def _usage(r: dict, base: str, name: str, only_block: bool) -> str:
     if only_block:
         return (
             "This repository holds only the re-learned block. Rebuild the model on top of its base:\n\n"
-            f"```python\nfrom hf_relearn import load_relearned\n\nmodel = load_relearned({base!r}, {name!r})\n```"
+            f"```python\nfrom hf_relearn import load_relearned\n\nmodel = load_relearned({json.dumps(base)}, {json.dumps(name)})\n```"
         )
     auto = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
     cls = auto.get(r["objective"], "AutoModel")
-    return f"```python\nfrom transformers import {cls}\n\nmodel = {cls}.from_pretrained({name!r})\n```"
+    return f"```python\nfrom transformers import {cls}\n\nmodel = {cls}.from_pretrained({json.dumps(name)})\n```"
+
+
+def _fraction(r: dict) -> str:
+    """The share of the original budget re-learning took; for a run not back, the share it trained (a lower bound)."""
+    if r["fraction_of_original"] is not None:
+        return f"{100 * r['fraction_of_original']:.1f}%"
+    if r.get("original_steps"):
+        share = 100 * r["steps_trained"] / r["original_steps"]
+        return f"more than {share:.1f}% (not back within the {r['steps_trained']} steps it trained)"
+    return "unknown (no original budget given)"
 
 
 def _card_figures(r: dict) -> dict:
@@ -180,9 +218,7 @@ def _card_figures(r: dict) -> dict:
         steps=r["steps_to_recover"] if r["recovered"] else "n/a",
         examples=r["examples_to_recover"] if r["recovered"] else "n/a",
         tokens=r["tokens_to_recover"] if r["recovered"] else "n/a",
-        fraction=f"{100 * r['fraction_of_original']:.1f}%"
-        if r["fraction_of_original"] is not None
-        else "unknown (no original budget given)",
+        fraction=_fraction(r),
         scratch_steps=r["original_steps_to_same_loss"] if r["original_steps_to_same_loss"] is not None else "n/a",
         trainable=f"{r['trainable_parameters']:,}",
         total=f"{r['total_parameters']:,}",
@@ -191,9 +227,10 @@ def _card_figures(r: dict) -> dict:
     )
 
 
-def study_card(study_dir: str | os.PathLike):
-    """A card for a whole study: its report (the answer, the table, the plots) under model-card metadata."""
-    from huggingface_hub import ModelCard, ModelCardData
+def study_card(study_dir: str | os.PathLike, template: str | os.PathLike | None = None):
+    """A card for a whole study: its report (the answer, the table, the plots) under model-card metadata, rendered
+    from ``cards/study.md`` (or ``template``, which receives ``title``, ``description`` and ``report``)."""
+    from huggingface_hub import ModelCardData
 
     study_dir = Path(study_dir)
     report = study_dir / "report.md"
@@ -201,9 +238,10 @@ def study_card(study_dir: str | os.PathLike):
         raise RelearnError(f"{study_dir}: no report.md; run `hf-relearn report {study_dir}` first")
     rows = read_results(study_dir / RESULTS)
     body = report.read_text().split("\n", 1)[1]  # the report's own title is replaced by the card's
-    return ModelCard.from_template(
+    return _render(
         ModelCardData(tags=["hf-relearn", "relearn-study"], library_name="transformers"),
-        template_path=str(TEMPLATES / "study.md"),
+        "study",
+        template,
         title=f"hf-relearn study: {rows[0]['study']}",
         description=f"{len(rows)} relearn runs on {rows[0]['base_model']}.",
         report=body,

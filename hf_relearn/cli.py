@@ -12,6 +12,8 @@ from pathlib import Path
 from .cli_runs import HF_COMMANDS
 from .errors import RelearnError
 
+CARD_TEMPLATE_HELP = "your own Jinja2 card template (default: cards/relearn.md or cards/study.md of the package)"
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local folder, model type to build from config (gpt2, llama, t5, ...), or Hub id")
@@ -233,14 +235,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_study(args)
 
 
-def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push, study_card
+def _is_study(src: Path) -> bool:
+    return (src / "results.csv").exists() and not (src / "relearn_result.json").exists()
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .cards import relearn_card, study_card
 
     src = Path(args.run_dir)
-    if (src / "results.csv").exists() and not (src / "relearn_result.json").exists():
+    if _is_study(src):
+        card = study_card(src, args.card_template)
+    else:
+        card = relearn_card(src, args.repo_id, args.only_block, args.card_template)
+    if args.output:
+        card.save(args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(card.content)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .cards import study_card
+    from .hub import push
+
+    src = Path(args.run_dir)
+    if _is_study(src):
         from huggingface_hub import HfApi
 
-        study_card(src).save(src / "README.md")
+        study_card(src, args.card_template).save(src / "README.md")
         api = HfApi(token=args.token)
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
         info = api.upload_folder(
@@ -252,7 +275,13 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"pushed study {src} -> {info}")
         return 0
     url = push(
-        src, args.repo_id, private=args.private, revision=args.revision, only_block=args.only_block, token=args.token
+        src,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        only_block=args.only_block,
+        token=args.token,
+        card_template=args.card_template,
     )
     what = "the re-learned block" if args.only_block else "the re-learned model"
     print(f"pushed {what} of {src} -> {url}")
@@ -344,7 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     p.add_argument("--only-block", action="store_true", help="upload only the re-learned block's tensors")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+    p.add_argument("--card-template", default=None, metavar="FILE", help=CARD_TEMPLATE_HELP)
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("card", help="render the model card of a relearn run or a study (what push would upload)")
+    p.add_argument("run_dir", help="output dir of a relearn run (or of a study)")
+    p.add_argument("--repo-id", default=None, help="the repository name the card speaks of (default: derived)")
+    p.add_argument("--only-block", action="store_true", help="the card of a block-only upload")
+    p.add_argument("--card-template", default=None, metavar="FILE", help=CARD_TEMPLATE_HELP)
+    p.add_argument("-o", "--output", default=None, help="write the card here (default: print it)")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("report", help="rebuild report.md and plots of a study from its results.csv")
     p.add_argument("study_dir")

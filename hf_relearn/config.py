@@ -76,7 +76,7 @@ class RelearnArguments(HfRelearnTrainingArguments):
     max_steps_share: float | None = field(
         default=None,
         metadata={
-            "help": "cap the run at this share of the original budget (1.5: 150% of its steps) instead of max_steps; "
+            "help": "cap the run at this share of the original budget (1.5: 150%% of its steps) instead of max_steps; "
             "needs original_run or original_steps"
         },
     )

@@ -24,7 +24,7 @@ from .grid_findings import (
     row_arm,
 )
 from .stats import mean_sd
-from .swap_findings import swap_mechanism_words
+from .swap_findings import arm_median, swap_answer
 
 _mean_sd = mean_sd
 
@@ -122,6 +122,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                 if all(r["original_steps"] for r in rs)
                 else math.nan,
                 "censored": len(rec) < len(rs),
+                # each run as (steps, came back, its base's budget): the censored costs the words summarise
+                "run_costs": [(c, bool(r["recovered"]), r["original_steps"]) for c, r in zip(cost, rs, strict=True)],
                 "tolerance": rs[0]["tolerance"],
                 "swap": rs[0].get("swap"),
                 "swap_width": rs[0].get("swap_width"),
@@ -275,161 +277,24 @@ def arm_label(arm: str) -> str:
 
 def _arm_words(summary: list[dict]) -> list[str]:
     """Each arm's steps as a multiple of its reference arm's (``reference_arm``: training only the block, or for a
-    variant of the relearn settings the same arm under the recipe's own), summed over the blocks both recovered."""
+    variant of the relearn settings the same arm under the recipe's own): the Kaplan-Meier median steps over seeds,
+    summed over the blocks where both arms' medians were reached; the blocks left out are counted."""
     out = []
     by = defaultdict(dict)
     for s in summary:
-        if not math.isnan(s["steps"][0]):
-            by[(json.dumps(s["grid"], sort_keys=True), s["block"], s["init"])][s["arm"]] = s["steps"][0]
+        by[(json.dumps(s["grid"], sort_keys=True), s["block"], s["init"])][s["arm"]] = arm_median(s)
     for arm in sorted({s["arm"] for s in summary}):
         ref = reference_arm(arm)
-        pairs = [(v[arm], v[ref]) for v in by.values() if arm != ref and arm in v and ref in v]
+        both = [(v[arm], v[ref]) for v in by.values() if arm != ref and arm in v and ref in v]
+        pairs = [(a, b) for (a, a_reached), (b, b_reached) in both if a_reached and b_reached]
         if pairs and sum(b for _, b in pairs):
             ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
             what = "training only the block" if ref == "block" else f"'{ref}' with the recipe's own relearn settings"
+            left_out = (
+                f"; {len(both) - len(pairs)} more where a median was not reached" if len(both) > len(pairs) else ""
+            )
             out.append(
-                f"Arm '{arm}' ({arm_label(arm)}) needed {ratio:.2f}x the steps of {what} (summed over {len(pairs)} "
-                "blocks; <1 = faster)."
+                f"Arm '{arm}' ({arm_label(arm)}) needed {ratio:.2f}x the steps of {what} (median steps summed over "
+                f"{len(pairs)} blocks{left_out}; <1 = faster)."
             )
-    return out
-
-
-DEFAULT_SWAP_ARM = "reset, decoder-except-cross"
-
-
-def _recovery(s: dict) -> str:
-    """'recovered in N steps (F% of the budget)' or the lower bound when not every seed recovered."""
-    seeds = f"{s['recovered']}/{s['runs']} seeds"
-    if s["recovered"] == 0:
-        return f"had not recovered when it stopped at {s['cost']:.0f} steps (≥{_pct(s['cost_fraction'])} of the budget; {seeds})"
-    bound = "≥" if s["censored"] else ""
-    return f"recovered in {bound}{s['cost']:.0f} steps ({bound}{_pct(s['cost_fraction'])} of the budget; {seeds})"
-
-
-def _same_steps(s: dict) -> str:
-    """'; after its N steps its loss was X, where the same model from scratch for N steps was at Y'."""
-    if s["scratch_at_end"] is None:
-        return ""
-    gap = s["after"] - s["baseline"]
-    closed = f" (it closed {100 * (s['after'] - s['final_loss']) / gap:.0f}% of the gap)" if gap > 0 else ""
-    return (
-        f"; after its {s['steps_trained']:.0f} steps its loss was {s['final_loss']:.3f}{closed}, where the same model "
-        f"trained from scratch for {s['steps_trained']:.0f} steps was at {s['scratch_at_end']:.3f}"
-    )
-
-
-def swap_answer(summary: list[dict]) -> list[str]:
-    """The encoder-swap question in words: after a swap with wiped cross-attention, how does recovery compare with
-    wiping one layer's cross-attention, with wiping all of it, and with training the same model from scratch?
-
-    Empty when the study has no swap runs. Costs count an unrecovered run at the steps it trained (a lower bound,
-    marked ≥). "From scratch" is the base run's own validation curve: the step at which training the base model
-    from its random init first reached the same threshold (``original_steps_to_same_loss``).
-    """
-    swaps = [s for s in summary if s["swap"]]
-    if not swaps:
-        return []
-    out = []
-    blocks = [s for s in summary if not s["swap"] and s["block"].endswith(".cross_attention") and s["arm"] == "block"]
-    one = next((s for s in blocks if s["layer"] is not None), None)
-    every = next((s for s in blocks if s["layer"] is None), None)
-    budget = swaps[0]["original_steps"]
-    scratch = [s["scratch_steps"][0] for s in summary if not math.isnan(s["scratch_steps"][0])]
-    scratch_steps = statistics.fmean(scratch) if scratch else None
-    out.append(
-        f"**Encoder swaps** (original budget {budget} steps; recovered = validation loss back within "
-        f"{100 * swaps[0]['tolerance']:g}% of the intact model's):"
-    )
-    for s in swaps:
-        width = f"encoder width {s['old_width']} → {s['swap_width']}" if s["swap_width"] else "encoder swapped"
-        out.append(
-            f"  {s['block']} ({width}; {s['arm']}): loss {s['baseline']:.3f} → {s['after']:.3f} "
-            f"(+{100 * s['jump'][0]:.1f}%), {_recovery(s)}{_same_steps(s)}."
-        )
-    for name, s in (("one decoder layer's cross-attention wiped", one), ("all cross-attention wiped", every)):
-        if s is not None:
-            out.append(
-                f"  {name} ({s['block']}, same encoder): loss +{100 * s['jump'][0]:.1f}%, {_recovery(s)}"
-                f"{_same_steps(s)}."
-            )
-    heads = [s for s in swaps if s["arm"] == DEFAULT_SWAP_ARM] or swaps
-    out += _swap_comparison(heads, one, scratch_steps)
-    if scratch_steps:
-        out.append(_swap_verdict(swaps, scratch_steps))
-    out += _swap_same_steps(swaps)
-    return out + swap_mechanism_words(summary)
-
-
-def _swap_comparison(heads: list[dict], one: dict | None, scratch_steps: float | None) -> list[str]:
-    """The swaps of the default arm (``heads``) against the one-layer wipe and training from scratch, in steps."""
-    out = []
-    parts = []
-    for s in heads:
-        bits = []
-        at_least = "≥" if s["censored"] else ""
-        if one is not None and one["cost"]:
-            bits.append(f"{at_least}{s['cost'] / one['cost']:.1f}x the steps of the one-layer wipe")
-        if scratch_steps:
-            bits.append(
-                f"{at_least}{s['cost'] / scratch_steps:.2f}x the {scratch_steps:.0f} steps training from scratch needed"
-            )
-        if bits:
-            parts.append(f"{s['block']}: " + " and ".join(bits))
-    if parts:
-        out.append(
-            f"  Compared ({heads[0]['arm']}): "
-            + "; ".join(parts)
-            + ". From scratch = the base run's own validation curve (the same base architecture from its random "
-            "init reaching the same loss), not a from-scratch run of the swapped architecture."
-        )
-    return out
-
-
-def _swap_verdict(swaps: list[dict], scratch_steps: float) -> str:
-    """How many swap arms needed at least as many steps as training from scratch, how many fewer, how many are
-    undecided (stopped unrecovered before that many steps)."""
-    like = [s for s in swaps if s["cost"] >= scratch_steps]  # a lower bound already past it counts too
-    faster = [s for s in swaps if s["cost"] < scratch_steps and not s["censored"]]
-    open_ = [s for s in swaps if s["cost"] < scratch_steps and s["censored"]]
-
-    def names(ss: list[dict]) -> str:
-        return ", ".join(f"{s['block']} [{s['arm']}]" for s in ss)
-
-    verdict = [f"  Verdict, against the {scratch_steps:.0f} steps from scratch:"]
-    if like:
-        verdict.append(f"{len(like)}/{len(swaps)} swap arms needed at least as many ({names(like)});")
-    if faster:
-        verdict.append(f"{len(faster)}/{len(swaps)} recovered in fewer ({names(faster)});")
-    if open_:
-        verdict.append(
-            f"{len(open_)}/{len(swaps)} stopped unrecovered before that many steps, so undecided ({names(open_)});"
-        )
-    return " ".join(verdict).rstrip(";") + "."
-
-
-def _swap_same_steps(swaps: list[dict]) -> list[str]:
-    """Whether the swap arms ended below the loss the same model had reached from scratch after as many steps."""
-    out = []
-    equal = [s for s in swaps if s["scratch_at_end"] is not None]
-    if equal:
-        ahead = [s for s in equal if s["final_loss"] < s["scratch_at_end"]]
-        margins = [s["scratch_at_end"] - s["final_loss"] for s in ahead]
-        line = (
-            f"  Same number of steps: {len(ahead)}/{len(equal)} swap arms ended below the loss the same model had "
-            "reached from scratch after as many steps"
-        )
-        if ahead:
-            line += f" (by {min(margins):.3f} to {max(margins):.3f})"
-        behind = [s for s in equal if s not in ahead]
-        if behind:
-            line += "; at or above it: " + ", ".join(f"{s['block']} [{s['arm']}]" for s in behind)
-        out.append(
-            line
-            + (
-                ". By that measure no swap acted like a full reset, even where it had not yet recovered to within "
-                "the tolerance."
-                if not behind
-                else "."
-            )
-        )
     return out

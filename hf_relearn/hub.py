@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .cards import relearn_card, study_card  # noqa: F401  (re-exported: hf_relearn.hub.relearn_card, study_card)
+from .cards import relearn_card
 from .errors import RelearnError
 from .files import BLOCK_FILE, CURVE_FILE, RESULT_FILE
 from .io import read_result, write_dir_atomic
@@ -49,13 +49,19 @@ def block_state(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {n: state[n].contiguous() for n in names if n in state}
 
 
-def stage(run_dir: str | os.PathLike, repo_id: str | None = None, only_block: bool = False) -> Path:
-    """Write everything to upload into ``RUN_DIR/hub/{full,block}`` (atomically); return that folder."""
+def stage(
+    run_dir: str | os.PathLike,
+    repo_id: str | None = None,
+    only_block: bool = False,
+    card_template: str | os.PathLike | None = None,
+) -> Path:
+    """Write everything to upload into ``RUN_DIR/hub/{full,block}`` (atomically); return that folder. The card is
+    rendered first, so a bad ``card_template`` fails before anything is written."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     result = read_result(run_dir)
-    card = relearn_card(run_dir, repo_id, only_block)
+    card = relearn_card(run_dir, repo_id, only_block, card_template)
 
     def fill(tmp: Path) -> None:
         if only_block:
@@ -92,6 +98,7 @@ def push(
     revision: str | None = None,
     only_block: bool = False,
     token: str | None = None,
+    card_template: str | os.PathLike | None = None,
 ) -> str:
     """Stage the run (card included) and upload it to ``repo_id``; returns the commit URL.
 
@@ -104,7 +111,7 @@ def push(
 
     if not repo_id or repo_id.count("/") != 1:
         raise RelearnError(f"repo id {repo_id!r}: use NAMESPACE/NAME")
-    folder = stage(run_dir, repo_id, only_block)
+    folder = stage(run_dir, repo_id, only_block, card_template)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

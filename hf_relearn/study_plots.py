@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from .findings import DEFAULT_SWAP_ARM, _grid_label, arm_label, run_arm, run_label
+from .findings import _grid_label, arm_label, run_arm, run_label
 from .grid_findings import (
     POSITIONS,
     damage_relative,
@@ -26,6 +26,7 @@ from .grid_findings import (
 )
 from .stats import mean_sd
 from .survival import summarise
+from .swap_findings import DEFAULT_SWAP_ARM, arm_median
 
 
 def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[Path]:
@@ -176,13 +177,14 @@ def arm_bars(
     summary: list[dict], arms: list[str], grid: str
 ) -> tuple[list[str], list[list[float]], list[list[bool]], str]:
     """What the arms plot draws at one grid point: its blocks, per arm a bar per block, which bars are lower bounds,
-    and the axis label. Steps to recover (a run that did not recover counts at the steps it trained: a lower bound);
-    when every bar would be a lower bound (each arm had runs that did not recover), most bars sit at the same cap,
+    and the axis label. Steps to recover: the Kaplan-Meier median over seeds (a run not back enters as "not back by
+    its cap"; a median not reached is drawn at the longest follow-up, hatched: a lower bound); when every bar would be
+    a lower bound, most bars sit at the same cap,
     so it draws instead how far above the intact model's loss each arm's runs ended (%, mean); where that loss is 0
     (distill: the teacher is the intact model), the share of the reset's damage left at the end (%, mean)."""
     mine = [s for s in summary if json.dumps(s["grid"], sort_keys=True) == grid]
     blocks = list(dict.fromkeys(s["block"] for s in mine))
-    none_recovered = bool(mine) and all(s["censored"] for s in mine)  # every bar a lower bound: most at the cap
+    none_recovered = bool(mine) and not any(arm_median(s)[1] for s in mine)  # every bar a bound: most at the cap
     of_damage = any(s["baseline"] == 0 for s in mine)  # no "% above" a loss of 0
 
     def left(s: dict) -> float:
@@ -197,9 +199,10 @@ def arm_bars(
             values.append([left(s) if s else 0 for s in found])
             bounds.append([False for _ in found])
         else:
-            values.append([s["cost"] if s else 0 for s in found])
-            bounds.append([bool(s and s["censored"]) for s in found])
-    label = "steps to recover (mean; hatched = lower bound)"
+            medians = [arm_median(s) if s else (0, True) for s in found]
+            values.append([steps for steps, _ in medians])
+            bounds.append([not reached for _, reached in medians])
+    label = "steps to recover (median over seeds;\nhatched = median not reached, a lower bound)"
     if none_recovered:
         left_what = "% of the reset's damage left" if of_damage else "% above the intact loss"
         label = f"{left_what} at the end\n(mean; every arm had runs unrecovered)"

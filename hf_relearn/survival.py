@@ -98,6 +98,13 @@ def summarise(outcomes: list[Outcome], horizon: float | None = None) -> CostSumm
     return summary
 
 
+def median_or_bound(outcomes: list[Outcome]) -> tuple[float, bool]:
+    """The Kaplan-Meier median cost of ``outcomes`` and True where it was reached; where fewer than half came back
+    by their caps, the longest follow-up, a lower bound of the median, and False. Never an average of caps."""
+    summary = summarise(outcomes)
+    return (summary.median, True) if math.isfinite(summary.median) else (summary.followed, False)
+
+
 def per_base(outcomes: list[Outcome]) -> list[Outcome]:
     """One outcome per base, in first-seen order: the Kaplan-Meier median of its runs where reached (observed),
     else censored at its longest follow-up. A base with one run keeps that run's outcome."""

@@ -8,11 +8,18 @@ A swap study varies one thing at a time, so pairs of its summaries isolate a cau
   decoder that can change (**noise**), against none;
 * the swapped encoder frozen vs trainable, and encoders of other widths.
 
-Pure Python on ``findings.summarise`` output (no torch). An unrecovered run counts at the steps it trained (a lower
-bound); two arms that both stopped unrecovered after the same steps are compared by the loss they ended at.
+Pure Python on ``findings.summarise`` output (no torch). An arm's cost is the Kaplan-Meier median of its runs' steps,
+where a run that did not come back enters only as "not back by its cap"; where the median was not reached, the arm's
+longest follow-up is a lower bound and is named as one. Two arms that both stopped unrecovered after the same steps
+are compared by the loss they ended at.
 """
 
 from __future__ import annotations
+
+import math
+import statistics
+
+from .survival import Outcome, median_or_bound
 
 ONLY_CROSS = "decoder-except-cross"
 MARGIN = 0.1  # differences smaller than this share are left undecided: 3 seeds do not resolve them
@@ -23,25 +30,39 @@ def _excess(s: dict) -> float:
     return s["final_loss"] / s["baseline"] - 1
 
 
+def arm_median(s: dict, share: bool = False) -> tuple[float, bool]:
+    """An arm's Kaplan-Meier median steps to recover over its runs (or share of their budgets), and True where it was
+    reached; else its longest follow-up, a lower bound, and False (``survival.median_or_bound``)."""
+    runs = [Outcome(c / budget if share else c, back, "") for c, back, budget in s["run_costs"]]
+    return median_or_bound(runs)
+
+
 def outcome(s: dict) -> str:
-    """One arm's result in a few words: steps to recover, or where it stood when it stopped."""
+    """One arm's result in a few words: its median steps to recover, or where it stood when it stopped."""
+    steps, reached = arm_median(s)
+    seeds = f"{s['recovered']}/{s['runs']} seeds"
     if s["recovered"] == s["runs"]:
-        return f"recovered in {s['cost']:.0f} steps ({s['recovered']}/{s['runs']} seeds)"
+        return f"recovered in a median {steps:.0f} steps ({seeds})"
+    if reached:
+        return f"{seeds} recovered, Kaplan-Meier median {steps:.0f} steps"
     if s["recovered"]:
-        return f"{s['recovered']}/{s['runs']} seeds recovered, ≥{s['cost']:.0f} steps"
-    return f"not recovered in {s['cost']:.0f} steps, ending {100 * _excess(s):+.1f}% above the intact loss"
+        return f"{seeds} recovered, median not reached within {steps:.0f} steps"
+    return f"not recovered in {steps:.0f} steps, ending {100 * _excess(s):+.1f}% above the intact loss"
 
 
 def compare(a: dict, b: dict) -> int:
     """-1 when arm ``a`` is clearly cheaper than ``b``, 1 when ``b`` is, 0 when the runs cannot tell.
 
-    Cheaper: recovered in over 10% (``MARGIN``) fewer steps, or recovered where the other had not after at least as many steps; when both
-    stopped unrecovered after the same steps, the one that ended over 10% closer to the intact loss.
+    Cheaper: a median reached in over 10% (``MARGIN``) fewer steps than the other's, or reached where the other's was
+    not reached within at least as many steps; when both stopped unrecovered after the same steps, the one that ended
+    over 10% closer to the intact loss. A median not reached is never compared as if it were a cost.
     """
+    medians = {id(a): arm_median(a), id(b): arm_median(b)}
     for x, y, sign in ((a, b, -1), (b, a, 1)):
-        if x["censored"]:
+        (mx, x_reached), (my, y_reached) = medians[id(x)], medians[id(y)]
+        if not x_reached:
             continue
-        if y["censored"] and y["cost"] >= x["cost"] or not y["censored"] and x["cost"] < (1 - MARGIN) * y["cost"]:
+        if not y_reached and my >= mx or y_reached and mx < (1 - MARGIN) * my:
             return sign
     if a["recovered"] == 0 and b["recovered"] == 0 and a["steps_trained"] == b["steps_trained"]:
         gap = a["final_loss"] - b["final_loss"]
@@ -136,3 +157,163 @@ def swap_mechanism_words(summary: list[dict]) -> list[str]:
     if not any(s["swap"] for s in summary):
         return []
     return mismatch_words(summary) + noise_words(summary)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+DEFAULT_SWAP_ARM = "reset, decoder-except-cross"
+
+
+def _recovery(s: dict) -> str:
+    """The arm's Kaplan-Meier median steps to recover with its share of the budget, or the follow-up it was not back
+    within (a lower bound, never an average of caps)."""
+    steps, reached = arm_median(s)
+    share = _pct(arm_median(s, share=True)[0])
+    seeds = f"{s['recovered']}/{s['runs']} seeds"
+    if s["recovered"] == 0:
+        return f"had not recovered when it stopped at {steps:.0f} steps ({share} of the budget; {seeds})"
+    if reached:
+        return f"recovered in a median {steps:.0f} steps ({share} of the budget; {seeds})"
+    return f"median not reached within {steps:.0f} steps ({share} of the budget; {seeds} recovered)"
+
+
+def _same_steps(s: dict) -> str:
+    """'; after its N steps its loss was X, where the same model from scratch for N steps was at Y'."""
+    if s["scratch_at_end"] is None:
+        return ""
+    gap = s["after"] - s["baseline"]
+    closed = f" (it closed {100 * (s['after'] - s['final_loss']) / gap:.0f}% of the gap)" if gap > 0 else ""
+    return (
+        f"; after its {s['steps_trained']:.0f} steps its loss was {s['final_loss']:.3f}{closed}, where the same model "
+        f"trained from scratch for {s['steps_trained']:.0f} steps was at {s['scratch_at_end']:.3f}"
+    )
+
+
+def swap_answer(summary: list[dict]) -> list[str]:
+    """The encoder-swap question in words: after a swap with wiped cross-attention, how does recovery compare with
+    wiping one layer's cross-attention, with wiping all of it, and with training the same model from scratch?
+
+    Empty when the study has no swap runs. Costs are Kaplan-Meier medians over seeds: a run not back enters as "not
+    back by its cap", and a median not reached is a lower bound, said in words. "From scratch" is the base run's own validation curve: the step at which training the base model
+    from its random init first reached the same threshold (``original_steps_to_same_loss``).
+    """
+    swaps = [s for s in summary if s["swap"]]
+    if not swaps:
+        return []
+    out = []
+    blocks = [s for s in summary if not s["swap"] and s["block"].endswith(".cross_attention") and s["arm"] == "block"]
+    one = next((s for s in blocks if s["layer"] is not None), None)
+    every = next((s for s in blocks if s["layer"] is None), None)
+    budget = swaps[0]["original_steps"]
+    scratch = [s["scratch_steps"][0] for s in summary if not math.isnan(s["scratch_steps"][0])]
+    scratch_steps = statistics.fmean(scratch) if scratch else None
+    out.append(
+        f"**Encoder swaps** (original budget {budget} steps; recovered = validation loss back within "
+        f"{100 * swaps[0]['tolerance']:g}% of the intact model's):"
+    )
+    for s in swaps:
+        width = f"encoder width {s['old_width']} → {s['swap_width']}" if s["swap_width"] else "encoder swapped"
+        out.append(
+            f"  {s['block']} ({width}; {s['arm']}): loss {s['baseline']:.3f} → {s['after']:.3f} "
+            f"(+{100 * s['jump'][0]:.1f}%), {_recovery(s)}{_same_steps(s)}."
+        )
+    for name, s in (("one decoder layer's cross-attention wiped", one), ("all cross-attention wiped", every)):
+        if s is not None:
+            out.append(
+                f"  {name} ({s['block']}, same encoder): loss +{100 * s['jump'][0]:.1f}%, {_recovery(s)}"
+                f"{_same_steps(s)}."
+            )
+    heads = [s for s in swaps if s["arm"] == DEFAULT_SWAP_ARM] or swaps
+    out += _swap_comparison(heads, one, scratch_steps)
+    if scratch_steps:
+        out.append(_swap_verdict(swaps, scratch_steps))
+    out += _swap_same_steps(swaps)
+    return out + swap_mechanism_words(summary)
+
+
+def _against(steps: float, reached: bool, other: float, other_reached: bool, what: str) -> str:
+    """One swap's median steps against another median (or a number of steps observed), in words that never treat
+    a median not reached as a cost."""
+    if reached and other_reached:
+        return f"{steps / other:.2f}x {what}"
+    if other_reached:
+        return f"at least {steps / other:.2f}x {what}" if steps >= other else f"not yet decided against {what}"
+    if reached and steps < other:
+        return f"fewer steps than {what} (not back within {other:.0f})"
+    return f"undecided against {what} (neither median reached)"
+
+
+def _swap_comparison(heads: list[dict], one: dict | None, scratch_steps: float | None) -> list[str]:
+    """The swaps of the default arm (``heads``) against the one-layer wipe and training from scratch, in median
+    steps (Kaplan-Meier over seeds)."""
+    parts = []
+    for s in heads:
+        steps, reached = arm_median(s)
+        bits = []
+        if one is not None:
+            bits.append(_against(steps, reached, *arm_median(one), "the steps of the one-layer wipe"))
+        if scratch_steps:
+            bits.append(_against(steps, reached, scratch_steps, True, f"the {scratch_steps:.0f} steps from scratch"))
+        if bits:
+            parts.append(f"{s['block']}: " + " and ".join(bits))
+    if not parts:
+        return []
+    return [
+        f"  Compared ({heads[0]['arm']}; median steps over seeds, a run not back counted as not back by its cap): "
+        + "; ".join(parts)
+        + ". From scratch = the base run's own validation curve (the same base architecture from its random "
+        "init reaching the same loss), not a from-scratch run of the swapped architecture."
+    ]
+
+
+def _swap_verdict(swaps: list[dict], scratch_steps: float) -> str:
+    """How many swap arms needed at least as many steps as training from scratch (median, or a median not reached
+    within as many), how many fewer, how many are undecided (not back, followed for fewer steps)."""
+    medians = [(s, *arm_median(s)) for s in swaps]
+    like = [s for s, steps, _ in medians if steps >= scratch_steps]  # a bound already past it counts too
+    faster = [s for s, steps, reached in medians if steps < scratch_steps and reached]
+    open_ = [s for s, steps, reached in medians if steps < scratch_steps and not reached]
+
+    def names(ss: list[dict]) -> str:
+        return ", ".join(f"{s['block']} [{s['arm']}]" for s in ss)
+
+    verdict = [f"  Verdict, against the {scratch_steps:.0f} steps from scratch:"]
+    if like:
+        verdict.append(f"{len(like)}/{len(swaps)} swap arms needed at least as many ({names(like)});")
+    if faster:
+        verdict.append(f"{len(faster)}/{len(swaps)} recovered in fewer ({names(faster)});")
+    if open_:
+        verdict.append(
+            f"{len(open_)}/{len(swaps)} had no median within fewer steps than that, so undecided ({names(open_)});"
+        )
+    return " ".join(verdict).rstrip(";") + "."
+
+
+def _swap_same_steps(swaps: list[dict]) -> list[str]:
+    """Whether the swap arms ended below the loss the same model had reached from scratch after as many steps."""
+    out = []
+    equal = [s for s in swaps if s["scratch_at_end"] is not None]
+    if equal:
+        ahead = [s for s in equal if s["final_loss"] < s["scratch_at_end"]]
+        margins = [s["scratch_at_end"] - s["final_loss"] for s in ahead]
+        line = (
+            f"  Same number of steps: {len(ahead)}/{len(equal)} swap arms ended below the loss the same model had "
+            "reached from scratch after as many steps"
+        )
+        if ahead:
+            line += f" (by {min(margins):.3f} to {max(margins):.3f})"
+        behind = [s for s in equal if s not in ahead]
+        if behind:
+            line += "; at or above it: " + ", ".join(f"{s['block']} [{s['arm']}]" for s in behind)
+        out.append(
+            line
+            + (
+                ". By that measure no swap acted like a full reset, even where it had not yet recovered to within "
+                "the tolerance."
+                if not behind
+                else "."
+            )
+        )
+    return out

@@ -185,8 +185,8 @@ def test_the_arms_are_compared_where_both_ran():
     rows += [_run(4, 64, layer, 0, 100, trainable="all") for layer in range(4)]
     arms = [w for w in answer_in_words(rows, summarise(rows)) if w.startswith("Arm ")]
     assert arms == [
-        "Arm 'all' (everything trainable) needed 0.50x the steps of training only the block (summed over 4 blocks; "
-        "<1 = faster)."
+        "Arm 'all' (everything trainable) needed 0.50x the steps of training only the block (median steps summed "
+        "over 4 blocks; <1 = faster)."
     ]
 
 

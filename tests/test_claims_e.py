@@ -1,4 +1,4 @@
-"""README claims backed here: the prefix cache's training storage size, its refusal under FSDP / DeepSpeed, its
+"""Documented claims backed here: the prefix cache's training storage size, its refusal under FSDP / DeepSpeed, its
 memory budget and folder through a relearn; an optimizer that holds exactly the trainable parameters; warnings on
 the console; launches refused before anything is written; `reset --allow-shared` on the command line; defaults."""
 
@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from documented import says
 from test_claims_b import QUIET_GPT2
 from test_relearn import base_run, relearn_run
 from transformers import TrainerCallback, TrainingArguments
@@ -23,13 +24,6 @@ from hf_relearn.files import RUN_FILE
 from hf_relearn.prefix_cache import PrefixCache
 from hf_relearn.probe import ProbeArguments
 from hf_relearn.trainer import RelearnTrainer
-
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-
-def _readme_says(text: str) -> bool:
-    """``text`` occurs in the README, line breaks and runs of spaces read as one space."""
-    return " ".join(text.split()) in " ".join(README.split())
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +236,13 @@ def test_cli_reset_of_a_tied_head_needs_allow_shared_and_records_what_shares_it(
 # 10 ----------------------------------------------------------------------------- defaults
 def test_defaults_are_what_the_readme_states(tmp_path, monkeypatch):
     args = RelearnArguments(output_dir=str(tmp_path))
-    assert args.block == "decoder.-1" and _readme_says("| `--block` | `decoder.-1` |")
-    assert args.eval_steps == 10 and _readme_says("| `--eval_steps` | 10 |")
+    assert args.block == "decoder.-1" and says("| `--block` | `decoder.-1` |")
+    assert args.eval_steps == 10 and says("| `--eval_steps` | 10 |")
     assert ProbeArguments(output_dir=str(tmp_path)).blocks == "layers,parts"
-    assert _readme_says("`--blocks` takes `layers`, `parts` or any names (default `layers,parts`)")
+    assert says("`--blocks` takes `layers`, `parts` or any names (default `layers,parts`)")
     parser = cli.build_parser()
     assert parser.parse_args(["study", "demo"]).parallel == "data"
-    assert _readme_says("`--parallel data` (default)")
+    assert says("`--parallel data` (default)")
     # `hf-relearn demo` runs the shipped demo recipe into relearn-demo/
     studied = []
     monkeypatch.setattr(
@@ -260,6 +254,6 @@ def test_defaults_are_what_the_readme_states(tmp_path, monkeypatch):
     recipe = Path(cli.__file__).resolve().parent / "recipes" / "demo.yaml"
     # 2 workers of 1 thread each: the published numbers on any machine (they depend on a run's threads)
     assert studied == [(str(recipe), "relearn-demo", "data", 2, 1)]
-    assert _readme_says("2 worker processes of 1 thread each")
-    assert parser.parse_args(["study", "demo"]).workers == 1 and _readme_says("`--workers N`")
-    assert _readme_says("`relearn-demo/report.md`") and _readme_says("delete `relearn-demo/` to redo")
+    assert says("2 worker processes of 1 thread each")
+    assert parser.parse_args(["study", "demo"]).workers == 1 and says("`--workers N`")
+    assert says("`relearn-demo/report.md`") and says("delete `relearn-demo/` to redo")

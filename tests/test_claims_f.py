@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from documented import says
 from test_claims_b import QUIET_GPT2
-from test_claims_e import _readme_says
 from test_distributed import launch
 from test_relearn import base_run, relearn_run
 from transformers import AutoConfig, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -39,7 +39,7 @@ def _checkpoints(folder: Path, base: Path, other) -> str:
 
 
 def test_original_checkpoints_of_another_model_are_refused_before_anything_is_written(base, tmp_path):
-    assert _readme_says("a revision whose weights are not this model's (other tensor names")
+    assert says("a revision whose weights are not this model's (other tensor names")
     config = AutoConfig.from_pretrained(base)
     # the same model_type (gpt2), one layer more: every tensor of the base is there with its shape, plus
     # transformer.h.3.*, names the base has not
@@ -92,7 +92,7 @@ class _CountingTeachers(list):
 
 
 def test_probe_distill_computes_the_teachers_outputs_once_across_its_resets(tmp_path, monkeypatch):
-    assert _readme_says("The runs share the frozen-prefix cache (deepest block first, so every layer boundary is "
+    assert says("The runs share the frozen-prefix cache (deepest block first, so every layer boundary is "
                         "computed once) and, for `distill`, the teacher's outputs.")  # fmt: skip
     teachers = _CountingTeachers(monkeypatch)
     data = DataArguments(block_size=32, generated_chars=20_000, max_eval_samples=12, tokenizer="bytes")
@@ -111,7 +111,7 @@ def test_probe_distill_computes_the_teachers_outputs_once_across_its_resets(tmp_
 # outputs all the same
 @pytest.mark.parametrize("block, cached", [("decoder.1", True), ("decoder.0", False)])
 def test_relearn_distill_computes_the_teachers_evaluation_outputs_once(base, tmp_path, monkeypatch, block, cached):
-    assert _readme_says("With `--objective distill` the teacher's outputs for evaluation rows are computed once too")
+    assert says("With `--objective distill` the teacher's outputs for evaluation rows are computed once too")
     teachers = _CountingTeachers(monkeypatch)
     result = relearn_run(tmp_path / "rl", base, block, objective="distill", max_steps=6, eval_steps=2,
                          stop_at_recovery=False, per_device_train_batch_size=4, per_device_eval_batch_size=4)  # fmt: skip
@@ -181,7 +181,7 @@ sys.exit(code)
 
 
 def test_two_processes_one_writes_results_checkpoints_and_cards(base, tmp_path):
-    assert _readme_says("One process writes results, checkpoints and cards.")
+    assert says("One process writes results, checkpoints and cards.")
     script, log, out = tmp_path / "writer.py", tmp_path / "log", tmp_path / "two"
     script.write_text(WRITER)
     log.mkdir()

@@ -12,8 +12,9 @@ from pngs import assert_plot
 from test_relearn import GPT2, base_run, relearn_run
 
 from hf_relearn import RelearnError, load_relearned
+from hf_relearn.cards import relearn_card, study_card
 from hf_relearn.cli import main
-from hf_relearn.hub import push, relearn_card, stage, study_card
+from hf_relearn.hub import push, stage
 from hf_relearn.modeling import load_model
 from hf_relearn.study import read_results
 
@@ -85,7 +86,7 @@ def test_only_block_rebuilds_the_recovered_model(run, hub):
     base = json.loads(files["relearn_result.json"])["model"]
     card = files["README.md"].decode()  # names the base model it is rebuilt on
     assert f"This is **{base}** after hf-relearn surgery" in card
-    assert f"load_relearned({base!r}, 'me/block-only')" in card
+    assert f'load_relearned({json.dumps(base)}, "me/block-only")' in card
     staged = run / "hub" / "block"  # everything was written there first
     assert {p.name: p.read_bytes() for p in staged.iterdir()} == files
     rebuilt = load_relearned(base, "me/block-only").eval()
@@ -206,3 +207,36 @@ def test_push_of_a_study_uploads_its_card_table_plots_and_recipe(study, hub):
             f"{r['tokens_to_recover']} | 1/1 | {r['original_steps_to_same_loss']} |"
         ) in card.text
     assert all(f"![{Path(p).stem}]({p})" in card.text for p in plots)  # the pushed plots, shown in the card
+
+
+def test_card_command_prints_the_card_push_would_upload(run, tmp_path, capsys):
+    assert main(["card", str(run), "--repo-id", "me/gpt2-relearned"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == str(relearn_card(run, "me/gpt2-relearned")).strip()
+    assert main(["card", str(run), "--repo-id", "me/gpt2-relearned", "-o", str(tmp_path / "card.md")]) == 0
+    card = ModelCard.load(tmp_path / "card.md")
+    assert {e.metric_type for e in card.data.eval_results} >= {"eval_loss", "baseline_eval_loss"}
+
+
+def test_a_user_card_template_gets_the_same_values_on_card_and_push(run, hub, tmp_path, capsys):
+    template = tmp_path / "mine.md"
+    template.write_text("---\n{{ card_data }}\n---\n\n# Mine: {{ block }} from {{ base_model }}, {{ tolerance }}\n")
+    result = json.loads((run / "relearn_result.json").read_text())
+    expected = f"# Mine: {result['block']} from {result['model']}, 1%"
+    assert main(["card", str(run), "--card-template", str(template)]) == 0
+    assert expected in capsys.readouterr().out
+    assert main(["push", str(run), "--repo-id", "me/own-card", "--card-template", str(template)]) == 0
+    card = ModelCard.load("me/own-card")  # the metadata is still ours: the model-index carries the recovery
+    assert expected in card.text and "eval_loss" in {e.metric_type for e in card.data.eval_results}
+
+
+def test_a_bad_card_template_is_one_clear_error_and_stages_nothing(run, tmp_path, capsys):
+    assert main(["card", str(run), "--card-template", str(tmp_path / "missing.md")]) == 2
+    assert "missing.md: no such file" in capsys.readouterr().err
+    broken = tmp_path / "broken.md"
+    broken.write_text("{% if block %}never closed\n")
+    with pytest.raises(RelearnError, match="broken.md: TemplateSyntaxError"):
+        stage(run, "me/x", card_template=broken)
+    assert (
+        not (run / "hub" / "full").exists() or "never closed" not in (run / "hub" / "full" / "README.md").read_text()
+    )

@@ -1,9 +1,10 @@
 """The package's shape: imports point one way (bottom to top), no cycles, modules and functions stay small, the
-card templates and recipes ship inside the package as real files, and one relearn run builds one BlockMap."""
+card templates (cards/) and recipes ship in the wheel as real files, and one relearn run builds one BlockMap."""
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import zipfile
@@ -119,56 +120,80 @@ def test_modules_and_functions_stay_small():
     assert not too_long, "\n".join(too_long)
 
 
-def test_templates_and_recipes_are_real_files_inside_the_package():
-    for folder in ("templates", "recipes"):
-        path = PACKAGE / folder
-        assert path.is_dir() and not path.is_symlink(), f"hf_relearn/{folder} must be a folder, not a link"
-    assert sorted(p.name for p in (PACKAGE / "templates").glob("*.md")) == ["relearn.md", "study.md"]
+def test_card_templates_and_recipes_are_real_files():
+    cards = PACKAGE.parent / "cards"
+    for path in (cards, PACKAGE / "recipes"):
+        assert path.is_dir() and not path.is_symlink(), f"{path} must be a folder, not a link"
+    assert sorted(p.name for p in cards.glob("*.md")) == ["example.md", "relearn.md", "study.md"]
     assert (PACKAGE / "recipes" / "demo.yaml").is_file() and not (PACKAGE / "recipes" / "demo.yaml").is_symlink()
 
 
-def test_wheel_carries_templates_and_recipes(tmp_path):
-    """``pip wheel .`` packs the card templates and recipes; installed from the wheel alone, the card template is
-    found and a study's report rebuilds (the package data really ships)."""
+def test_wheel_and_sdist_install_and_run_in_a_fresh_venv(tmp_path):
+    """``python -m build`` makes a wheel and an sdist; the wheel installs into a fresh venv whose ``hf-relearn``
+    console script runs, finds the card templates (cards/) and the recipes, and renders a card.
+
+    The fresh venv borrows this environment's dependencies (torch, transformers, ...) through a .pth line, so the
+    test needs no download; hf_relearn itself comes only from the wheel."""
+    import sysconfig
+    import tarfile
+
     root = PACKAGE.parent
+    dist = tmp_path / "dist"
     build = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(root)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
+    (wheel,) = dist.glob("hf_relearn-*.whl")
+    (sdist,) = dist.glob("hf_relearn-*.tar.gz")
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in (
+        "hf_relearn/card_templates/relearn.md",
+        "hf_relearn/card_templates/study.md",
+        "hf_relearn/recipes/demo.yaml",
+    ):
+        assert needed in names, f"{needed} missing from {wheel.name}"
+    sdist_names = tarfile.open(sdist).getnames()
+    for needed in ("cards/relearn.md", "LICENSE", "README.md", "hf_relearn/cli.py"):
+        assert any(n.endswith("/" + needed) for n in sdist_names), f"{needed} missing from {sdist.name}"
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    (site / "borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
-            "wheel",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
             "--no-deps",
-            "--no-build-isolation",
             "-q",
-            "-w",
-            str(tmp_path),
-            str(root),
+            str(wheel),
         ],
         capture_output=True,
         text=True,
     )
-    assert build.returncode == 0, build.stderr[-2000:]
-    (wheel,) = tmp_path.glob("hf_relearn-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("hf_relearn/templates/relearn.md", "hf_relearn/templates/study.md", "hf_relearn/recipes/demo.yaml"):
-        assert needed in names, f"{needed} missing from {wheel.name}"
-    target = tmp_path / "site"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        capture_output=True,
-        text=True,
-    )
     assert install.returncode == 0, install.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    cli = subprocess.run(  # cwd elsewhere: the checkout's own hf_relearn/ must not be found first
+        [str(venv / "bin" / "hf-relearn"), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert cli.returncode == 0 and "card" in cli.stdout and "relearn" in cli.stdout, cli.stderr[-2000:]
     code = (
         "import hf_relearn, hf_relearn.cards as c; "
-        f"assert hf_relearn.__file__.startswith({str(target)!r}), hf_relearn.__file__; "
-        "print((c.TEMPLATES / 'relearn.md').read_text().splitlines()[0])"
+        f"assert hf_relearn.__file__.startswith({str(site)!r}), hf_relearn.__file__; "
+        "assert (c.TEMPLATES / 'study.md').is_file(); "
+        "print(c.template_path('relearn'))"
     )
-    run = subprocess.run(  # cwd elsewhere: the checkout's own hf_relearn/ must not be found first
-        [sys.executable, "-c", code], env={"PYTHONPATH": str(target)}, cwd=tmp_path, capture_output=True, text=True
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "---"
+    assert run.stdout.strip() == str(site / "hf_relearn" / "card_templates" / "relearn.md")
 
 
 def test_one_block_map_per_relearn(tmp_path, monkeypatch):
@@ -207,8 +232,8 @@ def test_one_block_map_per_relearn(tmp_path, monkeypatch):
     assert counts == {"block": 1, "lora-rest": 1}, f"BlockMaps built in one relearn: {counts}"
 
 
-def test_the_readme_layout_names_every_module():
-    readme = (PACKAGE.parent / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_the_contributing_layout_names_every_module():
+    guide = (PACKAGE.parent / "CONTRIBUTING.md").read_text()
+    layout = guide.split("## Layout", 1)[1].split("\n## ", 1)[0]
     missing = [name for name in _modules() if not name.startswith("__") and f"`{name}`" not in layout]
-    assert not missing, f"README 'Layout' does not name: {missing}"
+    assert not missing, f"CONTRIBUTING.md 'Layout' does not name: {missing}"

@@ -102,7 +102,7 @@ def test_bad_swaps_get_one_clear_error():
 def test_relearn_after_an_encoder_swap(tmp_path):
     from test_relearn import T5, base_run, relearn_run
 
-    from hf_relearn.hub import relearn_card
+    from hf_relearn.cards import relearn_card
 
     base_run(tmp_path / "base", "t5", T5, objective="seq2seq", steps=150)
     narrow = "num_layers=2,d_model=32,d_ff=128,num_heads=2,d_kv=16,vocab_size=259"

@@ -16,13 +16,15 @@ PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results" / "swap-enc
 
 
 def arm(cost, recovered=3, runs=3, final=1.0, baseline=1.0, trained=None, block="swap:x", name_arm="a"):
-    """A summary as findings.summarise makes it, with only the fields the comparison reads."""
+    """A summary as findings.summarise makes it, with only the fields the comparison reads: ``recovered`` runs back
+    at ``cost`` steps, the others not back after ``trained`` (default ``cost``) steps."""
+    stopped = cost if trained is None else trained
     return {
-        "cost": cost,
+        "run_costs": [(cost, True, 10_000)] * recovered + [(stopped, False, 10_000)] * (runs - recovered),
         "recovered": recovered,
         "runs": runs,
         "censored": recovered < runs,
-        "steps_trained": cost if trained is None else trained,
+        "steps_trained": stopped,
         "final_loss": final,
         "baseline": baseline,
         "block": block,
@@ -41,6 +43,28 @@ def test_recovered_beats_a_run_that_had_not_after_more_steps():
 def test_a_lower_bound_below_the_other_cost_decides_nothing():
     # stopped unrecovered at 400 steps: it might still need fewer or more than 500
     assert compare(arm(400, recovered=0, final=1.2), arm(500)) == 0
+
+
+def test_an_arm_is_its_median_never_an_average_with_its_caps():
+    # 2 of 3 back at 500 steps, one not back at its 3000-step cap: the median is 500. Averaging the cap in (1,333
+    # steps, "at least") made it dearer than an arm that came back at 1,000 every time.
+    mostly = arm(500, recovered=2, trained=3000)
+    assert compare(mostly, arm(1000)) == -1
+    # 1 of 3 back: the median is not reached within 3000 steps, a lower bound that is past 1000
+    assert compare(arm(500, recovered=1, trained=3000), arm(1000)) == 1
+
+
+def test_two_arms_not_back_are_not_a_ratio(published):
+    """The trained-donor swap study: every swap arm and the one-layer wipe stopped at the cap. Neither median was
+    reached, so no ratio between them is stated (a cap divided by a cap said "at least 1.0x")."""
+    from hf_relearn.findings import summarise
+    from hf_relearn.io import read_results
+    from hf_relearn.swap_findings import swap_answer
+
+    words = " ".join(swap_answer(summarise(read_results(PUBLISHED.parent / "swap-encoder-trained" / "results.csv"))))
+    assert "x the steps of the one-layer wipe" not in words
+    assert words.count("undecided against the steps of the one-layer wipe (neither median reached)") == 3
+    assert "had not recovered when it stopped at 3000 steps" in words
 
 
 def test_costs_within_ten_percent_are_undecided():
@@ -92,11 +116,11 @@ def published(tmp_path):
 
 
 def test_the_published_swap_study_reports_the_mismatch_its_numbers_show(published):
-    """Real rows (docs/results/swap-encoder-t5): the base's own cross-attention wipe recovered in 310 steps on
-    average; every swapped encoder with only the cross-attention trainable stopped unrecovered at 500."""
+    """Real rows (docs/results/swap-encoder-t5): the base's own cross-attention wipe recovered in 300 and 320 steps
+    (Kaplan-Meier median 300); every swapped encoder with only the cross-attention trainable stopped unrecovered at 500."""
     out = build_report(published)
     line = next(w for w in out["answer"] if "Representation mismatch" in w)
-    assert "with the base's own encoder, recovered in 310 steps (2/2 seeds)" in line
+    assert "with the base's own encoder, recovered in a median 300 steps (2/2 seeds)" in line
     assert line.count("not recovered in 500 steps") == 3
     assert "the extra cost is the encoder's" in line
     report = (published / "report.md").read_text()
