@@ -64,11 +64,11 @@ def build_report(study_dir: str | os.PathLike) -> dict:
         lines += [
             "## Position, depth and width",
             "",
-            "Cost of one run = steps to recover / its base's budget (a run that did not recover counts at the steps it "
-            "trained: a lower bound). Mean ± sd over the reset layers and seeds of each grid point; dearest and "
-            "cheapest layer by their mean over seeds. 'to 2%' / 'to 5%': the steps to within that looser tolerance, "
-            "read from each run's curve (which crossed it on the way), with the runs that never did in brackets. Rank "
-            "correlations: Spearman's rho over runs, two-sided permutation p-value, bootstrap 95% interval.",
+            "Cost of one run = steps to recover / its base's budget. Each cell: the Kaplan-Meier median cost of the "
+            "runs of that position class (the first layer, the middle layers, the last layer) and how many came back; "
+            "a run not back enters only as 'not back by the share it trained' (never averaged), and a median not "
+            "reached is shown with the longest share followed. 'to 2%' / 'to 5%': the same at that looser tolerance, "
+            "read from each run's curve. The answer above tests over trained bases, not runs.",
             "",
             grid_table(rows),
             "",
