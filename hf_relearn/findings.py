@@ -29,10 +29,6 @@ from .swap_findings import arm_median, swap_answer
 _mean_sd = mean_sd
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
 def _fmt(mean: float, sd: float, digits: int = 0) -> str:
     if math.isnan(mean):
         return "n/a"
@@ -112,11 +108,6 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "jump_abs": statistics.fmean(jumps_abs),
                 "scratch_steps": _mean_sd(scratch),
                 "original_steps": budget,
-                "cost": statistics.fmean(cost),
-                # per run: converged bases of different seeds have different budgets
-                "cost_fraction": statistics.fmean(c / r["original_steps"] for c, r in zip(cost, rs, strict=True))
-                if all(r["original_steps"] for r in rs)
-                else math.nan,
                 # the longest share of its budget any run trained: where none came back, the cost is above each run's
                 "trained_fraction": max(c / r["original_steps"] for c, r in zip(cost, rs, strict=True))
                 if all(r["original_steps"] for r in rs)

@@ -15,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 from .files import DEPTH_KEYS, WIDTH_KEYS, split_variant, with_variant
-from .stats import mean_sd
+from .stats import mean_sd, percent
 from .survival import MIN_BASES, Outcome, paired, per_base, rank_correlation, ratio, summarise, trend
 
 LOOSER_TOLERANCES = (0.02, 0.05)  # read from each run's curve: it passes a looser threshold before it stops
@@ -86,10 +86,6 @@ def _key(grid: dict, keys: tuple[str, ...]) -> str | None:
 
 def _label(grid: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in grid.items()) or "base"
-
-
-def _pct(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def _pct_sd(values: list[float]) -> str:
@@ -371,7 +367,7 @@ def arm_words(rows: list[dict]) -> list[str]:
 
 def _median_cell(outcomes: list[Outcome]) -> str:
     s = summarise(outcomes)
-    median = f"not reached (≥{_pct(s.followed)})" if math.isinf(s.median) else _pct(s.median)
+    median = f"not reached (≥{percent(s.followed)})" if math.isinf(s.median) else percent(s.median)
     return f"{median} ({s.recovered}/{s.runs})"
 
 

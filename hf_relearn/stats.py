@@ -14,3 +14,8 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def percent(x: float | None) -> str:
+    """A share as a percentage with one decimal ('12.3%'); 'n/a' for None or NaN."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"

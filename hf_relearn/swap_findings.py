@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from .stats import percent
 from .survival import Outcome, median_or_bound
 
 ONLY_CROSS = "decoder-except-cross"
@@ -159,10 +160,6 @@ def swap_mechanism_words(summary: list[dict]) -> list[str]:
     return mismatch_words(summary) + noise_words(summary)
 
 
-def _pct(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
-
-
 DEFAULT_SWAP_ARM = "reset, decoder-except-cross"
 
 
@@ -170,7 +167,7 @@ def _recovery(s: dict) -> str:
     """The arm's Kaplan-Meier median steps to recover with its share of the budget, or the follow-up it was not back
     within (a lower bound, never an average of caps)."""
     steps, reached = arm_median(s)
-    share = _pct(arm_median(s, share=True)[0])
+    share = percent(arm_median(s, share=True)[0])
     seeds = f"{s['recovered']}/{s['runs']} seeds"
     if s["recovered"] == 0:
         return f"had not recovered when it stopped at {steps:.0f} steps ({share} of the budget; {seeds})"
@@ -196,8 +193,9 @@ def swap_answer(summary: list[dict]) -> list[str]:
     wiping one layer's cross-attention, with wiping all of it, and with training the same model from scratch?
 
     Empty when the study has no swap runs. Costs are Kaplan-Meier medians over seeds: a run not back enters as "not
-    back by its cap", and a median not reached is a lower bound, said in words. "From scratch" is the base run's own validation curve: the step at which training the base model
-    from its random init first reached the same threshold (``original_steps_to_same_loss``).
+    back by its cap", and a median not reached is a lower bound, said in words. "From scratch" is the base run's own
+    validation curve: the step at which training the base model from its random init first reached the same
+    threshold (``original_steps_to_same_loss``).
     """
     swaps = [s for s in summary if s["swap"]]
     if not swaps:
