@@ -87,7 +87,9 @@ def read_result(run_dir: str | os.PathLike) -> dict:
     """A finished relearn run's ``relearn_result.json``; a clear error when the folder holds none."""
     path = Path(run_dir) / RESULT_FILE
     if not path.exists():
-        raise RelearnError(f"{run_dir}: no {RESULT_FILE} here; push needs the output dir of a finished relearn run")
+        raise RelearnError(
+            f"{run_dir}: no {RESULT_FILE} here; give the output dir of a finished relearn run (or, for card and push, a study folder with results.csv)"
+        )
     return json.loads(path.read_text())
 
 

@@ -240,3 +240,9 @@ def test_a_bad_card_template_is_one_clear_error_and_stages_nothing(run, tmp_path
     assert (
         not (run / "hub" / "full").exists() or "never closed" not in (run / "hub" / "full" / "README.md").read_text()
     )
+
+
+def test_card_of_a_folder_without_a_run_is_one_clear_error(tmp_path, capsys):
+    assert main(["card", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no relearn_result.json here" in err and "study folder" in err and "Traceback" not in err
