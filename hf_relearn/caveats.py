@@ -13,7 +13,7 @@ OVERFIT = "overfit"  # the base kept is past its best validation loss
 RESET_BARELY_MATTERED = "reset_barely_mattered"  # right after the reset the metric was already within tolerance
 UNIGRAM_LEVEL = "unigram_level"  # the base is no better than a unigram model of its data
 SELECTED_ON_EVALUATION = "selected_on_evaluation"  # the base was chosen on the rows its baseline is measured on
-NOISY_BASELINE = "noisy_baseline"  # the tolerance is under twice the baseline's relative standard error
+NOISY_BASELINE = "noisy_baseline"  # the tolerance is under twice the recovery comparison's relative standard error
 CODES = (UNDER_TRAINED, OVERFIT, RESET_BARELY_MATTERED, UNIGRAM_LEVEL, SELECTED_ON_EVALUATION, NOISY_BASELINE)
 
 # results written before warnings had codes: the sentence's fixed opening names the code

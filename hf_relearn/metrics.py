@@ -130,19 +130,31 @@ def row_losses(model: torch.nn.Module, batches, causal: bool) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def eval_loss_se(trainer, causal: bool) -> float | None:
-    """The standard error of ``trainer``'s model's eval loss: the sample standard deviation of its per-row losses
-    (:func:`row_losses`, gathered from every process) over the square root of the rows; None below 2 rows.
+def eval_row_losses(trainer, causal: bool, skip: tuple[str, ...] = ()) -> torch.Tensor:
+    """Each evaluation row's loss under ``trainer``'s model (:func:`row_losses`, in eval mode), gathered from every
+    process in the evaluation dataloader's order: float64, NaN for a row without a labelled token. ``skip``: batch
+    keys that are not model inputs.
 
-    The global RNG is left as it was (iterating a DataLoader draws from it).
+    Two calls on the same trainer list the same rows in the same order, so their difference pairs row with row. The
+    model's train/eval mode and the global RNG are left as they were (iterating a DataLoader draws from it).
     """
-    device = trainer.args.device
-    batches = ({k: v.to(device) for k, v in batch.items()} for batch in trainer.get_eval_dataloader())
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        losses = row_losses(trainer.model, batches, causal=causal)
-    losses = trainer.accelerator.gather_for_metrics(losses.to(device))
-    losses = losses[~losses.isnan()].double()
-    return float(losses.std() / math.sqrt(len(losses))) if len(losses) > 1 else None
+    device, model = trainer.args.device, trainer.model
+    batches = ({k: v.to(device) for k, v in batch.items() if k not in skip} for batch in trainer.get_eval_dataloader())
+    training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            losses = row_losses(model, batches, causal=causal)
+    finally:
+        model.train(training)
+    return trainer.accelerator.gather_for_metrics(losses.to(device)).double().cpu()
+
+
+def standard_error(values: torch.Tensor) -> float | None:
+    """The standard error of the mean of ``values`` (NaN entries left out): sample sd over the square root of their
+    count; None below 2 values."""
+    values = values[~values.isnan()].double()
+    return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None
 
 
 def count_shifted_targets(trainer) -> None:

@@ -222,10 +222,20 @@ def _warnings(rows: list[dict]) -> list[str]:
             "picked on its validation rows, which then measured its baseline: a baseline that is the best of many "
             f"noisy draws; pretrain now picks on a separate selection split): {', '.join(chosen)}"
         )
-    noisy = sorted({r["base_id"] for r in rows if NOISY_BASELINE in _codes(r, "warning_codes", "warnings")})
+    noisy = [r for r in rows if NOISY_BASELINE in _codes(r, "warning_codes", "warnings")]
     if noisy:
+        paired = sum(r.get("final_minus_baseline_se") is not None for r in noisy)
+        noise = (
+            "paired over the evaluation rows: the final-minus-intact loss's"
+            if paired == len(noisy)
+            else "the baseline's own: these results predate the paired one, and it overstates the comparison's noise"
+            if paired == 0
+            else f"paired in {paired} runs; the baseline's own, which overstates it, in {len(noisy) - paired}"
+        )
         out.append(
-            f"tolerances under twice the baseline's relative standard error (inside the noise): {', '.join(noisy)}"
+            f"{len(noisy)} of {len(rows)} runs have a tolerance under twice the relative standard error of their "
+            f"recovery comparison ({noise}; a recovery that close is inside the noise), over bases: "
+            + ", ".join(sorted({r["base_id"] for r in noisy}))
         )
     changed = [r["run_id"] for r in rows if not r["frozen_unchanged"]]
     if changed:

@@ -67,9 +67,22 @@ def selected_on(info: dict) -> str | None:
     return "selection split" if (info.get("data_args") or {}).get("selection_fraction") else "evaluation split"
 
 
-def baseline_warnings(selected: str | None, baseline: float | None, se: float | None, tolerance: float | None):
+def baseline_warnings(
+    selected: str | None,
+    baseline: float | None,
+    se: float | None,
+    tolerance: float | None,
+    paired_se: float | None = None,
+) -> list[str]:
     """Warnings on the baseline itself: chosen on its own rows (the best of many noisy draws), or too noisy for the
-    tolerance (relative tolerance under twice the relative standard error: a 'recovery' inside the noise)."""
+    tolerance.
+
+    Noise: a recovery compares the re-learned and the intact model on the same rows, so its noise is ``paired_se``,
+    the standard error of the mean per-row difference between the final and the intact model's loss; the warning
+    fires when the relative tolerance is under twice ``paired_se / baseline`` (a 'recovery' inside the noise). A
+    result without it (written before it was measured) falls back on ``se``, the baseline's own standard error,
+    which also counts how much rows differ from each other and so overstates the noise of the comparison.
+    """
     out = []
     if selected == "evaluation split":
         out.append(
@@ -79,31 +92,38 @@ def baseline_warnings(selected: str | None, baseline: float | None, se: float | 
                 "of many noisy draws and recovery must beat that luck (pretrain with selection_fraction > 0)",
             )
         )
-    if tolerance is not None and se and baseline and tolerance < 2 * se / abs(baseline):
+    noise, what = (paired_se, "the final-minus-intact loss's") if paired_se is not None else (se, "the baseline's")
+    if tolerance is not None and noise and baseline and tolerance < 2 * noise / abs(baseline):
         out.append(
             Caveat(
                 NOISY_BASELINE,
-                f"the tolerance {tolerance:.2%} is under twice the baseline's relative standard error "
-                f"{se / abs(baseline):.2%}: a recovery this close is inside the evaluation noise (evaluate more rows)",
+                f"the tolerance {tolerance:.2%} is under twice {what} relative standard error "
+                f"{noise / abs(baseline):.2%}: a recovery this close is inside the evaluation noise (evaluate more rows)",
             )
         )
     return out
 
 
 def relearn_warnings(
-    original: dict, data_warnings: list[str], baseline: dict, after: dict, threshold: float, args: Any
+    original: dict,
+    data_warnings: list[str],
+    baseline: dict,
+    after: dict,
+    threshold: float,
+    args: Any,
+    paired_se: float | None = None,
 ) -> list[str]:
     """Every warning a relearn's result carries: its base run's, its data's, the baseline's (see
     :func:`baseline_warnings`), and a reset that left the metric within the tolerance already.
 
     ``baseline`` / ``after``: the metrics measured on the intact and on the reset model; ``args``: the run's
-    ``RelearnArguments``.
+    ``RelearnArguments``; ``paired_se``: the standard error of the final-minus-intact loss over the evaluation rows.
     """
     key = args.metric_key
     warnings = list(original.get("warnings", [])) + list(data_warnings)
     tolerance = args.tolerance if args.tolerance_abs is None and key == "eval_loss" else None
     warnings += baseline_warnings(
-        original.get("selected_on"), baseline.get("eval_loss"), baseline.get("eval_loss_se"), tolerance
+        original.get("selected_on"), baseline.get("eval_loss"), baseline.get("eval_loss_se"), tolerance, paired_se
     )
     if first_reach([(0, after[key])], threshold, args.higher_is_better) == 0:
         warnings.append(
@@ -261,6 +281,7 @@ class RelearnResult:
     curve_noise: float | None
     baseline_eval_loss: float | None
     eval_loss_se: float | None
+    final_minus_baseline_se: float | None
     base_selected_on: str | None
     after_reset_eval_loss: float | None
     final_eval_loss: float | None

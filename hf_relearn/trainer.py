@@ -32,7 +32,15 @@ from .config import (
 from .errors import RelearnError
 from .files import CURVE_FILE, RESULT_FILE
 from .io import versions, write_json_atomic
-from .metrics import Teacher, argmax_logits, build_compute_metrics, count_shifted_targets, distill_loss, eval_loss_se
+from .metrics import (
+    Teacher,
+    argmax_logits,
+    build_compute_metrics,
+    count_shifted_targets,
+    distill_loss,
+    eval_row_losses,
+    standard_error,
+)
 from .original_curve import published_curve
 from .plots import plot_curve
 from .prefix_cache import PrefixCache
@@ -50,8 +58,12 @@ from .sharding import numel
 from .surgery import SurgeryReport, reset
 from .trainer_prefix import PrefixCacheMixin
 
+ROW_LOSSES = "eval_row_losses"  # the intact model's per-row losses, kept in the measured baseline (never written)
+
 
 # ----------------------------------------------------------------------------------------------- trainer
+
+
 class RelearnTrainer(PrefixCacheMixin, Trainer):
     """A ``Trainer`` that resets ``args.block``, re-learns it with the rest frozen and reports the cost.
 
@@ -134,6 +146,9 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             out.metrics["relearn_examples_seen"] = self._examples_seen()
         return out
 
+    def _row_losses(self) -> torch.Tensor:
+        return eval_row_losses(self, causal=self.args.objective == "clm", skip=(ROW_COLUMN,))
+
     def _counter(self) -> ExamplesSeen:
         """The live example counter (a resumed run replaces the instance with one restored from the checkpoint)."""
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, ExamplesSeen))
@@ -154,8 +169,11 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             self.teacher = Teacher(copy.deepcopy(self.model))
         if args.objective != "distill" and "baseline" not in self.measured:
             self.measured["baseline"] = self._measure("relearn: baseline (intact model)")
-        if args.objective != "distill" and "eval_loss_se" not in self.measured["baseline"]:
-            self.measured["baseline"]["eval_loss_se"] = eval_loss_se(self, causal=args.objective == "clm")
+        if args.objective != "distill" and ROW_LOSSES not in self.measured["baseline"]:
+            # kept (not written out) so that the final model's rows can be paired with these at the end
+            self.measured["baseline"][ROW_LOSSES] = self._row_losses()
+        if args.objective != "distill" and self.measured["baseline"].get("eval_loss_se") is None:
+            self.measured["baseline"]["eval_loss_se"] = standard_error(self.measured["baseline"][ROW_LOSSES])
         if args.swap_encoder:
             self._swap_encoder()
         else:
@@ -302,6 +320,10 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             self._release_prefix_cache()
         if self.recovery.recovered_step is None:
             stopped = "max_steps"
+        if ROW_LOSSES in self.measured["baseline"]:
+            # the recovery compares two models on the same rows: its noise is that of the per-row differences
+            change = self._row_losses() - self.measured["baseline"][ROW_LOSSES]
+            self.measured["final_minus_baseline_se"] = standard_error(change)
         self.result = self._build_result(stopped=stopped)
         self._write_result()
         if not self.result.frozen_unchanged:  # gathered: a tensor that moved on any process refuses the run
@@ -356,6 +378,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             recovery_window=args.recovery_window,
             baseline_eval_loss=base.get("eval_loss"),
             eval_loss_se=base.get("eval_loss_se"),
+            final_minus_baseline_se=self.measured.get("final_minus_baseline_se"),
             base_selected_on=self._original().get("selected_on"),
             after_reset_eval_loss=after.get("eval_loss"),
             final_eval_loss=evals[-1].get("eval_loss") if evals else after.get("eval_loss"),
@@ -395,7 +418,13 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         orig_steps = args.original_steps or original.get("steps")
         orig_tokens = args.original_tokens or original.get("tokens")
         warnings = relearn_warnings(
-            original, self.data_warnings, self.measured["baseline"], after, self.threshold, args
+            original,
+            self.data_warnings,
+            self.measured["baseline"],
+            after,
+            self.threshold,
+            args,
+            paired_se=self.measured.get("final_minus_baseline_se"),
         )
         published = getattr(self, "original_curve", None)
         orig_curve = published or original.get("curve")

@@ -410,27 +410,38 @@ def test_a_run_handed_its_baseline_trains_exactly_like_one_that_measured_it(gpt2
     assert handed.baseline_eval_loss == measured.baseline_eval_loss
 
 
-def test_the_baseline_standard_error_comes_from_per_row_losses(gpt2_base, tmp_path):
+def test_the_noise_of_a_recovery_comes_from_paired_per_row_losses(gpt2_base, tmp_path):
     from hf_relearn.caveats import NOISY_BASELINE
     from hf_relearn.data import build_datasets, get_tokenizer
     from hf_relearn.modeling import load_model
 
-    result = relearn_run(tmp_path / "a", gpt2_base, "decoder.1", max_steps=5, eval_steps=5)
+    result = relearn_run(tmp_path / "a", gpt2_base, "decoder.1", max_steps=40, eval_steps=5, save_final_model=True)
     # each evaluation row through the model alone, with the model's own loss: nothing shared with the run's code path
     data = json.loads((tmp_path / "a" / "hf_relearn_data.json").read_text())
     _, evaluation, _ = build_datasets(DataArguments(**data), get_tokenizer("auto", str(gpt2_base)), "clm")
-    model = load_model(str(gpt2_base)).eval()
-    with torch.no_grad():
-        rows = torch.tensor(evaluation["input_ids"])
-        losses = torch.stack([model(input_ids=r[None], labels=r[None]).loss for r in rows]).double()
-    assert result.baseline_eval_loss == pytest.approx(losses.mean().item(), rel=1e-5)
-    assert result.eval_loss_se == pytest.approx((losses.std() / len(losses) ** 0.5).item(), rel=1e-4)
+    rows = torch.tensor(evaluation["input_ids"])
+
+    def per_row(folder):
+        model = load_model(str(folder)).eval()
+        with torch.no_grad():
+            return torch.stack([model(input_ids=r[None], labels=r[None]).loss for r in rows]).double()
+
+    intact, final = per_row(gpt2_base), per_row(tmp_path / "a")
+    assert result.baseline_eval_loss == pytest.approx(intact.mean().item(), rel=1e-5)
+    assert result.final_eval_loss == pytest.approx(final.mean().item(), rel=1e-5)
+    assert result.eval_loss_se == pytest.approx((intact.std() / len(rows) ** 0.5).item(), rel=1e-4)
+    change = final - intact
+    assert result.final_minus_baseline_se == pytest.approx((change.std() / len(rows) ** 0.5).item(), rel=1e-4)
+    # rows differ far more from each other than the two models differ on a row: pairing removes that spread
+    assert result.final_minus_baseline_se < 0.5 * result.eval_loss_se
     assert result.base_selected_on == "last step"  # a fixed-budget base: nothing was chosen
-    relative = result.eval_loss_se / result.baseline_eval_loss  # 0.82% on these 117 rows of 64 tokens
-    assert (NOISY_BASELINE in result.warning_codes) == (result.tolerance < 2 * relative)
-    # a tolerance inside the noise is said so; one well outside it is not
-    tight = relearn_run(tmp_path / "b", gpt2_base, "decoder.1", max_steps=5, eval_steps=5, tolerance=relative)
-    loose = relearn_run(tmp_path / "c", gpt2_base, "decoder.1", max_steps=5, eval_steps=5, tolerance=3 * relative)
+    paired = result.final_minus_baseline_se / result.baseline_eval_loss
+    assert (NOISY_BASELINE in result.warning_codes) == (result.tolerance < 2 * paired)
+    # a tolerance inside the paired noise is said so; one well outside it is not, even inside the unpaired one
+    unpaired = result.eval_loss_se / result.baseline_eval_loss
+    kw = dict(max_steps=40, eval_steps=5)
+    tight = relearn_run(tmp_path / "b", gpt2_base, "decoder.1", tolerance=paired, **kw)
+    loose = relearn_run(tmp_path / "c", gpt2_base, "decoder.1", tolerance=min(3 * paired, unpaired), **kw)
     assert NOISY_BASELINE in tight.warning_codes and NOISY_BASELINE not in loose.warning_codes
     assert tight.eval_loss_se == loose.eval_loss_se == result.eval_loss_se
 
@@ -452,3 +463,7 @@ def test_baseline_warnings_name_a_biased_or_noisy_baseline():
     assert [w.code for w in baseline_warnings("selection split", 2.0, 0.011, 0.01)] == [NOISY_BASELINE]
     assert baseline_warnings("selection split", 2.0, 0.0099, 0.01) == []  # 2 x 0.495% < 1%
     assert baseline_warnings("selection split", 2.0, None, 0.01) == baseline_warnings(None, 2.0, 0.5, None) == []
+    # the paired standard error decides when a result has one; the baseline's own is only a fallback
+    assert baseline_warnings("selection split", 2.0, 0.011, 0.01, paired_se=0.0099) == []
+    paired = baseline_warnings("selection split", 2.0, 0.001, 0.01, paired_se=0.011)
+    assert [w.code for w in paired] == [NOISY_BASELINE] and "final-minus-intact" in paired[0]
