@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .arm_registry import get_arm
 from .blocks import Block, BlockMap
 from .errors import RelearnError
 from .surgery import fingerprint, freeze_except
@@ -65,15 +66,15 @@ def apply_trainable(
 ) -> tuple[torch.nn.Module, list[str]]:
     """Make the arm's parameters trainable and freeze the rest; returns (the model, wrapped for LoRA arms, and the
     names of every parameter that may change). Refuses an arm that leaves nothing to train."""
-    if trainable == "all":
+    arm = get_arm(trainable)
+    if arm.trains_everything:
         for p in model.parameters():
             p.requires_grad_(True)
         names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     else:
-        names = freeze_except(model, block) if "block" in trainable.split("+") else freeze_except(model)
-    if "lora-rest" in trainable:
-        train_block = "block" in trainable.split("+")
-        model = wrap_lora_rest(model, block, lora_r, train_block, block_map)
+        names = freeze_except(model, block) if arm.trains_block else freeze_except(model)
+    if arm.lora_rest:
+        model = wrap_lora_rest(model, block, lora_r, arm.trains_block, block_map)
         names = names + [n for n, p in model.named_parameters() if "lora_" in n]
     if not any(p.requires_grad for p in model.parameters()):
         raise RelearnError(f"nothing to train: block {block.name!r} with trainable={trainable!r}")

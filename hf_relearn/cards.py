@@ -13,17 +13,13 @@ import os
 from importlib.resources import files
 from pathlib import Path
 
+from .arm_registry import arm_description
 from .errors import RelearnError
-from .files import ARM_DESCRIPTIONS, DATA_FILE, RESULTS
+from .files import DATA_FILE, RESULTS
 from .io import read_result, read_results
+from .objectives import described_objective
 
 TEMPLATES = Path(str(files("hf_relearn.card_templates")))
-TASKS = {
-    "clm": "text-generation",
-    "mlm": "fill-mask",
-    "seq2seq": "text2text-generation",
-    "distill": "feature-extraction",
-}
 
 
 def _num(x, digits: int = 4) -> str:
@@ -111,7 +107,7 @@ def relearn_card(
         num_parameters=f"{s['num_parameters']:,}",
         init=r["init"],
         seed=r["seed"],
-        arm=ARM_DESCRIPTIONS.get(r["trainable"], r["trainable"]),
+        arm=arm_description(r["trainable"]),
         dataset=dataset,
         objective=r["objective"],
         recovery_sentence=_recovery_sentence(r),
@@ -127,12 +123,12 @@ def _relearn_card_data(r: dict, base: str, name: str, dataset: str):
     """The card's metadata: model-index results (the eval losses Trainer's own card leaves out), tags, source data."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    task = TASKS.get(r["objective"], "text-generation")
+    objective = described_objective(r["objective"])
     is_hub_id = not Path(base).exists() and base.count("/") == 1
     final = r["final_eval_loss"]
 
     def ppl(loss):
-        return math.exp(loss) if loss is not None and r["objective"] != "distill" else None
+        return math.exp(loss) if loss is not None and not objective.distills else None
 
     metrics = [
         ("eval_loss", "eval loss after re-learning", final),
@@ -150,7 +146,7 @@ def _relearn_card_data(r: dict, base: str, name: str, dataset: str):
     ]  # fmt: skip
     eval_results = [
         EvalResult(
-            task_type=task,
+            task_type=objective.card_task,
             dataset_type=dataset,
             dataset_name=dataset,
             dataset_split="validation",
@@ -166,7 +162,7 @@ def _relearn_card_data(r: dict, base: str, name: str, dataset: str):
         model_name=name,
         base_model=base if is_hub_id else None,
         library_name="transformers",
-        pipeline_tag=task if r["objective"] != "distill" else None,
+        pipeline_tag=objective.pipeline_tag,
         tags=[t for t in ("hf-relearn", "relearn", arch) if t],
         eval_results=eval_results,
         **_source_card_data(base),
@@ -190,8 +186,7 @@ def _usage(r: dict, base: str, name: str, only_block: bool) -> str:
             "This repository holds only the re-learned block. Rebuild the model on top of its base:\n\n"
             f"```python\nfrom hf_relearn import load_relearned\n\nmodel = load_relearned({json.dumps(base)}, {json.dumps(name)})\n```"
         )
-    auto = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
-    cls = auto.get(r["objective"], "AutoModel")
+    cls = described_objective(r["objective"]).auto_class
     return f"```python\nfrom transformers import {cls}\n\nmodel = {cls}.from_pretrained({json.dumps(name)})\n```"
 
 

@@ -1,5 +1,5 @@
-"""Examples per objective and their collation: the columns each objective trains on, the masked-LM collator, the
-one-time masking of the MLM evaluation set, and the span corruption of the seq2seq ``denoise`` task.
+"""The pieces objectives build their rows from (``objectives.py``): 🤗 datasets from token arrays, the masked-LM
+collator, the one-time masking of the MLM evaluation set, and the span corruption of the seq2seq ``denoise`` task.
 
 Randomness here never touches the global RNG of Python, numpy or torch: the evaluation set is masked and the
 denoise sources are corrupted from their own seeded generators, so they are the same on every build.
@@ -104,31 +104,3 @@ def mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
         f"seq2seq_task 'denoise' needs a tokenizer with a mask (or unk) token; {type(tokenizer).__name__} has none "
         "(use --tokenizer bytes)"
     )
-
-
-def objective_columns(
-    blocks: np.ndarray,
-    objective: str,
-    task: str = "continue",
-    mask_id: int | None = None,
-    seed: int = 0,
-    target_tokens: int | None = None,
-) -> dict[str, np.ndarray]:
-    """The columns ``objective`` trains on, made from ``blocks`` (rows of token ids), before any MLM masking.
-
-    Guarantees: ``clm``: input_ids, attention_mask and labels (a copy of input_ids); ``seq2seq`` with ``task``
-    ``"continue"``: the first half of each block (``block_size - target_tokens`` tokens when that is given) as
-    input_ids, the rest as labels; with ``"denoise"``: :func:`denoise_source` of the blocks from ``(mask_id, seed)``
-    as input_ids, the blocks as labels; ``mlm`` and ``distill``: input_ids and attention_mask only. The attention
-    mask is all ones and shaped like input_ids.
-    """
-    ones = np.ones_like(blocks)
-    if objective == "clm":
-        return {"input_ids": blocks, "attention_mask": ones, "labels": blocks.copy()}
-    if objective == "seq2seq" and task == "denoise":
-        assert mask_id is not None
-        return {"input_ids": denoise_source(blocks, mask_id, seed), "attention_mask": ones, "labels": blocks.copy()}
-    if objective == "seq2seq":
-        half = blocks.shape[1] // 2 if target_tokens is None else blocks.shape[1] - target_tokens
-        return {"input_ids": blocks[:, :half], "attention_mask": ones[:, :half], "labels": blocks[:, half:]}
-    return {"input_ids": blocks, "attention_mask": ones}  # distill, and mlm before masking

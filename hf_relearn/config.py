@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, TrainingArguments
 
+from .arm_registry import ARMS, DEFAULT_ARM, get_arm
 from .errors import RelearnError
-from .files import OBJECTIVES, PRETRAIN_OBJECTIVES, TRAINABLE
+from .objectives import OBJECTIVES, get_objective, objective_names
 from .prefix_plan import MODES as PREFIX_MODES
 from .result import read_original_run
 
@@ -53,7 +54,7 @@ class RelearnArguments(HfRelearnTrainingArguments):
     init: str = field(default="scratch", metadata={"help": "scratch | zero | checkpoint:PATH"})
     reset_seed: int = field(default=0, metadata={"help": "seed of the reset (identical on every rank)"})
     allow_shared: bool = field(default=False, metadata={"help": "reset tied/shared tensors everywhere they are used"})
-    objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq | distill"})
+    objective: str = field(default="clm", metadata={"help": " | ".join(OBJECTIVES)})
     tolerance: float = field(
         default=0.01,
         metadata={"help": "recovered when metric <= baseline*(1+tolerance) (>= baseline*(1-tol) if higher is better)"},
@@ -103,7 +104,7 @@ class RelearnArguments(HfRelearnTrainingArguments):
         default=None,
         metadata={"help": "folder caching each checkpoint's evaluation (default: HF_HOME/hf_relearn/original_curves)"},
     )
-    trainable: str = field(default="block", metadata={"help": "block | all | lora-rest | block+lora-rest"})
+    trainable: str = field(default=DEFAULT_ARM, metadata={"help": " | ".join(ARMS)})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank for the lora-rest arms"})
     swap_encoder: str | None = field(
         default=None,
@@ -160,10 +161,8 @@ class RelearnArguments(HfRelearnTrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.objective not in OBJECTIVES:
-            raise RelearnError(f"objective {self.objective!r} unknown; choose one of {', '.join(OBJECTIVES)}")
-        if self.trainable not in TRAINABLE:
-            raise RelearnError(f"trainable {self.trainable!r} unknown; choose one of {', '.join(TRAINABLE)}")
+        get_objective(self.objective)  # an unknown name fails here, naming the registered ones
+        get_arm(self.trainable)
         if not self.tolerance > 0:
             raise RelearnError(f"tolerance must be > 0 (a relative tolerance such as 0.01), got {self.tolerance}")
         if self.tolerance_abs is not None and not self.tolerance_abs > 0:
@@ -194,9 +193,9 @@ class RelearnArguments(HfRelearnTrainingArguments):
         if self.original_checkpoints:
             from .original_curve import parse_checkpoints
 
-            if self.objective == "distill" or self.metric_key != "eval_loss":
+            if get_objective(self.objective).distills or self.metric_key != "eval_loss":
                 raise RelearnError(
-                    "original_checkpoints give a curve of eval_loss; not with distill or another metric"
+                    f"original_checkpoints give a curve of eval_loss; not with {self.objective} or another metric"
                 )
             parse_checkpoints(self.original_checkpoints, self.original_revisions)  # syntax only: no network yet
         check_swap_warmup(self)
@@ -215,8 +214,8 @@ class RelearnArguments(HfRelearnTrainingArguments):
             flag
             for flag, used in (
                 ("--swap_encoder", bool(self.swap_encoder)),
-                (f"--trainable {self.trainable}", "lora" in self.trainable),
-                ("--objective distill", self.objective == "distill"),
+                (f"--trainable {self.trainable}", get_arm(self.trainable).lora_rest),
+                (f"--objective {self.objective}", get_objective(self.objective).distills),
             )
             if used
         ]
@@ -323,7 +322,7 @@ class ModelArguments:
 class PretrainArguments(HfRelearnTrainingArguments):
     """``TrainingArguments`` for a base run whose budget and validation curve are recorded."""
 
-    objective: str = field(default="clm", metadata={"help": "clm | mlm | seq2seq"})
+    objective: str = field(default="clm", metadata={"help": " | ".join(objective_names(pretrainable=True))})
     eval_steps: float | None = field(default=50, metadata={"help": "evaluate every N steps"})
     logging_steps: float = field(default=50, metadata={"help": "log every N steps"})
     until_converged: bool = field(
@@ -352,9 +351,9 @@ class PretrainArguments(HfRelearnTrainingArguments):
         if self.until_converged:
             self._converge_settings()
         super().__post_init__()
-        if self.objective not in PRETRAIN_OBJECTIVES:
+        if not get_objective(self.objective).pretrainable:
             raise RelearnError(
-                f"pretrain objective {self.objective!r}: choose one of {', '.join(PRETRAIN_OBJECTIVES)}"
+                f"pretrain objective {self.objective!r}: choose one of {', '.join(objective_names(pretrainable=True))}"
             )
 
     def _converge_settings(self) -> None:

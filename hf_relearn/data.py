@@ -20,7 +20,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-from transformers import PreTrainedTokenizerBase, default_data_collator
+from transformers import PreTrainedTokenizerBase
 
 from .collators import (  # noqa: F401
     DENOISE_MEAN_SPAN,
@@ -30,12 +30,11 @@ from .collators import (  # noqa: F401
     denoise_source,
     mask_once,
     mask_token_id,
-    objective_columns,
     to_dataset,
 )
 from .corpora import generated_corpus, stdlib_corpus  # noqa: F401
 from .errors import RelearnError
-from .files import OBJECTIVES as _OBJECTIVES
+from .objectives import get_objective
 from .texts import FILE_BUILDERS as _FILE_BUILDERS
 from .texts import Text, cut_blocks, load_file, load_hub, split_streams
 from .tokenization import byte_tokenizer, get_tokenizer, has_tokenizer_files  # noqa: F401
@@ -233,34 +232,22 @@ def build_splits(args: DataArguments, tokenizer: PreTrainedTokenizerBase, object
     ``max_eval_samples`` blocks. With ``selection_fraction`` 0 there is no selection split and the evaluation split
     is every validation block (the rows then both choose a checkpoint and measure it).
     """
-    if objective not in _OBJECTIVES:
-        raise RelearnError(f"unknown objective {objective!r}; choose one of {', '.join(_OBJECTIVES)}")
-    if objective == "mlm" and tokenizer.mask_token is None:
-        raise RelearnError(
-            f"objective 'mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} "
-            f"({tokenizer.name_or_path or 'unnamed'}) has none (use --tokenizer bytes or an MLM model's tokenizer)"
-        )
+    spec = get_objective(objective)
+    spec.check_tokenizer(tokenizer)
     train_stream, eval_stream = _split_streams(args, tokenizer)
     train_blocks = cut_blocks(train_stream, args.block_size)[: args.max_train_samples]
     validation = cut_blocks(eval_stream, args.block_size)
     chosen = selection_rows(len(validation), args.selection_fraction)
     eval_blocks = validation[~chosen][: args.max_eval_samples]
-    task, mask_id = args.seq2seq_task, None
-    if objective == "seq2seq" and task == "denoise":
-        mask_id = mask_token_id(tokenizer)
-    target = args.seq2seq_target_tokens
-    train_dataset = to_dataset(objective_columns(train_blocks, objective, task, mask_id, args.corpus_seed, target))
+    train_dataset = to_dataset(spec.columns(train_blocks, tokenizer, args.corpus_seed, args))
 
     def held_out(blocks: np.ndarray, seed: int) -> datasets.Dataset:
-        if objective != "mlm":
-            return to_dataset(objective_columns(blocks, objective, task, mask_id, seed + 1, target))
-        masked, labels = mask_once(blocks, tokenizer, seed)
-        return to_dataset({"input_ids": masked, "attention_mask": np.ones_like(masked), "labels": labels})
+        return to_dataset(spec.held_out_columns(blocks, tokenizer, seed, args))
 
     selection = None
     if args.selection_fraction:  # its own masking / noise draws: nothing of the evaluation rows is reused
         selection = held_out(validation[chosen][: args.max_eval_samples], args.corpus_seed + 7919)
-    collator = MaskedLMCollator(tokenizer) if objective == "mlm" else default_data_collator
+    collator = spec.collator(tokenizer)
     return Splits(train_dataset, selection, held_out(eval_blocks, args.corpus_seed), collator)
 
 

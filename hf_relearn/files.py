@@ -1,4 +1,4 @@
-"""Names shared by every layer: the files a run or study writes, the objectives and the trainable arms.
+"""Names shared by every layer: the files a run or study writes, arm names with a variant, the grid's config keys.
 
 Imports nothing from the package (and no torch), so the report and any tool can read them.
 """
@@ -13,11 +13,6 @@ CURVE_FILE = "relearn_curve.png"  # a run's recovery curve
 BLOCK_FILE = "block.safetensors"  # a block-only upload's tensors
 CLAIMS = ".claims"  # a study's claims: one empty-ish file per base or run a process has taken (removed at the end)
 
-OBJECTIVES = ("clm", "mlm", "seq2seq", "distill")
-PRETRAIN_OBJECTIVES = ("clm", "mlm", "seq2seq")  # distill needs a teacher: the model before surgery
-
-TRAINABLE = ("block", "all", "lora-rest", "block+lora-rest")
-
 
 def with_variant(arm: str, variant: str | None) -> str:
     """An arm's name when it runs the study's variant ``variant`` of the relearn settings (``ARM@VARIANT``); the arm
@@ -30,19 +25,6 @@ def split_variant(arm: str) -> tuple[str, str | None]:
     base, _, variant = arm.partition("@")
     return base, variant or None
 
-
-ARM_LABELS = {
-    "block": "only the block",
-    "all": "everything trainable",
-    "lora-rest": "LoRA on the rest (block frozen)",
-    "block+lora-rest": "block + LoRA on the rest",
-}
-ARM_DESCRIPTIONS = {  # the same arms in a model card's words
-    "block": "only this block trainable (everything else frozen)",
-    "all": "every parameter trainable",
-    "lora-rest": "the block frozen at random and LoRA adapters on every other layer",
-    "block+lora-rest": "this block trainable plus LoRA adapters on every other layer",
-}
 
 # config fields a study's grid may vary: depth (number of layers) and width (hidden size), per architecture
 DEPTH_KEYS = ("n_layer", "num_hidden_layers", "num_layers")

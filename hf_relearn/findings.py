@@ -11,7 +11,9 @@ import math
 import statistics
 from collections import defaultdict
 
-from .files import ARM_LABELS, split_variant, with_variant
+from .arm_registry import DEFAULT_ARM
+from .arm_registry import arm_label as registered_label
+from .files import split_variant, with_variant
 from .grid_findings import (
     arm_words,
     damage_relative,
@@ -208,7 +210,7 @@ def _layer_cost_words(rows: list[dict]) -> list[str]:
     from .survival import summarise as km
 
     out = []
-    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("original_steps")]
+    runs = [r for r in layer_runs(rows) if row_arm(r) == DEFAULT_ARM and r.get("original_steps")]
     first = rows[0]
     by_grid: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
@@ -263,7 +265,7 @@ def _unrecovered_words(summary: list[dict]) -> list[str]:
 def arm_label(arm: str) -> str:
     """An arm in words: its trainable set, and the variant of the relearn settings it ran (``@NAME``) if any."""
     trainable, variant = split_variant(arm)
-    return ARM_LABELS.get(trainable, trainable) + (f"; relearn settings '{variant}'" if variant else "")
+    return registered_label(trainable) + (f"; relearn settings '{variant}'" if variant else "")
 
 
 def _arm_words(summary: list[dict]) -> list[str]:
@@ -280,7 +282,9 @@ def _arm_words(summary: list[dict]) -> list[str]:
         pairs = [(a, b) for (a, a_reached), (b, b_reached) in both if a_reached and b_reached]
         if pairs and sum(b for _, b in pairs):
             ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
-            what = "training only the block" if ref == "block" else f"'{ref}' with the recipe's own relearn settings"
+            what = (
+                "training only the block" if ref == DEFAULT_ARM else f"'{ref}' with the recipe's own relearn settings"
+            )
             left_out = (
                 f"; {len(both) - len(pairs)} more where a median was not reached" if len(both) > len(pairs) else ""
             )

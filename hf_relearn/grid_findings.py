@@ -14,7 +14,9 @@ from collections import defaultdict
 
 import numpy as np
 
+from .arm_registry import DEFAULT_ARM
 from .files import DEPTH_KEYS, WIDTH_KEYS, split_variant, with_variant
+from .objectives import described_objective
 from .stats import mean_sd, percent
 from .survival import MIN_BASES, Outcome, paired, per_base, rank_correlation, ratio, summarise, trend
 
@@ -77,7 +79,7 @@ def row_arm(row: dict) -> str:
 def reference_arm(arm: str) -> str:
     """The arm another is compared with: a variant's arm under the recipe's own settings, else ``block``."""
     own, variant = split_variant(arm)
-    return own if variant else "block"
+    return own if variant else DEFAULT_ARM
 
 
 def _key(grid: dict, keys: tuple[str, ...]) -> str | None:
@@ -167,7 +169,7 @@ def _effect_words(rows: list[dict], vary: tuple[str, ...], fixed: tuple[str, ...
     """For each value of the ``fixed`` key and each position class: the cost at each value of the ``vary`` key
     (Kaplan-Meier), a permutation test over bases of whether it follows the value, and the cost ratio per doubling
     with its interval (Weibull AFT on per-base outcomes)."""
-    runs = [r for r in _costed(layer_runs(rows)) if row_arm(r) == "block"]
+    runs = [r for r in _costed(layer_runs(rows)) if row_arm(r) == DEFAULT_ARM]
     out = []
     by_fixed: dict[object, list[dict]] = defaultdict(list)
     for r in runs:
@@ -235,7 +237,7 @@ def repaired_by_layer(runs: list[dict]) -> dict[int, list[float]]:
 def damage_relative(row: dict) -> bool:
     """Whether a run's tolerance is a share of the reset's damage, not of the intact loss (distill: the intact loss
     is 0; see ``result.recovery_threshold``)."""
-    return row["objective"] == "distill" and not row["baseline_eval_loss"]
+    return described_objective(row["objective"]).distills and not row["baseline_eval_loss"]
 
 
 def fixed_budget(rows: list[dict]) -> bool:

@@ -9,23 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RelearnError
-
-
-def distill_loss(student_out, teacher_out, mask: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
-    """The distill objective per token, averaged over non-padding tokens: KL(teacher || student) of the softmax at
-    ``temperature`` (scaled by T^2, so gradients keep their size), or, for a model without a head, the MSE of the
-    last hidden states."""
-    if getattr(student_out, "logits", None) is not None:
-        t = temperature
-        log_p_student = F.log_softmax(student_out.logits.float() / t, dim=-1)
-        log_p_teacher = F.log_softmax(teacher_out.logits.float() / t, dim=-1)
-        per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * t * t
-    else:  # a model without a head (sentence encoders): match the last hidden states
-        per_token = (student_out.last_hidden_state.float() - teacher_out.last_hidden_state.float()).pow(2).mean(-1)
-    if mask is None:
-        return per_token.mean()
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+from .objectives import get_objective
 
 
 class Teacher:
@@ -71,10 +55,14 @@ def build_compute_metrics(names: list[str], objective: str):
 
     ``accuracy`` is built in (token accuracy); any other name is loaded with ``evaluate.load`` (a local module folder
     or file works offline; a Hub name needs the network) and called as ``compute(predictions=..., references=...)``.
-    For ``clm`` the prediction at position t is compared with the label at t+1, as the model's loss does.
+    For an objective that shifts labels (``clm``) the prediction at position t is compared with the label at t+1, as
+    the model's loss does.
     """
-    if objective == "distill":
-        raise RelearnError("metrics need labels; the distill objective has none (its recovery metric is the loss)")
+    spec = get_objective(objective)
+    if spec.distills:
+        raise RelearnError(
+            f"metrics need labels; the {objective} objective has none (its recovery metric is the loss)"
+        )
     modules = []
     for name in names:
         if name == "accuracy":
@@ -94,7 +82,7 @@ def build_compute_metrics(names: list[str], objective: str):
         import numpy as np
 
         preds, labels = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
-        if objective == "clm":
+        if spec.shifts_labels:
             preds, labels = preds[..., :-1], labels[..., 1:]
         keep = labels != -100
         preds, labels = preds[keep], labels[keep]
@@ -139,15 +127,18 @@ def eval_row_losses(trainer, causal: bool, skip: tuple[str, ...] = ()) -> torch.
     model's train/eval mode and the global RNG are left as they were (iterating a DataLoader draws from it).
     """
     device, model = trainer.args.device, trainer.model
-    batches = ({k: v.to(device) for k, v in batch.items() if k not in skip} for batch in trainer.get_eval_dataloader())
-    training = model.training
+    training, gathered = model.training, []
     model.eval()
     try:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            losses = row_losses(model, batches, causal=causal)
+            for batch in trainer.get_eval_dataloader():
+                inputs = {k: v.to(device) for k, v in batch.items() if k not in skip}
+                # per batch, inside the loop: gather_for_metrics drops the padding of the last batch only there
+                losses = row_losses(model, [inputs], causal=causal)
+                gathered.append(trainer.accelerator.gather_for_metrics(losses.to(device)).double().cpu())
     finally:
         model.train(training)
-    return trainer.accelerator.gather_for_metrics(losses.to(device)).double().cpu()
+    return torch.cat(gathered) if gathered else torch.zeros(0, dtype=torch.float64)
 
 
 def standard_error(values: torch.Tensor) -> float | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .caveats import NOISY_BASELINE, RESET_BARELY_MATTERED, UNIGRAM_LEVEL, codes_of
 from .errors import RelearnError
-from .files import ARM_LABELS, RESULTS  # noqa: F401  (ARM_LABELS re-exported: hf_relearn.report.ARM_LABELS)
+from .files import RESULTS
 from .findings import (  # noqa: F401  (re-exported: hf_relearn.report.summarise, ...)
     answer_in_words,
     run_arm,

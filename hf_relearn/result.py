@@ -21,9 +21,11 @@ from .caveats import (
     UNIGRAM_LEVEL,
     Caveat,
     attach_codes,
+    codes_of,
 )
 from .errors import RelearnError
 from .files import RUN_FILE
+from .objectives import get_objective
 
 
 def read_original_run(path: str | Path) -> dict[str, Any]:
@@ -134,6 +136,65 @@ def relearn_warnings(
             )
         )
     return warnings
+
+
+def recovery_figures(
+    args: Any,
+    evals: list[dict],
+    measured: dict,
+    threshold: float,
+    original: dict,
+    data_warnings: list[str],
+    published: list | None = None,
+) -> dict:
+    """A result's curve, recovery step, its examples and tokens, the original budget and its share, and warnings.
+
+    ``args``: the run's ``RelearnArguments``; ``evals``: the log-history entries with the recovery metric;
+    ``measured``: the ``baseline``, ``after_reset`` (and ``final_minus_baseline_se``) measurements; ``original``:
+    the base run (:func:`read_original_run`); ``published``: the original curve from published checkpoints, if any.
+    """
+    key = args.metric_key
+    after = measured["after_reset"]
+    curve = [(0, after[key])] + [(e["step"], e[key]) for e in evals]
+    step = first_reach(curve, threshold, args.higher_is_better, args.patience, args.recovery_window)
+    at = {0: {"relearn_examples_seen": 0, "num_input_tokens_seen": 0}} | {e["step"]: e for e in evals}
+    tokens_at = at[step].get("num_input_tokens_seen") if step is not None else None
+    orig_steps = args.original_steps or original.get("steps")
+    orig_tokens = args.original_tokens or original.get("tokens")
+    warnings = relearn_warnings(
+        original,
+        data_warnings,
+        measured["baseline"],
+        after,
+        threshold,
+        args,
+        paired_se=measured.get("final_minus_baseline_se"),
+    )
+    orig_curve = published or original.get("curve")
+    orig_steps = orig_steps or (published[-1][0] if published else None)
+    orig_same = first_reach(orig_curve, threshold, False) if orig_curve and key == "eval_loss" else None
+    per_step = args.original_tokens_per_step
+    orig_same_tokens = original.get("tokens_at", {}).get(orig_same) if orig_same is not None else None
+    if orig_same is not None and per_step:
+        orig_same_tokens = orig_same * per_step
+    orig_tokens = orig_tokens or (orig_steps * per_step if orig_steps and per_step else None)
+    return dict(
+        curve=[[s, v] for s, v in curve],
+        curve_noise=curve_noise(curve),
+        recovered=step is not None,
+        steps_to_recover=step,
+        examples_to_recover=at[step]["relearn_examples_seen"] if step is not None else None,
+        tokens_to_recover=tokens_at,
+        original_steps=orig_steps,
+        original_tokens=orig_tokens,
+        fraction_of_original=step / orig_steps if step is not None and orig_steps else None,
+        fraction_of_original_tokens=tokens_at / orig_tokens if tokens_at is not None and orig_tokens else None,
+        original_steps_to_same_loss=orig_same,
+        original_tokens_to_same_loss=orig_same_tokens,
+        original_curve=[[st, v] for st, v in published] if published else None,
+        warnings=warnings,
+        warning_codes=codes_of(warnings),
+    )
 
 
 def base_run_warnings(
@@ -255,7 +316,7 @@ def recovery_threshold(baseline: float, after_reset: float, args: Any) -> float:
     sign = 1 if args.higher_is_better else -1
     if args.tolerance_abs is not None:
         return baseline - sign * args.tolerance_abs
-    if args.objective == "distill" and args.metric_key == "eval_loss":
+    if get_objective(args.objective).distills and args.metric_key == "eval_loss":
         # the teacher is the model itself, so its baseline distill loss is 0: recovered when the damage is
         # repaired to within `tolerance` of how far the reset moved it
         return baseline + args.tolerance * (after_reset - baseline)

@@ -33,6 +33,7 @@ from .errors import RelearnError
 from .files import CLAIMS, RESULT_FILE, RESULTS, RUN_FILE
 from .io import read_results  # noqa: F401  (re-exported: hf_relearn.study.read_results)
 from .io import write_results as _write_results
+from .objectives import described_objective
 from .prefix_cache import PrefixCache
 from .recipe import (  # noqa: F401  (re-exported: hf_relearn.study.Recipe, ...)
     RECIPE_KEYS,
@@ -340,7 +341,7 @@ def _work(
             prefix_cache=cache,
             baseline=baselines.get((base.id, run.variant)),
         )
-        if result["objective"] != "distill":  # the same base, data and evaluation settings give the same numbers
+        if not described_objective(result["objective"]).distills:  # same base, data and evaluation: same numbers
             key = eval_key(result["recovery_metric"])
             baselines[(base.id, run.variant)] = {
                 "eval_loss": result["baseline_eval_loss"],

@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+from .arm_registry import DEFAULT_ARM
 from .findings import _grid_label, arm_label, run_arm, run_label
 from .grid_findings import (
     POSITIONS,
@@ -107,7 +108,7 @@ def _curves_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
         rs = [
             r
             for r in rows
-            if json.dumps(r["grid"], sort_keys=True) == grid and row_arm(r) == "block" and r["init"] == "scratch"
+            if json.dumps(r["grid"], sort_keys=True) == grid and row_arm(r) == DEFAULT_ARM and r["init"] == "scratch"
         ]
         if not rs:
             rs = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
@@ -233,7 +234,7 @@ def _survival_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
     stopped without coming back. The curves' points are written beside it (recovery_by_position.csv)."""
     from lifelines import KaplanMeierFitter
 
-    runs = [r for r in layer_runs(rows) if row_arm(r) == "block" and r.get("original_steps")]
+    runs = [r for r in layer_runs(rows) if row_arm(r) == DEFAULT_ARM and r.get("original_steps")]
     grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in runs))
     if not runs:
         return []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from .arm_registry import DEFAULT_ARM
 from .stats import percent
 from .survival import Outcome, median_or_bound
 
@@ -201,7 +202,9 @@ def swap_answer(summary: list[dict]) -> list[str]:
     if not swaps:
         return []
     out = []
-    blocks = [s for s in summary if not s["swap"] and s["block"].endswith(".cross_attention") and s["arm"] == "block"]
+    blocks = [
+        s for s in summary if not s["swap"] and s["block"].endswith(".cross_attention") and s["arm"] == DEFAULT_ARM
+    ]
     one = next((s for s in blocks if s["layer"] is not None), None)
     every = next((s for s in blocks if s["layer"] is None), None)
     budget = swaps[0]["original_steps"]

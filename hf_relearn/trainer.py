@@ -24,7 +24,6 @@ from .arms import apply_trainable, digest_int, normalised_fingerprint
 from .blocks import BlockMap
 from .callbacks import ExamplesSeen, RecoveryCallback, SwapWarmupCallback
 from .cards import relearn_card
-from .caveats import codes_of
 from .config import (
     RelearnArguments,
     check_swap_warmup,
@@ -37,21 +36,19 @@ from .metrics import (
     argmax_logits,
     build_compute_metrics,
     count_shifted_targets,
-    distill_loss,
     eval_row_losses,
     standard_error,
 )
+from .objectives import get_objective
 from .original_curve import published_curve
 from .plots import plot_curve
 from .prefix_cache import PrefixCache
 from .prefix_plan import ROW_COLUMN, RowCollator, with_row_index
 from .result import (
     RelearnResult,
-    curve_noise,
-    first_reach,
     read_original_run,
+    recovery_figures,
     recovery_threshold,
-    relearn_warnings,
     unigram_warning,
 )
 from .sharding import numel
@@ -90,6 +87,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         # the run's one block map: surgery, arms and the prefix plan all read it; rebuilt only after an encoder swap
         self.block_map = BlockMap(model)
         self.block = self.block_map.resolve(args.block)  # bad names fail before anything runs
+        self.objective = get_objective(args.objective)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if args.metrics and kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = build_compute_metrics(args.metrics, args.objective)
@@ -98,7 +96,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         count_shifted_targets(self)
         args.refuse_when_sharded(self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        if args.objective == "distill":
+        if self.objective.distills:
             self.label_names = []
         self.teacher: Teacher | None = teacher  # distill: the intact model, made in prepare_relearn unless given
         self.surgery: SurgeryReport | None = None
@@ -147,7 +145,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         return out
 
     def _row_losses(self) -> torch.Tensor:
-        return eval_row_losses(self, causal=self.args.objective == "clm", skip=(ROW_COLUMN,))
+        return eval_row_losses(self, causal=self.objective.shifts_labels, skip=(ROW_COLUMN,))
 
     def _counter(self) -> ExamplesSeen:
         """The live example counter (a resumed run replaces the instance with one restored from the checkpoint)."""
@@ -165,14 +163,15 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         self.model.eval()
         if args.original_checkpoints:  # every revision checked and evaluated before any surgery or training
             self.original_curve = published_curve(self.model, self.eval_dataset, self.data_collator, args)
-        if args.objective == "distill" and self.teacher is None:
+        distills = self.objective.distills
+        if distills and self.teacher is None:
             self.teacher = Teacher(copy.deepcopy(self.model))
-        if args.objective != "distill" and "baseline" not in self.measured:
+        if not distills and "baseline" not in self.measured:
             self.measured["baseline"] = self._measure("relearn: baseline (intact model)")
-        if args.objective != "distill" and ROW_LOSSES not in self.measured["baseline"]:
+        if not distills and ROW_LOSSES not in self.measured["baseline"]:
             # kept (not written out) so that the final model's rows can be paired with these at the end
             self.measured["baseline"][ROW_LOSSES] = self._row_losses()
-        if args.objective != "distill" and self.measured["baseline"].get("eval_loss_se") is None:
+        if not distills and self.measured["baseline"].get("eval_loss_se") is None:
             self.measured["baseline"]["eval_loss_se"] = standard_error(self.measured["baseline"][ROW_LOSSES])
         if args.swap_encoder:
             self._swap_encoder()
@@ -187,7 +186,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             )
             self._apply_trainable()
         self._setup_prefix_cache()
-        if args.objective == "distill" and not isinstance(self.data_collator, RowCollator):
+        if distills and not isinstance(self.data_collator, RowCollator):
             # the teacher keeps its outputs per evaluation row: batches carry their rows' indices without a cache too
             self.eval_dataset = with_row_index(self.eval_dataset)
             self.data_collator = RowCollator(self.data_collator)
@@ -196,7 +195,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             [self._frozen_before[n] for n in sorted(self.surgery.tensors) if n in self._frozen_before]
         )
         self.measured["after_reset"] = self._measure("relearn: after reset")
-        if args.objective == "distill":
+        if distills:  # the teacher is the intact model: its distill loss is 0
             self.measured["baseline"] = {args.metric_key: 0.0, "eval_loss": 0.0}
         baseline = self.measured["baseline"][args.metric_key]
         after = self.measured["after_reset"][args.metric_key]
@@ -250,7 +249,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
 
     def _unigram_warning(self, baseline: float) -> list[str]:
         """A base no better than a unigram model of its data learned nothing a reset could remove."""
-        if self.args.objective not in ("clm", "mlm") or self.args.metric_key != "eval_loss":
+        if not self.objective.compares_with_unigram or self.args.metric_key != "eval_loss":
             return []
         from .data import unigram_loss
 
@@ -265,27 +264,22 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         self.model = self.model_wrapped = model
 
     # ---------------------------------------------------------------- losses
-    def _distill_loss(self, model, inputs, rows: torch.Tensor | None = None) -> torch.Tensor:
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        teacher_out = self.teacher.outputs(inputs, rows)
-        student_out = model(**inputs)
-        return distill_loss(student_out, teacher_out, inputs.get("attention_mask"), self.args.distill_temperature)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop(ROW_COLUMN, None)
         split = "train" if model.training else "eval"
         serving = rows is not None and self.prefix_cache is not None and split in self._prefix_splits
         with self._serving_prefix(inputs, rows, split) if serving else contextlib.nullcontext():
-            if self.args.objective == "distill":
-                loss = self._distill_loss(model, inputs, rows if split == "eval" else None)
+            loss = self.objective.loss(self, model, inputs, rows if split == "eval" else None)
+            if loss is not None:  # the objective's own loss: there are no outputs to return beside it
                 return (loss, None) if return_outputs else loss
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if self.args.objective != "distill":
+        if not self.objective.distills:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # no labels: the Trainer would not compute a loss, so the objective's is the evaluation's only output
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
@@ -407,50 +401,14 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         return self._original_run
 
     def _recovery_figures(self, evals: list[dict]) -> dict:
-        """Curve, recovery step, its examples and tokens, the original budget and its share, warnings."""
-        args, key = self.args, self.args.metric_key
-        after = self.measured["after_reset"]
-        curve = [(0, after[key])] + [(e["step"], e[key]) for e in evals]
-        step = first_reach(curve, self.threshold, args.higher_is_better, args.patience, args.recovery_window)
-        at = {0: {"relearn_examples_seen": 0, "num_input_tokens_seen": 0}} | {e["step"]: e for e in evals}
-        tokens_at = at[step].get("num_input_tokens_seen") if step is not None else None
-        original = self._original()
-        orig_steps = args.original_steps or original.get("steps")
-        orig_tokens = args.original_tokens or original.get("tokens")
-        warnings = relearn_warnings(
-            original,
-            self.data_warnings,
-            self.measured["baseline"],
-            after,
+        return recovery_figures(
+            self.args,
+            evals,
+            self.measured,
             self.threshold,
-            args,
-            paired_se=self.measured.get("final_minus_baseline_se"),
-        )
-        published = getattr(self, "original_curve", None)
-        orig_curve = published or original.get("curve")
-        orig_steps = orig_steps or (published[-1][0] if published else None)
-        orig_same = first_reach(orig_curve, self.threshold, False) if orig_curve and key == "eval_loss" else None
-        per_step = args.original_tokens_per_step
-        orig_same_tokens = original.get("tokens_at", {}).get(orig_same) if orig_same is not None else None
-        if orig_same is not None and per_step:
-            orig_same_tokens = orig_same * per_step
-        orig_tokens = orig_tokens or (orig_steps * per_step if orig_steps and per_step else None)
-        return dict(
-            curve=[[s, v] for s, v in curve],
-            curve_noise=curve_noise(curve),
-            recovered=step is not None,
-            steps_to_recover=step,
-            examples_to_recover=at[step]["relearn_examples_seen"] if step is not None else None,
-            tokens_to_recover=tokens_at,
-            original_steps=orig_steps,
-            original_tokens=orig_tokens,
-            fraction_of_original=step / orig_steps if step is not None and orig_steps else None,
-            fraction_of_original_tokens=tokens_at / orig_tokens if tokens_at is not None and orig_tokens else None,
-            original_steps_to_same_loss=orig_same,
-            original_tokens_to_same_loss=orig_same_tokens,
-            original_curve=[[st, v] for st, v in published] if published else None,
-            warnings=warnings,
-            warning_codes=codes_of(warnings),
+            self._original(),
+            self.data_warnings,
+            getattr(self, "original_curve", None),
         )
 
     def _frozen_verdict(self) -> tuple[list[str], bool, bool]:

@@ -3,7 +3,9 @@ surgery, serving batches through it, and releasing it. The cache itself lives in
 
 from __future__ import annotations
 
+from .arm_registry import get_arm
 from .errors import RelearnError
+from .objectives import get_objective
 from .prefix_cache import PrefixCache
 from .prefix_plan import ROW_COLUMN, RowCollator, active_dropout, plan_prefix, with_row_index
 
@@ -16,14 +18,14 @@ class PrefixCacheMixin:
         args = self.args
         if args.swap_encoder:
             return "an encoder swap changes the encoder itself", set()
-        if args.trainable != "block":
+        if not get_arm(args.trainable).only_the_block:
             return f"trainable={args.trainable}: layers below the block train too", set()
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             return "FSDP / DeepSpeed shard the frozen layers, so they cannot be run alone to fill the cache", set()
         if args.gradient_checkpointing:
             return "gradient checkpointing re-runs layers in backward; use one or the other", set()
-        # training batches of the mlm objective are masked at random each time: only evaluation rows repeat
-        splits = {"eval"} if args.objective == "mlm" else {"train", "eval"}
+        # training batches masked at random each time (mlm) never repeat: only evaluation rows do
+        splits = {"eval"} if get_objective(args.objective).masks_each_batch else {"train", "eval"}
         return None, splits
 
     def _setup_prefix_cache(self) -> None:

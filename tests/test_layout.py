@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_relearn"
 # each module's layer; a module may import only from its own layer or below (and never in a cycle)
 LAYERS: dict[str, int] = {
     # 0: names, errors, files on disk (no torch)
-    "errors": 0, "files": 0, "caveats": 0, "io": 0, "stats": 0, "survival": 0,
+    "errors": 0, "files": 0, "arm_registry": 0, "caveats": 0, "io": 0, "stats": 0, "survival": 0,
     # 1: models, block names, data
-    "modeling": 1, "sharding": 1, "blocks": 1, "data": 1, "tokenizers": 1, "tokenization": 1, "corpora": 1, "texts": 1, "collators": 1,
+    "objectives": 1, "modeling": 1, "sharding": 1, "blocks": 1, "data": 1, "tokenizers": 1, "tokenization": 1, "corpora": 1, "texts": 1, "collators": 1,
     # 2: what is done to a model: surgery, swaps, the frozen-prefix plan and cache
     "surgery": 2, "swap": 2, "prefix_plan": 2, "prefix_cache": 2,
     # 3: arguments, results, callbacks, metrics, arms; cards and plots (values in, files out)

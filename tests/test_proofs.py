@@ -209,7 +209,7 @@ def test_a_base_at_unigram_level_is_flagged(tmp_path):
 def test_distill_kl_matches_the_formula_and_scales_with_temperature():
     from types import SimpleNamespace
 
-    from hf_relearn.metrics import distill_loss
+    from hf_relearn.objectives import distill_loss
 
     teacher = SimpleNamespace(logits=torch.tensor([[[2.0, 0.0, -1.0]]]))
     student = SimpleNamespace(logits=torch.tensor([[[0.5, 0.5, 0.0]]]))
