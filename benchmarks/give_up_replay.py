@@ -32,8 +32,8 @@ import math
 from pathlib import Path
 
 from hf_relearn.grid_findings import higher_is_better
-from hf_relearn.io import read_results
 from hf_relearn.result import stretch_start
+from hf_relearn.storage import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import json
 
 from scipy import stats
 
-from hf_relearn.io import read_results
+from hf_relearn.storage import read_results
 
 
 def main() -> None:

@@ -28,9 +28,10 @@ import torch
 from transformers import Trainer
 
 from hf_relearn.config import HfRelearnTrainingArguments, RelearnArguments
-from hf_relearn.data import DataArguments, build_datasets, byte_tokenizer
+from hf_relearn.data import DataArguments, build_datasets
 from hf_relearn.modeling import load_model
 from hf_relearn.runner import _quiet
+from hf_relearn.tokenization import byte_tokenizer
 from hf_relearn.trainer import RelearnTrainer
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the cache is exact (and on by default) then
@@ -302,7 +303,8 @@ def sweep(args) -> dict:
     """Wall time of a small study's L-sweep (every layer re-learned to recovery) vs its base training."""
     import shutil
 
-    from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain, relearn
+    from hf_relearn.config import ModelArguments, PretrainArguments
+    from hf_relearn.runner import pretrain, relearn
 
     tmp = Path(tempfile.mkdtemp(prefix="relearn-sweep-"))
     overrides, data = _config(args)

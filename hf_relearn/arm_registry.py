@@ -61,6 +61,18 @@ def arm_description(name: str) -> str:
     return ARMS[name].description if name in ARMS else name
 
 
+def with_variant(arm: str, variant: str | None) -> str:
+    """An arm's name when it runs the study's variant ``variant`` of the relearn settings (``ARM@VARIANT``); the arm
+    as it is under the recipe's own settings (``variant`` None)."""
+    return f"{arm}@{variant}" if variant else arm
+
+
+def split_variant(arm: str) -> tuple[str, str | None]:
+    """``with_variant`` undone: the arm under the recipe's own settings, and the variant's name (None without)."""
+    base, _, variant = arm.partition("@")
+    return base, variant or None
+
+
 for _builtin in (
     Arm(DEFAULT_ARM, "only the block", "only this block trainable (everything else frozen)"),
     Arm("all", "everything trainable", "every parameter trainable", trains_everything=True),

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from .arm_registry import arm_description
 from .errors import RelearnError
-from .files import DATA_FILE, RESULTS
-from .io import read_result, read_results
 from .objectives import described_objective
+from .storage import DATA_FILE, RESULTS, read_result, read_results
 
 TEMPLATES = Path(str(files("hf_relearn.card_templates")))
 

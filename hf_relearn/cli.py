@@ -68,7 +68,7 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    from .io import check_output_dir, versions, write_dir_atomic, write_json_atomic
+    from .storage import check_output_dir, versions, write_dir_atomic, write_json_atomic
     from .surgery import reset
 
     out = check_output_dir(args.output_dir, args.overwrite)
@@ -120,7 +120,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
     import torch
     from transformers import EncoderDecoderModel
 
-    from .io import check_output_dir, versions, write_dir_atomic, write_json_atomic
+    from .storage import check_output_dir, versions, write_dir_atomic, write_json_atomic
     from .swap import check_forward_backward, check_reloads, load_encoder, swap_encoder, unsaveable_reason
 
     out = check_output_dir(args.output_dir, args.overwrite)
@@ -174,8 +174,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
     from .report import build_report
-    from .study import Recipe, run_study
+    from .study import run_study
     from .workers import quiet_libraries
 
     recipe = Recipe.load(_recipe_path(args.recipe), args.set)

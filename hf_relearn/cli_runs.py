@@ -18,8 +18,9 @@ def _hf_parse(dataclass_types, argv: list[str], prog: str):
 
 def cmd_pretrain(argv: list[str]) -> int:
     """``hf-relearn pretrain --model gpt2 --config-overrides ... --train_file F --max_steps N --output_dir D``."""
+    from .config import ModelArguments, PretrainArguments
     from .data import DataArguments
-    from .runner import ModelArguments, PretrainArguments, pretrain
+    from .runner import pretrain
 
     model_args, data_args, args = _hf_parse(
         (ModelArguments, DataArguments, PretrainArguments), argv, "hf-relearn pretrain"
@@ -40,9 +41,9 @@ def cmd_pretrain(argv: list[str]) -> int:
 
 def cmd_relearn(argv: list[str]) -> int:
     """``hf-relearn relearn --model runs/base --original_run runs/base --block decoder.1 --output_dir D``."""
-    from .config import RelearnArguments
+    from .config import ModelArguments, RelearnArguments
     from .data import DataArguments
-    from .runner import ModelArguments, relearn
+    from .runner import relearn
 
     verbose = "--verbose" in argv  # the Trainer's own log lines and progress bars, as a plain Trainer shows them
     argv = [a for a in argv if a != "--verbose"]
@@ -72,9 +73,9 @@ def cmd_relearn(argv: list[str]) -> int:
 
 def cmd_probe(argv: list[str]) -> int:
     """``hf-relearn probe MODEL [data flags] [--blocks layers,parts] [--inits scratch,zero] --output_dir D``."""
+    from .config import ModelArguments
     from .data import DataArguments
     from .probe import ProbeArguments, probe, probe_table
-    from .runner import ModelArguments
 
     if argv and not argv[0].startswith("-") and not argv[0].endswith((".json", ".yaml", ".yml")):
         argv = ["--model", *argv]  # the model may come first, as in `blocks MODEL`

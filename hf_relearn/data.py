@@ -22,22 +22,15 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from .collators import (  # noqa: F401
-    DENOISE_MEAN_SPAN,
-    DENOISE_RATIO,
+from .collators import (
     SEQ2SEQ_TASKS,
-    MaskedLMCollator,
-    denoise_source,
-    mask_once,
-    mask_token_id,
     to_dataset,
 )
-from .corpora import generated_corpus, stdlib_corpus  # noqa: F401
+from .corpora import generated_corpus, stdlib_corpus
 from .errors import RelearnError
 from .objectives import get_objective
 from .texts import FILE_BUILDERS as _FILE_BUILDERS
 from .texts import Text, cut_blocks, load_file, load_hub, split_streams
-from .tokenization import byte_tokenizer, get_tokenizer, has_tokenizer_files  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------- arguments
 

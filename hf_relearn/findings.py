@@ -6,14 +6,13 @@ and ``table_text`` lay the summary out, ``answer_in_words`` and ``swap_answer`` 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
 
-from .arm_registry import DEFAULT_ARM
+from .arm_registry import DEFAULT_ARM, split_variant, with_variant
 from .arm_registry import arm_label as registered_label
-from .files import split_variant, with_variant
+from .grid import grid_of
 from .grid_findings import (
     arm_words,
     damage_relative,
@@ -35,10 +34,6 @@ def _fmt(mean: float, sd: float, digits: int = 0) -> str:
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd else f"{mean:.{digits}f}"
-
-
-def _grid_label(grid: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in grid.items()) or "base"
 
 
 def scratch_loss_at(curve: list, step: float) -> float | None:
@@ -75,7 +70,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     """One summary per (grid point, block or swap, init, arm), aggregated over seeds, in the rows' order."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(json.dumps(r["grid"], sort_keys=True), run_label(r), r["init"], run_arm(r))].append(r)
+        groups[(grid_of(r), run_label(r), r["init"], run_arm(r))].append(r)
     out = []
     for (grid, block, init, arm), rs in groups.items():
         rec = [r for r in rs if r["recovered"]]
@@ -91,7 +86,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         budget = rs[0]["original_steps"]
         out.append(
             {
-                "grid": json.loads(grid),
+                "grid": grid,
                 "block": block,
                 "init": init,
                 "arm": arm,
@@ -157,7 +152,7 @@ def table_markdown(summary: list[dict]) -> str:
             f" (+{len(s['unrecovered_steps'])} not in {max(s['unrecovered_steps'])})" if s["unrecovered_steps"] else ""
         )
         lines.append(
-            f"| {_grid_label(s['grid'])} | {s['block']}{'' if s['init'] == 'scratch' else ' (' + s['init'] + ')'} "
+            f"| {grid_of(s['grid']).label()} | {s['block']}{'' if s['init'] == 'scratch' else ' (' + s['init'] + ')'} "
             f"| {s['arm']} | {_jump_cell(s)} | {_steps_cell(s)}{unrec} "
             f"| {_frac_cell(s)} | {_fmt(*s['tokens'])} "
             f"| {s['recovered']}/{s['runs']} | {_fmt(*s['scratch_steps'])} |"
@@ -185,7 +180,7 @@ def table_text(summary: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for s in summary:
         lines.append(
-            f"{_grid_label(s['grid'])[:18]:<18} {s['block'][:22]:<22} {s['arm'][:42]:<42} "
+            f"{grid_of(s['grid']).label()[:18]:<18} {s['block'][:22]:<22} {s['arm'][:42]:<42} "
             f"{100 * s['jump'][0]:6.2f}% {_steps_cell(s):>12} {_frac_cell(s):>12} "
             f"{s['recovered']:>2}/{s['runs']:<2}"
         )
@@ -214,8 +209,8 @@ def _layer_cost_words(rows: list[dict]) -> list[str]:
     first = rows[0]
     by_grid: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
-        by_grid[json.dumps(r["grid"], sort_keys=True)].append(r)
-    for grid, rs in sorted(by_grid.items()):
+        by_grid[grid_of(r)].append(r)
+    for grid, rs in sorted(by_grid.items(), key=lambda kv: kv[0].sort_key):
         budgets = "/".join(str(b) for b in sorted({r["original_steps"] for r in rs}))
         by_block: dict[str, list[dict]] = defaultdict(list)
         for r in rs:
@@ -223,7 +218,7 @@ def _layer_cost_words(rows: list[dict]) -> list[str]:
         cells = "; ".join(f"{block} {km([outcome(r) for r in mine])}" for block, mine in by_block.items())
         back = sum(r["recovered"] for r in rs)
         out.append(
-            f"**{_grid_label(json.loads(grid))}** (original budget{'s' if '/' in budgets else ''} {budgets} steps): "
+            f"**{grid_of(grid).label()}** (original budget{'s' if '/' in budgets else ''} {budgets} steps): "
             f"re-learning one reset layer with the rest frozen brought the validation loss back within "
             f"{100 * first['tolerance']:g}%{_of_what(first)} in {back} of {len(rs)} runs. Cost as a share of the "
             f"budget, per layer (Kaplan-Meier; a run not back is censored at the share it trained): {cells}."
@@ -247,13 +242,13 @@ def _unrecovered_words(summary: list[dict]) -> list[str]:
     """The (block, arm) groups where not every run recovered within its step limit (empty when all did)."""
     out = []
     not_rec = [s for s in summary if s["recovered"] < s["runs"]]
-    several = len({json.dumps(s["grid"], sort_keys=True) for s in summary}) > 1
+    several = len({grid_of(s) for s in summary}) > 1
     if not_rec:
         out.append(
             "Not every run recovered within its step limit: "
             + "; ".join(
                 f"{s['block']} [{s['arm']}]"
-                + (f" at ({_grid_label(s['grid'])})" if several else "")
+                + (f" at ({grid_of(s['grid']).label()})" if several else "")
                 + f" {s['runs'] - s['recovered']} of {s['runs']} unrecovered"
                 for s in not_rec
             )
@@ -275,7 +270,7 @@ def _arm_words(summary: list[dict]) -> list[str]:
     out = []
     by = defaultdict(dict)
     for s in summary:
-        by[(json.dumps(s["grid"], sort_keys=True), s["block"], s["init"])][s["arm"]] = arm_median(s)
+        by[(grid_of(s), s["block"], s["init"])][s["arm"]] = arm_median(s)
     for arm in sorted({s["arm"] for s in summary}):
         ref = reference_arm(arm)
         both = [(v[arm], v[ref]) for v in by.values() if arm != ref and arm in v and ref in v]

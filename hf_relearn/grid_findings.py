@@ -8,14 +8,13 @@ compared within a class, since first and last layers behave unlike the ones betw
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 
 import numpy as np
 
-from .arm_registry import DEFAULT_ARM
-from .files import DEPTH_KEYS, WIDTH_KEYS, split_variant, with_variant
+from .arm_registry import DEFAULT_ARM, split_variant, with_variant
+from .grid import DEPTH_KEYS, WIDTH_KEYS, GridPoint, grid_of
 from .objectives import described_objective
 from .stats import mean_sd, percent
 from .survival import MIN_BASES, Outcome, paired, per_base, rank_correlation, ratio, summarise, trend
@@ -86,10 +85,6 @@ def _key(grid: dict, keys: tuple[str, ...]) -> str | None:
     return next((k for k in keys if k in grid), None)
 
 
-def _label(grid: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in grid.items()) or "base"
-
-
 def _pct_sd(values: list[float]) -> str:
     m, sd = mean_sd(values)
     return "n/a" if math.isnan(m) else f"{100 * m:.1f} ± {100 * sd:.1f}%"
@@ -100,8 +95,8 @@ def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     several_stacks = len({r.get("stack") for r in rows if r.get("stack")}) > 1
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        grid = {**r["grid"], "stack": r.get("stack")} if several_stacks else r["grid"]
-        groups[(json.dumps(grid, sort_keys=True), row_arm(r))].append(r)
+        grid = GridPoint({**grid_of(r), "stack": r.get("stack")}) if several_stacks else grid_of(r)
+        groups[(grid, row_arm(r))].append(r)
     return groups
 
 
@@ -132,7 +127,7 @@ def position_words(rows: list[dict]) -> list[str]:
         for tol in _tolerances(rs):
             classes = {p: [outcome(r, tol) for r in rs if position(r) == p] for p in POSITIONS}
             cells = "; ".join(f"{p}: {summarise(o)}" for p, o in classes.items() if o)
-            line = f"Position ({_label(json.loads(grid))}, arm {arm}{_within(tol)}): {cells}."
+            line = f"Position ({grid_of(grid).label()}, arm {arm}{_within(tol)}): {cells}."
             score = _scores_within_bases(rs, tol)
             trend_words = _within_base_words(
                 rs, lambda r: r["layer"], lambda r, score=score: score[id(r)], "a later layer cost more"
@@ -257,7 +252,7 @@ def repaired_words(rows: list[dict]) -> list[str]:
         by_layer = repaired_by_layer(rs)
         cells = ", ".join(f"{layer}: {_pct_sd(v) if v else 'n/a'}" for layer, v in sorted(by_layer.items()))
         line = (
-            f"Damage repaired in the fixed budget of {rs[0]['steps_trained']} steps ({_label(json.loads(grid))}, "
+            f"Damage repaired in the fixed budget of {rs[0]['steps_trained']} steps ({grid_of(grid).label()}, "
             f"arm {arm}; 1 - (final - intact) / (after reset - intact), mean ± sd over seeds), by layer: {cells}."
         )
         undamaged = sum(math.isnan(repaired(r)) for r in rs)
@@ -332,7 +327,7 @@ def jump_words(rows: list[dict]) -> list[str]:
         more = "a larger jump went with a higher " + ("share repaired" if fixed else "cost")
         words = _within_base_words(rs, reset_jump, measure, more)
         out.append(
-            f"Zero-shot jump ({_label(json.loads(grid))}, arm {arm}): the loss rise right after the reset, with no "
+            f"Zero-shot jump ({grid_of(grid).label()}, arm {arm}): the loss rise right after the reset, with no "
             f"training (what `hf-relearn probe` measures), vs {what}.{words}"
         )
     return out
@@ -360,7 +355,7 @@ def arm_words(rows: list[dict]) -> list[str]:
             cheaper, dearer, undecided, test = paired(pairs)
             verdict = f"{test}" if test else "too few decided bases to test"
             out.append(
-                f"Arms ({_label(json.loads(grid))}{_within(tol)}): '{arm}' {summarise([outcome(r, tol) for r in rs])} vs "
+                f"Arms ({grid_of(grid).label()}{_within(tol)}): '{arm}' {summarise([outcome(r, tol) for r in rs])} vs "
                 f"'{ref}' {summarise([outcome(r, tol) for r in theirs])}; '{arm}' certainly cheaper in {cheaper} of "
                 f"{len(pairs)} bases, dearer in {dearer}, undecided in {undecided} ({verdict})."
             )
@@ -395,7 +390,7 @@ def grid_table(rows: list[dict]) -> str:
                 mine = [outcome(r, t) for r in rs if position(r) == p]
                 cells += f"{_median_cell(mine) if mine else '—'} | "
         lines.append(
-            f"| {_label(json.loads(grid))} | {arm} | {m:.0f} ± {sd:.0f} | {mean_sd(list(losses.values()))[0]:.4f} | "
+            f"| {grid_of(grid).label()} | {arm} | {m:.0f} ± {sd:.0f} | {mean_sd(list(losses.values()))[0]:.4f} | "
             f"{len(rs)} | {sum(r['recovered'] for r in rs)} | " + cells
         )
     return "\n".join(lines)

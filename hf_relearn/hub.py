@@ -18,9 +18,8 @@ import torch
 
 from .cards import relearn_card
 from .errors import RelearnError
-from .files import BLOCK_FILE, CURVE_FILE, RESULT_FILE
-from .io import read_result, write_dir_atomic
 from .plots import plot_curve
+from .storage import BLOCK_FILE, CURVE_FILE, RESULT_FILE, read_result, write_dir_atomic
 
 _MODEL_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",

@@ -21,8 +21,8 @@ import torch
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from .errors import RelearnError
-from .io import cache_dir, write_json_atomic
 from .metrics import count_shifted_targets
+from .storage import cache_dir, write_json_atomic
 
 _STEP = re.compile(r"(\d+)(?!.*\d)")  # the last number in a name: step1000 -> 1000, checkpoint-500 -> 500
 

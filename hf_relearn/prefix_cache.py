@@ -45,15 +45,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .errors import RelearnError
-from .prefix_plan import (  # noqa: F401  (re-exported: these names stay importable from here)
-    MODES,
-    ROW_COLUMN,
+from .prefix_plan import (
     PrefixPlan,
-    RowCollator,
-    _IndexedDataset,
-    active_dropout,
-    plan_prefix,
-    with_row_index,
 )
 
 logger = logging.getLogger("hf_relearn")

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from .blocks import Block, BlockMap
 from .config import ModelArguments, RelearnArguments
-from .data import DataArguments, build_datasets, get_tokenizer
+from .data import DataArguments, build_datasets
 from .errors import RelearnError
-from .io import versions, write_json_atomic, write_results
 from .plots import plot_probe
 from .prefix_cache import PrefixCache
 from .stats import mean_sd
+from .storage import versions, write_json_atomic, write_results
 from .surgery import zero_init_applies
+from .tokenization import get_tokenizer
 from .trainer import RelearnTrainer
 
 PROBE_CSV, PROBE_MD, PROBE_PNG, PROBE_JSON = "probe.csv", "probe.md", "probe.png", "probe.json"
@@ -153,7 +154,7 @@ def probe(
             try:
                 trainer.prepare_relearn()
             finally:
-                trainer._release_prefix_cache()
+                trainer.release_prefix_cache()
             shared["baseline"], shared["teacher"] = trainer.measured["baseline"], trainer.teacher
             base = trainer.measured["baseline"]["eval_loss"]
             loss = trainer.measured["after_reset"]["eval_loss"]

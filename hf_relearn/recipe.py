@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
+from .arm_registry import with_variant
 from .errors import RelearnError
-from .files import with_variant
 
 RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
 SWEEP_KEYS = {
@@ -243,9 +243,8 @@ class Recipe:
 
     def validate(self) -> None:
         """Fail before any training: every section must build its dataclass, every block name must resolve."""
-        from .config import RelearnArguments
+        from .config import PretrainArguments, RelearnArguments
         from .data import DataArguments
-        from .runner import PretrainArguments
 
         with tempfile.TemporaryDirectory() as tmp:
             _build(DataArguments, self.data, "data")

@@ -15,20 +15,10 @@ from pathlib import Path
 
 from .caveats import NOISY_BASELINE, RESET_BARELY_MATTERED, UNIGRAM_LEVEL, codes_of
 from .errors import RelearnError
-from .files import RESULTS
-from .findings import (  # noqa: F401  (re-exported: hf_relearn.report.summarise, ...)
-    answer_in_words,
-    run_arm,
-    run_label,
-    scratch_loss_at,
-    summarise,
-    swap_answer,
-    table_markdown,
-    table_text,
-)
+from .findings import answer_in_words, summarise, table_markdown, table_text
 from .grid_findings import damage_relative, grid_table, layer_runs
-from .io import read_results
 from .recipe import STUDY_BASE
+from .storage import RESULTS, read_results
 from .study_plots import make_plots
 
 

@@ -24,8 +24,8 @@ from .caveats import (
     codes_of,
 )
 from .errors import RelearnError
-from .files import RUN_FILE
 from .objectives import get_objective
+from .storage import RUN_FILE
 
 
 def read_original_run(path: str | Path) -> dict[str, Any]:

@@ -18,14 +18,14 @@ from transformers import Trainer
 from .callbacks import ConsoleCallback, ConvergenceCallback
 from .caveats import codes_of
 from .config import ModelArguments, PretrainArguments, RelearnArguments
-from .data import DataArguments, build_datasets, build_splits, get_tokenizer
+from .data import DataArguments, build_datasets, build_splits
 from .errors import RelearnError
-from .files import DATA_FILE, RUN_FILE
-from .io import versions, write_json_atomic
 from .metrics import count_shifted_targets
 from .modeling import is_config_name, parse_overrides
 from .prefix_cache import PrefixCache
 from .result import RelearnResult, base_run_warnings, selected_on
+from .storage import DATA_FILE, RUN_FILE, versions, write_json_atomic
+from .tokenization import get_tokenizer
 from .trainer import RelearnTrainer
 
 

@@ -30,21 +30,17 @@ import yaml
 from .caveats import codes_of
 from .config import eval_key
 from .errors import RelearnError
-from .files import CLAIMS, RESULT_FILE, RESULTS, RUN_FILE
-from .io import read_results  # noqa: F401  (re-exported: hf_relearn.study.read_results)
-from .io import write_results as _write_results
+from .grid import GridPoint
 from .objectives import described_objective
 from .prefix_cache import PrefixCache
-from .recipe import (  # noqa: F401  (re-exported: hf_relearn.study.Recipe, ...)
-    RECIPE_KEYS,
+from .recipe import (
     STUDY_BASE,
-    SWAP_KEYS,
-    SWAP_OPTIONS,
-    SWEEP_KEYS,
     BaseSpec,
     Recipe,
     RunSpec,
 )
+from .storage import CLAIMS, RESULT_FILE, RESULTS, RUN_FILE
+from .storage import write_results as _write_results
 from .workers import WorkerBar, barrier, claimer, leave_launch_group, quiet_libraries, run_workers
 
 # columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
@@ -57,8 +53,9 @@ STUDY_COLUMNS = [
 
 # ------------------------------------------------------------------------------------------------ running
 def _train_base(recipe: Recipe, base: BaseSpec, folder: Path) -> dict:
+    from .config import ModelArguments, PretrainArguments
     from .data import DataArguments
-    from .runner import ModelArguments, PretrainArguments, pretrain
+    from .runner import pretrain
 
     done = folder / RUN_FILE
     if done.exists():
@@ -101,9 +98,9 @@ def _resume_point(folder: Path) -> Path | None:
 def _run_one(
     recipe: Recipe, run: RunSpec, base_dir: Path | None, folder: Path, prefix_cache=None, baseline: dict | None = None
 ) -> dict:
-    from .config import RelearnArguments
+    from .config import ModelArguments, RelearnArguments
     from .data import DataArguments
-    from .runner import ModelArguments, relearn
+    from .runner import relearn
 
     done = folder / RESULT_FILE
     if done.exists():
@@ -163,7 +160,7 @@ def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> 
         "run_id": run.id,
         "base_id": run.base.id,
         "base_seed": run.base.seed,
-        "grid": json.dumps(dict(run.base.grid)),
+        "grid": GridPoint(dict(run.base.grid)).to_json(),
         "n_layers": run.n_layers,
         "stack": run.stack,
         "layer": run.layer,

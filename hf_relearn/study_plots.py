@@ -8,13 +8,13 @@ written atomically (``_save``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 from .arm_registry import DEFAULT_ARM
-from .findings import _grid_label, arm_label, run_arm, run_label
+from .findings import arm_label, run_arm, run_label
+from .grid import GridPoint, grid_of
 from .grid_findings import (
     POSITIONS,
     damage_relative,
@@ -37,7 +37,7 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
     made = []
 
     # 1. curves: per grid point, the base's own validation curve and each layer's relearn curve (first seed)
-    grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in rows))
+    grids = list(dict.fromkeys(grid_of(r) for r in rows))
     made.append(_curves_plot(rows, grids, plots_dir / "curves.png"))
 
     # 2. cost vs layer, one line per arm (and grid point): Kaplan-Meier medians with their intervals
@@ -49,7 +49,7 @@ def make_plots(rows: list[dict], summary: list[dict], plots_dir: Path) -> list[P
 
     # 3. arms side by side, at the grid point that ran the most arms
     grid = arms_grid(summary, grids)
-    arms = list(dict.fromkeys(s["arm"] for s in summary if json.dumps(s["grid"], sort_keys=True) == grid))
+    arms = list(dict.fromkeys(s["arm"] for s in summary if grid_of(s) == grid))
     if len(arms) > 1:
         made.append(_arms_plot(summary, arms, grid, plots_dir / "arms.png"))
 
@@ -85,9 +85,9 @@ def _repaired_plot(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def arms_grid(summary: list[dict], grids: list[str]) -> str:
+def arms_grid(summary: list[dict], grids: list[GridPoint]) -> GridPoint:
     """The grid point whose arms the arms plot compares: the one that ran the most arms (the first such, in order)."""
-    return max(grids, key=lambda g: len({s["arm"] for s in summary if json.dumps(s["grid"], sort_keys=True) == g}))
+    return max(grids, key=lambda g: len({s["arm"] for s in summary if grid_of(s) == g}))
 
 
 def _pyplot():
@@ -105,13 +105,9 @@ def _curves_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(grids), figsize=(6.5 * len(grids), 4.5), squeeze=False)
     for ax, grid in zip(axes[0], grids, strict=True):
-        rs = [
-            r
-            for r in rows
-            if json.dumps(r["grid"], sort_keys=True) == grid and row_arm(r) == DEFAULT_ARM and r["init"] == "scratch"
-        ]
+        rs = [r for r in rows if grid_of(r) == grid and row_arm(r) == DEFAULT_ARM and r["init"] == "scratch"]
         if not rs:
-            rs = [r for r in rows if json.dumps(r["grid"], sort_keys=True) == grid]
+            rs = [r for r in rows if grid_of(r) == grid]
         seed0 = rs[0]["base_seed"]
         base_curve = rs[0]["base_curve"] or []
         if base_curve:
@@ -132,7 +128,7 @@ def _curves_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("optimizer steps (log)")
         ax.set_ylabel(rs[0]["recovery_metric"])
-        ax.set_title(f"{_grid_label(json.loads(grid))}: re-learning each layer vs the original training", fontsize=10)
+        ax.set_title(f"{grid_of(grid).label()}: re-learning each layer vs the original training", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
@@ -146,12 +142,12 @@ def _cost_vs_layer_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     runs = [r for r in layer_runs(rows) if r.get("original_steps") and r["init"] == "scratch"]
-    keys = list(dict.fromkeys((json.dumps(r["grid"], sort_keys=True), row_arm(r)) for r in runs))
+    keys = list(dict.fromkeys((grid_of(r), row_arm(r)) for r in runs))
     for key in keys:
-        mine = [r for r in runs if (json.dumps(r["grid"], sort_keys=True), row_arm(r)) == key]
+        mine = [r for r in runs if (grid_of(r), row_arm(r)) == key]
         layers = sorted({r["layer"] for r in mine})
         stats = [summarise([outcome(r) for r in mine if r["layer"] == layer]) for layer in layers]
-        label = f"{_grid_label(json.loads(key[0]))} · {key[1]}" if len(grids) > 1 else arm_label(key[1])
+        label = f"{grid_of(key[0]).label()} · {key[1]}" if len(grids) > 1 else arm_label(key[1])
         reached = [(layer, st) for layer, st in zip(layers, stats, strict=True) if not math.isinf(st.median)]
         color = None
         if reached:
@@ -175,7 +171,7 @@ def _cost_vs_layer_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
 
 
 def arm_bars(
-    summary: list[dict], arms: list[str], grid: str
+    summary: list[dict], arms: list[str], grid: GridPoint | dict | str
 ) -> tuple[list[str], list[list[float]], list[list[bool]], str]:
     """What the arms plot draws at one grid point: its blocks, per arm a bar per block, which bars are lower bounds,
     and the axis label. Steps to recover: the Kaplan-Meier median over seeds (a run not back enters as "not back by
@@ -183,7 +179,8 @@ def arm_bars(
     a lower bound, most bars sit at the same cap,
     so it draws instead how far above the intact model's loss each arm's runs ended (%, mean); where that loss is 0
     (distill: the teacher is the intact model), the share of the reset's damage left at the end (%, mean)."""
-    mine = [s for s in summary if json.dumps(s["grid"], sort_keys=True) == grid]
+    grid = grid_of(grid)  # a grid point, or its mapping or JSON
+    mine = [s for s in summary if grid_of(s) == grid]
     blocks = list(dict.fromkeys(s["block"] for s in mine))
     none_recovered = bool(mine) and not any(arm_median(s)[1] for s in mine)  # every bar a bound: most at the cap
     of_damage = any(s["baseline"] == 0 for s in mine)  # no "% above" a loss of 0
@@ -222,7 +219,7 @@ def _arms_plot(summary: list[dict], arms: list[str], grid: str, path: Path) -> P
             bar.set_hatch("//" if bound else "")
     ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(blocks))], blocks, rotation=30, ha="right")
     ax.set_ylabel(label)
-    ax.set_title(f"Trainable arms side by side ({_grid_label(json.loads(grid))})")
+    ax.set_title(f"Trainable arms side by side ({grid_of(grid).label()})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
@@ -235,7 +232,7 @@ def _survival_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
     from lifelines import KaplanMeierFitter
 
     runs = [r for r in layer_runs(rows) if row_arm(r) == DEFAULT_ARM and r.get("original_steps")]
-    grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in runs))
+    grids = list(dict.fromkeys(grid_of(r) for r in runs))
     if not runs:
         return []
     plt = _pyplot()
@@ -244,9 +241,9 @@ def _survival_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
     points = ["grid point,position,share of budget,share of runs back"]
     for ax, grid in zip(axes.flat, grids, strict=False):
-        label = _grid_label(json.loads(grid))
+        label = grid_of(grid).label()
         for where in POSITIONS:
-            mine = [outcome(r) for r in runs if json.dumps(r["grid"], sort_keys=True) == grid and position(r) == where]
+            mine = [outcome(r) for r in runs if grid_of(r) == grid and position(r) == where]
             if not mine:
                 continue
             fitter = KaplanMeierFitter().fit([o.cost for o in mine], [o.recovered for o in mine])

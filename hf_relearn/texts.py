@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from .errors import RelearnError
-from .io import cache_dir
+from .storage import cache_dir
 
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

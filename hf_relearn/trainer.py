@@ -29,8 +29,6 @@ from .config import (
     check_swap_warmup,
 )
 from .errors import RelearnError
-from .files import CURVE_FILE, RESULT_FILE
-from .io import versions, write_json_atomic
 from .metrics import (
     Teacher,
     argmax_logits,
@@ -52,6 +50,7 @@ from .result import (
     unigram_warning,
 )
 from .sharding import numel
+from .storage import CURVE_FILE, RESULT_FILE, versions, write_json_atomic
 from .surgery import SurgeryReport, reset
 from .trainer_prefix import PrefixCacheMixin
 
@@ -301,7 +300,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         try:
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         except _Diverged as err:
-            self._release_prefix_cache()
+            self.release_prefix_cache()
             self.result = self._build_result(stopped="nan")
             self._write_result()
             last = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
@@ -311,7 +310,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
                 "Lower the learning rate or raise max_grad_norm clipping."
             ) from None
         finally:
-            self._release_prefix_cache()
+            self.release_prefix_cache()
         if self.recovery.recovered_step is None:
             stopped = "max_steps"
         if ROW_LOSSES in self.measured["baseline"]:

@@ -73,7 +73,10 @@ class PrefixCacheMixin:
         if ROW_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, ROW_COLUMN]
 
-    def _release_prefix_cache(self) -> None:
+    def release_prefix_cache(self) -> None:
+        """Detach this run's frozen-prefix cache (a shared one stays filled for the next run) or close its own, and
+        record what it served in ``prefix_cache_info``. ``train()`` calls it; so must a caller that runs
+        ``prepare_relearn()`` alone. Idempotent."""
         if self.prefix_cache is None:
             return
         self.prefix_cache_info.update(self.prefix_cache.summary())

@@ -12,12 +12,12 @@ import hf_relearn
 import hf_relearn.probe as probe_module
 from hf_relearn.blocks import BlockMap
 from hf_relearn.cli import _recipe_path, main
-from hf_relearn.config import RelearnArguments
+from hf_relearn.config import ModelArguments, PretrainArguments, RelearnArguments
 from hf_relearn.data import DataArguments, build_datasets
 from hf_relearn.modeling import load_model
 from hf_relearn.prefix_cache import PrefixCache
 from hf_relearn.probe import ProbeArguments, probe
-from hf_relearn.runner import ModelArguments, PretrainArguments, relearn
+from hf_relearn.runner import relearn
 from hf_relearn.tokenization import get_tokenizer
 
 TINY = "n_layer=4,n_embd=32,n_head=2,n_positions=64"

@@ -19,7 +19,8 @@ from hf_relearn import RelearnError
 from hf_relearn import prefix_cache as prefix_cache_module
 from hf_relearn.metrics import Teacher
 from hf_relearn.modeling import load_model
-from hf_relearn.prefix_cache import PrefixCache, default_memory_budget, plan_prefix
+from hf_relearn.prefix_cache import PrefixCache, default_memory_budget
+from hf_relearn.prefix_plan import plan_prefix
 from hf_relearn.surgery import freeze_except
 from hf_relearn.swap import check_forward_backward, swap_encoder
 

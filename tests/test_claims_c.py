@@ -12,13 +12,12 @@ from huggingface_hub import ModelCard
 
 from hf_relearn.cards import relearn_card
 from hf_relearn.caveats import RESET_BARELY_MATTERED, UNDER_TRAINED
-from hf_relearn.files import DATA_FILE, RESULT_FILE, RESULTS
 from hf_relearn.findings import answer_in_words, summarise
 from hf_relearn.grid_findings import depth_width_words, grid_table
-from hf_relearn.io import read_results, write_results
 from hf_relearn.recipe import Recipe
 from hf_relearn.report import build_report
 from hf_relearn.result import RelearnResult, base_run_warnings
+from hf_relearn.storage import DATA_FILE, RESULT_FILE, RESULTS, read_results, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # a real row of a published study: every column a results.csv has; each test overrides what it is about

@@ -19,11 +19,10 @@ from test_claims_c import SEED_SPREAD, TEMPLATE, _card, _encoded, _report, _run
 import hf_relearn
 import hf_relearn.study_plots
 from hf_relearn.cli import main
-from hf_relearn.files import RESULTS
 from hf_relearn.findings import answer_in_words, summarise
-from hf_relearn.io import write_results
 from hf_relearn.plots import plot_curve
 from hf_relearn.recipe import Recipe, _meta_model
+from hf_relearn.storage import RESULTS, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "hf_relearn" / "recipes"

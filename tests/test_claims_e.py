@@ -20,9 +20,9 @@ import hf_relearn.runner as runner_module
 import hf_relearn.trainer_prefix as trainer_prefix
 from hf_relearn import RelearnError
 from hf_relearn.config import RelearnArguments
-from hf_relearn.files import RUN_FILE
 from hf_relearn.prefix_cache import PrefixCache
 from hf_relearn.probe import ProbeArguments
+from hf_relearn.storage import RUN_FILE
 from hf_relearn.trainer import RelearnTrainer
 
 
@@ -156,7 +156,8 @@ def test_a_zero_memory_budget_puts_the_cache_on_disk_and_the_run_removes_it(base
 def test_the_optimizer_holds_exactly_the_trainable_parameters(tmp_path):
     from tiny import tiny
 
-    from hf_relearn.data import DataArguments, build_datasets, byte_tokenizer
+    from hf_relearn.data import DataArguments, build_datasets
+    from hf_relearn.tokenization import byte_tokenizer
 
     data = DataArguments(generated_chars=20_000, block_size=32, max_eval_samples=8)
     train, evals, collator = build_datasets(data, byte_tokenizer(), "clm")

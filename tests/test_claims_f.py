@@ -14,12 +14,13 @@ from test_relearn import base_run, relearn_run
 from transformers import AutoConfig, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import hf_relearn.trainer as trainer_module
-from hf_relearn.data import DataArguments, build_datasets, get_tokenizer
+from hf_relearn.config import ModelArguments
+from hf_relearn.data import DataArguments, build_datasets
 from hf_relearn.errors import RelearnError
-from hf_relearn.files import RESULT_FILE
 from hf_relearn.metrics import Teacher
 from hf_relearn.probe import ProbeArguments, probe
-from hf_relearn.runner import ModelArguments
+from hf_relearn.storage import RESULT_FILE
+from hf_relearn.tokenization import get_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,9 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
 
 from hf_relearn import RelearnError
-from hf_relearn.data import (
-    DataArguments,
-    build_datasets,
-    build_splits,
-    byte_tokenizer,
-    generated_corpus,
-    get_tokenizer,
-    selection_rows,
-    stdlib_corpus,
-    unigram_loss,
-)
+from hf_relearn.corpora import generated_corpus, stdlib_corpus
+from hf_relearn.data import DataArguments, build_datasets, build_splits, selection_rows, unigram_loss
+from hf_relearn.tokenization import byte_tokenizer, get_tokenizer
 
 TEXTS = [
     "plain ascii, with punctuation!?",

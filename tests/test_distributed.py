@@ -95,7 +95,9 @@ def test_a_study_on_two_processes_ends_with_the_table_of_one(tmp_path, parallel)
     import yaml
     from test_study import TINY_RECIPE, _table
 
-    from hf_relearn.study import Recipe, read_results, run_study
+    from hf_relearn.recipe import Recipe
+    from hf_relearn.storage import read_results
+    from hf_relearn.study import run_study
 
     run_study(Recipe.from_dict(TINY_RECIPE), tmp_path / "one", progress=False)
     recipe = tmp_path / "tiny.yaml"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import re
 
+from hf_relearn.recipe import Recipe
 from hf_relearn.report import build_report
-from hf_relearn.study import Recipe, read_results, run_study
+from hf_relearn.storage import read_results
+from hf_relearn.study import run_study
 
 FIXED = {
     "name": "fixed",

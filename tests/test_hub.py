@@ -16,7 +16,7 @@ from hf_relearn.cards import relearn_card, study_card
 from hf_relearn.cli import main
 from hf_relearn.hub import push, stage
 from hf_relearn.modeling import load_model
-from hf_relearn.study import read_results
+from hf_relearn.storage import read_results
 
 hub = pytest.fixture(fake_hub)
 
@@ -156,8 +156,9 @@ def study(tmp_path_factory) -> Path:
     """A finished tiny study (one base, two layers re-learned) with its report."""
     from test_study import TINY_RECIPE
 
+    from hf_relearn.recipe import Recipe
     from hf_relearn.report import build_report
-    from hf_relearn.study import Recipe, run_study
+    from hf_relearn.study import run_study
 
     out = tmp_path_factory.mktemp("study")
     recipe = {**TINY_RECIPE, "sweep": {"blocks": ["decoder.0", "decoder.1"], "seeds": [0]}}

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_relearn"
 # each module's layer; a module may import only from its own layer or below (and never in a cycle)
 LAYERS: dict[str, int] = {
     # 0: names, errors, files on disk (no torch)
-    "errors": 0, "files": 0, "arm_registry": 0, "caveats": 0, "io": 0, "stats": 0, "survival": 0,
+    "errors": 0, "storage": 0, "grid": 0, "arm_registry": 0, "caveats": 0, "stats": 0, "survival": 0,
     # 1: models, block names, data
     "objectives": 1, "modeling": 1, "sharding": 1, "blocks": 1, "data": 1, "tokenizers": 1, "tokenization": 1, "corpora": 1, "texts": 1, "collators": 1,
     # 2: what is done to a model: surgery, swaps, the frozen-prefix plan and cache
@@ -202,7 +202,8 @@ def test_one_block_map_per_relearn(tmp_path, monkeypatch):
 
     from hf_relearn import blocks
     from hf_relearn.config import RelearnArguments
-    from hf_relearn.data import DataArguments, build_datasets, byte_tokenizer
+    from hf_relearn.data import DataArguments, build_datasets
+    from hf_relearn.tokenization import byte_tokenizer
     from hf_relearn.trainer import RelearnTrainer
 
     built = []

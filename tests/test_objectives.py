@@ -15,10 +15,11 @@ from test_relearn import relearn_run
 
 from hf_relearn.arm_registry import ARMS, Arm, get_arm, register_arm
 from hf_relearn.config import RelearnArguments
-from hf_relearn.data import DataArguments, build_datasets, get_tokenizer
+from hf_relearn.data import DataArguments, build_datasets
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
 from hf_relearn.objectives import OBJECTIVES, CausalLM, distill_loss, get_objective, register_objective
+from hf_relearn.tokenization import get_tokenizer
 from hf_relearn.trainer import RelearnTrainer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_relearn"

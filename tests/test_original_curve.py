@@ -9,11 +9,11 @@ import pytest
 from hub_server import FakeHub, fake_hub_endpoint
 
 from hf_relearn import original_curve as oc
-from hf_relearn.config import RelearnArguments
+from hf_relearn.config import ModelArguments, PretrainArguments, RelearnArguments
 from hf_relearn.data import DataArguments
 from hf_relearn.errors import RelearnError
 from hf_relearn.result import first_reach
-from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain, relearn
+from hf_relearn.runner import pretrain, relearn
 
 DATA = dict(block_size=64, generated_chars=60_000)
 TINY = "n_layer=2,n_embd=32,n_head=2,n_positions=64"
@@ -179,7 +179,7 @@ def test_the_original_curve_cache_defaults_to_hf_home(published, tmp_path, monke
 
     # HF_HOME, as the environment sets it, is where hf-relearn keeps what it computed once
     home = tmp_path / "hf-home"
-    code = "from hf_relearn.io import cache_dir; print(cache_dir('original_curves'))"
+    code = "from hf_relearn.storage import cache_dir; print(cache_dir('original_curves'))"
     env = {**os.environ, "HF_HOME": str(home)}
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert shown.stdout.strip() == str(home / "hf_relearn" / "original_curves")

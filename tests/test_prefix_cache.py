@@ -11,7 +11,8 @@ from tiny import TINY
 from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
-from hf_relearn.prefix_cache import PrefixCache, active_dropout, plan_prefix
+from hf_relearn.prefix_cache import PrefixCache
+from hf_relearn.prefix_plan import active_dropout, plan_prefix
 from hf_relearn.surgery import freeze_except
 
 ENC_DEC = dict(decoder_start_token_id=0, pad_token_id=0)
@@ -228,7 +229,9 @@ def test_auto_stays_off_where_it_would_not_be_exact_and_true_refuses(gpt2_base, 
 def test_a_study_shares_one_cache_per_base_and_fills_it_once(tmp_path):
     from test_study import TINY_RECIPE
 
-    from hf_relearn.study import Recipe, read_results, run_study
+    from hf_relearn.recipe import Recipe
+    from hf_relearn.storage import read_results
+    from hf_relearn.study import run_study
 
     recipe = {**TINY_RECIPE, "name": "cached"}
     recipe["base"] = {**recipe["base"], "config_overrides": {**recipe["base"]["config_overrides"], "n_layer": 3,
@@ -269,7 +272,7 @@ def test_row_indices_reach_the_batch_for_hf_and_torch_datasets():
     import datasets
     from transformers import default_data_collator
 
-    from hf_relearn.prefix_cache import ROW_COLUMN, RowCollator, with_row_index
+    from hf_relearn.prefix_plan import ROW_COLUMN, RowCollator, with_row_index
 
     rows = [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(5)]
     collate = RowCollator(default_data_collator)

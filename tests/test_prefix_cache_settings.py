@@ -11,7 +11,8 @@ from tiny import TINY
 from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
-from hf_relearn.prefix_cache import PrefixCache, plan_prefix
+from hf_relearn.prefix_cache import PrefixCache
+from hf_relearn.prefix_plan import plan_prefix
 from hf_relearn.surgery import freeze_except
 
 

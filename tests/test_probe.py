@@ -8,10 +8,10 @@ from pngs import assert_plot
 from test_relearn import relearn_run
 
 from hf_relearn.cli import main
+from hf_relearn.config import ModelArguments
 from hf_relearn.data import DataArguments
 from hf_relearn.errors import RelearnError
 from hf_relearn.probe import ProbeArguments, probe
-from hf_relearn.runner import ModelArguments
 
 BASE_DATA = dict(block_size=64, generated_chars=150_000)  # what the gpt2_base fixture trained on
 

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_relearn.cli import main
-from hf_relearn.config import RelearnArguments
+from hf_relearn.config import ModelArguments, PretrainArguments, RelearnArguments
 from hf_relearn.data import DataArguments
 from hf_relearn.errors import RelearnError
 from hf_relearn.result import first_reach, smoothed
-from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain, relearn
+from hf_relearn.runner import pretrain, relearn
 
 CONTRACT = {
     "model", "block", "init", "seed", "objective", "tolerance", "baseline_eval_loss", "after_reset_eval_loss",
@@ -412,8 +412,9 @@ def test_a_run_handed_its_baseline_trains_exactly_like_one_that_measured_it(gpt2
 
 def test_the_noise_of_a_recovery_comes_from_paired_per_row_losses(gpt2_base, tmp_path):
     from hf_relearn.caveats import NOISY_BASELINE
-    from hf_relearn.data import build_datasets, get_tokenizer
+    from hf_relearn.data import build_datasets
     from hf_relearn.modeling import load_model
+    from hf_relearn.tokenization import get_tokenizer
 
     result = relearn_run(tmp_path / "a", gpt2_base, "decoder.1", max_steps=40, eval_steps=5, save_final_model=True)
     # each evaluation row through the model alone, with the model's own loss: nothing shared with the run's code path

@@ -15,8 +15,10 @@ from pngs import assert_plot
 
 from hf_relearn.cli import main
 from hf_relearn.errors import RelearnError
+from hf_relearn.recipe import Recipe
 from hf_relearn.report import build_report
-from hf_relearn.study import Recipe, read_results, run_study
+from hf_relearn.storage import read_results
+from hf_relearn.study import run_study
 
 TINY_RECIPE = {
     "name": "tiny",

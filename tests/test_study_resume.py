@@ -16,7 +16,8 @@ import pytest
 from test_study import TINY_RECIPE, _write_recipe
 
 from hf_relearn.cli import main
-from hf_relearn.study import _resume_point, read_results
+from hf_relearn.storage import read_results
+from hf_relearn.study import _resume_point
 
 # one base (checkpoints every 20 of its 60 steps) and two runs of 15 steps each (no stop at recovery, so every
 # relearn trains): about 5 s a study on one thread

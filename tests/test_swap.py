@@ -141,7 +141,8 @@ def t5_real_base(tmp_path_factory):
     """A tiny T5 trained briefly (120 steps) on Tiny Shakespeare, denoise task (needs ../shared/data)."""
     from conftest import SHARED_DATA, missing_fixture
 
-    from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain
+    from hf_relearn.config import ModelArguments, PretrainArguments
+    from hf_relearn.runner import pretrain
 
     if not (SHARED_DATA / "tinyshakespeare.txt").exists():
         missing_fixture("../shared/data")
@@ -155,8 +156,8 @@ def t5_real_base(tmp_path_factory):
 
 
 def _relearn(out, base, data, **kw):
-    from hf_relearn.config import RelearnArguments
-    from hf_relearn.runner import ModelArguments, relearn
+    from hf_relearn.config import ModelArguments, RelearnArguments
+    from hf_relearn.runner import relearn
 
     callbacks = kw.pop("callbacks", None)
     defaults = dict(
@@ -185,8 +186,9 @@ def test_t5_swap_recovers_on_real_text(t5_real_base, shared_data, tmp_path, widt
 @pytest.mark.parametrize("width", [16, 64])
 def test_encoder_decoder_model_swap_recovers_on_real_text(shared_data, tmp_path, width):
     """BERT encoder + GPT-2 decoder (32 wide) built from configs, trained briefly, then a BERT of another width."""
-    from hf_relearn.data import byte_tokenizer
-    from hf_relearn.runner import ModelArguments, PretrainArguments, pretrain
+    from hf_relearn.config import ModelArguments, PretrainArguments
+    from hf_relearn.runner import pretrain
+    from hf_relearn.tokenization import byte_tokenizer
 
     bert = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=128, vocab_size=259)
     gpt2 = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=259, n_positions=64)
@@ -327,7 +329,7 @@ def test_cli_swap_saves_an_encoder_decoder_model_that_reloads(tmp_path, capsys, 
     import json
 
     from hf_relearn.cli import main
-    from hf_relearn.data import byte_tokenizer
+    from hf_relearn.tokenization import byte_tokenizer
 
     src = tmp_path / "pair"
     pair = _pair(64)

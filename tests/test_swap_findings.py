@@ -58,7 +58,7 @@ def test_two_arms_not_back_are_not_a_ratio(published):
     """The trained-donor swap study: every swap arm and the one-layer wipe stopped at the cap. Neither median was
     reached, so no ratio between them is stated (a cap divided by a cap said "at least 1.0x")."""
     from hf_relearn.findings import summarise
-    from hf_relearn.io import read_results
+    from hf_relearn.storage import read_results
     from hf_relearn.swap_findings import swap_answer
 
     words = " ".join(swap_answer(summarise(read_results(PUBLISHED.parent / "swap-encoder-trained" / "results.csv"))))
@@ -149,7 +149,7 @@ def test_the_arms_plot_draws_the_loss_left_when_nothing_recovered(published):
     """Every bar at the cap says nothing: where no run recovered, the arms plot draws how far above the intact
     loss each arm ended; where some did, steps to recover with lower bounds marked."""
     from hf_relearn.findings import summarise
-    from hf_relearn.io import read_results
+    from hf_relearn.storage import read_results
     from hf_relearn.study_plots import arm_bars
 
     summary = summarise(read_results(published / "results.csv"))
@@ -167,25 +167,24 @@ def test_the_arms_plot_draws_the_loss_left_when_nothing_recovered(published):
 
 def test_the_arms_plot_compares_the_arms_where_they_ran():
     """The decoder grid ran `all` and `lora-rest` only at N=4, D=64: that is the grid point its arms plot shows."""
-    import json
-
     from hf_relearn.findings import summarise
-    from hf_relearn.io import read_results
+    from hf_relearn.grid import grid_of
+    from hf_relearn.storage import read_results
     from hf_relearn.study_plots import arms_grid
 
     path = PUBLISHED.parent / "decoder-grid" / "results.csv"
     if not path.exists():
         pytest.skip("the published decoder grid is not in this checkout")
     rows = read_results(path)
-    grids = list(dict.fromkeys(json.dumps(r["grid"], sort_keys=True) for r in rows))
-    assert json.loads(arms_grid(summarise(rows), grids)) == {"n_embd": 64, "n_layer": 4}
+    grids = list(dict.fromkeys(grid_of(r) for r in rows))
+    assert arms_grid(summarise(rows), grids) == {"n_embd": 64, "n_layer": 4}
 
 
 def test_the_arms_plot_of_a_distill_study_draws_the_damage_left():
     """A distill run's intact loss is 0 (the teacher is the model itself): "% above" it is undefined (the arms plot
     of minilm-lr-check divided by it), so the plot draws the share of the reset's damage each arm left."""
     from hf_relearn.findings import summarise
-    from hf_relearn.io import read_results
+    from hf_relearn.storage import read_results
     from hf_relearn.study_plots import arm_bars
 
     rows = read_results(Path(__file__).resolve().parents[1] / "docs" / "results" / "minilm-distill" / "results.csv")

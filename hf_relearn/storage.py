@@ -1,4 +1,5 @@
-"""Reading and writing results so that nothing half-written is ever left behind.
+"""The files a run or a study writes: their names, and reading and writing them so that nothing half-written is
+ever left behind (atomic JSON, folders and results.csv), with the versions that made them.
 
 Imports no torch: the report (``hf-relearn report``) reads studies with this module alone.
 """
@@ -16,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RelearnError
-from .files import RESULT_FILE
+
+RESULT_FILE = "relearn_result.json"  # a relearn run's result (docs/results-contract.md)
+RUN_FILE = "hf_relearn_run.json"  # written by pretrain: the base's budget, curve, stop reason and warnings
+DATA_FILE = "hf_relearn_data.json"  # the data settings of a relearn run (the card names the dataset from it)
+RESULTS = "results.csv"  # a study's table: one row per finished run
+CURVE_FILE = "relearn_curve.png"  # a run's recovery curve
+BLOCK_FILE = "block.safetensors"  # a block-only upload's tensors
+CLAIMS = ".claims"  # a study's claims: one empty-ish file per base or run a process has taken (removed at the end)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
