@@ -49,10 +49,14 @@ class ConvergenceCallback(EarlyStoppingCallback):
     def state(self) -> dict:
         # the Trainer rebuilds a resumed callback as type(cb)(**args): the args are __init__'s own parameters
         return {
-            "args": {"patience": self.early_stopping_patience, "threshold": self.early_stopping_threshold,
-                     "window": self.window, "best_history": self.best_history},
+            "args": {
+                "patience": self.early_stopping_patience,
+                "threshold": self.early_stopping_threshold,
+                "window": self.window,
+                "best_history": self.best_history,
+            },
             "attributes": {"early_stopping_patience_counter": self.early_stopping_patience_counter},
-        }  # fmt: skip
+        }
 
 
 class ExamplesSeen(TrainerCallback, ExportableState):

@@ -140,9 +140,12 @@ def _relearn_card_data(r: dict, base: str, name: str, dataset: str):
         ("examples_to_recover", "training examples to recover", r["examples_to_recover"]),
         ("tokens_to_recover", "tokens to recover", r["tokens_to_recover"]),
         ("fraction_of_original", "fraction of the original training budget", r["fraction_of_original"]),
-        ("original_steps_to_same_loss", "the original run's steps to the same loss (from scratch)",
-         r["original_steps_to_same_loss"]),
-    ]  # fmt: skip
+        (
+            "original_steps_to_same_loss",
+            "the original run's steps to the same loss (from scratch)",
+            r["original_steps_to_same_loss"],
+        ),
+    ]
     eval_results = [
         EvalResult(
             task_type=objective.card_task,
@@ -152,7 +155,7 @@ def _relearn_card_data(r: dict, base: str, name: str, dataset: str):
             metric_type=mtype,
             metric_name=mname,
             metric_value=value,
-        )  # fmt: skip
+        )
         for mtype, mname, value in metrics
         if value is not None
     ]

@@ -94,9 +94,11 @@ class RelearnArguments(HfRelearnTrainingArguments):
     )
     original_revisions: str | None = field(
         default=None,
-        metadata={"help": "comma-separated REVISION[=STEP] of original_checkpoints (step1000,step2000: the step is "
-                  "the last number in the name)"},
-    )  # fmt: skip
+        metadata={
+            "help": "comma-separated REVISION[=STEP] of original_checkpoints (step1000,step2000: the step is "
+            "the last number in the name)"
+        },
+    )
     original_tokens_per_step: int | None = field(
         default=None, metadata={"help": "tokens per optimizer step of the original training (for token figures)"}
     )

@@ -22,10 +22,20 @@ from .plots import plot_curve
 from .storage import BLOCK_FILE, CURVE_FILE, RESULT_FILE, read_result, write_dir_atomic
 
 _MODEL_FILES = (
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "spiece.model", "tokenizer.model", "added_tokens.json",
-)  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "added_tokens.json",
+)
 
 
 def block_state(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -57,8 +57,10 @@ def parse_checkpoints(source: str, revisions: str | None) -> list[Checkpoint]:
     else:
         folders = sorted(glob.glob(source))
         if not folders:
-            raise RelearnError(f"original_checkpoints {source!r}: no folder matches (give a glob of checkpoint folders, "
-                               "or a Hub id / folder with original_revisions)")  # fmt: skip
+            raise RelearnError(
+                f"original_checkpoints {source!r}: no folder matches (give a glob of checkpoint folders, "
+                "or a Hub id / folder with original_revisions)"
+            )
         out = [Checkpoint(f, None, _step_of(Path(f).name, "")) for f in folders]
     if len(out) < 2:
         raise RelearnError(f"original checkpoints: a curve needs at least 2, got {len(out)} ({source!r})")
@@ -168,10 +170,17 @@ def _evaluate(c: Checkpoint, reference, eval_dataset, collator, args) -> float:
     model = type(reference).from_pretrained(c.source, revision=c.revision, config=config)
     _check_same_model(model, reference, c)
     plain = TrainingArguments(
-        output_dir=args.output_dir, per_device_eval_batch_size=args.per_device_eval_batch_size, use_cpu=args.use_cpu,
-        bf16=args.bf16, fp16=args.fp16, report_to=[], disable_tqdm=True, save_strategy="no",
-        dataloader_num_workers=args.dataloader_num_workers, dataloader_pin_memory=args.dataloader_pin_memory,
-    )  # fmt: skip
+        output_dir=args.output_dir,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        use_cpu=args.use_cpu,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_pin_memory=args.dataloader_pin_memory,
+    )
     trainer = Trainer(model=model, args=plain, eval_dataset=eval_dataset, data_collator=collator)
     count_shifted_targets(trainer)  # the same loss as the relearn's own evaluations
     with torch.no_grad():

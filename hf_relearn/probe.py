@@ -141,35 +141,64 @@ def probe(
 
     with tempfile.TemporaryDirectory() as scratch:
         for block, init, seed in tqdm(jobs, desc="probe", unit="reset", disable=not progress):
-            relearn_args = RelearnArguments(
-                output_dir=scratch, block=block.name, init=init, reset_seed=seed, objective=objective,
-                per_device_eval_batch_size=args.per_device_eval_batch_size, prefix_cache=args.prefix_cache,
-                report_to="none", disable_tqdm=True, max_steps=1, save_strategy="no",
-            )  # fmt: skip
-            trainer = RelearnTrainer(
-                model=copy.deepcopy(intact), args=relearn_args, model_name=model_args.model, train_dataset=train,
-                eval_dataset=evals, data_collator=collator, processing_class=tokenizer, prefix_cache=cache,
-                baseline=shared["baseline"], teacher=shared["teacher"],
-            )  # fmt: skip
-            try:
-                trainer.prepare_relearn()
-            finally:
-                trainer.release_prefix_cache()
-            shared["baseline"], shared["teacher"] = trainer.measured["baseline"], trainer.teacher
-            base = trainer.measured["baseline"]["eval_loss"]
-            loss = trainer.measured["after_reset"]["eval_loss"]
+            data = (train, evals, collator, tokenizer)
             rows.append(
-                {
-                    "block": block.name, "kind": block.kind, "init": init, "seed": seed if init == "scratch" else None,
-                    "parameters": block_map.numel(block), "baseline_loss": base, "loss": loss,
-                    "increase": loss - base, "relative_increase": (loss - base) / base if base else None,
-                }
-            )  # fmt: skip
+                _probe_one(intact, block, init, seed, objective, model_args, args, data, cache, shared, scratch)
+            )
+            rows[-1]["parameters"] = block_map.numel(block)
     cache.close()
     order = {b.name: i for i, b in enumerate(blocks)}
     rows.sort(key=lambda r: (order[r["block"]], INITS.index(r["init"]), r["seed"] or 0))
     _write(out, rows, model_args, data_args, args, objective)
     return rows
+
+
+def _probe_one(intact, block, init: str, seed: int, objective: str, model_args, args, data, cache, shared, scratch):
+    """One reset of a fresh copy of ``intact``, measured with no training: its probe row (``shared`` carries the
+    baseline and the distill teacher from one reset to the next, so the intact model is measured once)."""
+    train, evals, collator, tokenizer = data
+    relearn_args = RelearnArguments(
+        output_dir=scratch,
+        block=block.name,
+        init=init,
+        reset_seed=seed,
+        objective=objective,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        prefix_cache=args.prefix_cache,
+        report_to="none",
+        disable_tqdm=True,
+        max_steps=1,
+        save_strategy="no",
+    )
+    trainer = RelearnTrainer(
+        model=copy.deepcopy(intact),
+        args=relearn_args,
+        model_name=model_args.model,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=collator,
+        processing_class=tokenizer,
+        prefix_cache=cache,
+        baseline=shared["baseline"],
+        teacher=shared["teacher"],
+    )
+    try:
+        trainer.prepare_relearn()
+    finally:
+        trainer.release_prefix_cache()
+    shared["baseline"], shared["teacher"] = trainer.measured["baseline"], trainer.teacher
+    base = trainer.measured["baseline"]["eval_loss"]
+    loss = trainer.measured["after_reset"]["eval_loss"]
+    return {
+        "block": block.name,
+        "kind": block.kind,
+        "init": init,
+        "seed": seed if init == "scratch" else None,
+        "baseline_loss": base,
+        "loss": loss,
+        "increase": loss - base,
+        "relative_increase": (loss - base) / base if base else None,
+    }
 
 
 def probe_table(rows: list[dict]) -> str:
@@ -205,8 +234,13 @@ def _write(out: Path, rows: list[dict], model_args, data_args, args: ProbeArgume
     name = "/".join(Path(model_args.model).parts[-2:]) if Path(model_args.model).is_dir() else model_args.model
     plot_probe(rows, out / PROBE_PNG, f"{name}: loss right after each reset ({objective})")
     info = {
-        "model": asdict(model_args), "data": asdict(data_args), "probe": {**asdict(args)}, "objective": objective,
-        "baseline_loss": rows[0]["baseline_loss"], "rows": len(rows), "versions": versions(),
-    }  # fmt: skip
+        "model": asdict(model_args),
+        "data": asdict(data_args),
+        "probe": {**asdict(args)},
+        "objective": objective,
+        "baseline_loss": rows[0]["baseline_loss"],
+        "rows": len(rows),
+        "versions": versions(),
+    }
     info["probe"].pop("seed_list", None)
     write_json_atomic(out / PROBE_JSON, info)

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import itertools
-import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,158 +20,24 @@ from typing import Any
 
 import yaml
 
-from .arm_registry import with_variant
+from .arm_registry import DEFAULT_ARM, with_variant
 from .errors import RelearnError
+from .plan import (
+    SWAP_OPTIONS,
+    SWEEP_KEYS,
+    BaseSpec,
+    RunSpec,
+    arms_here,
+    grid_points,
+    slug,
+    swap_arms,
+    swap_entries,
+    variant_settings,
+)
 
 RECIPE_KEYS = {"name", "description", "base", "data", "pretrain", "sweep", "relearn"}
-SWEEP_KEYS = {
-    "blocks", "parts", "inits", "trainable", "arms_at", "seeds", "grid",
-    "swaps", "swap_cross_attention", "swap_freeze", "swap_warmup_steps", "variants",
-}  # fmt: skip
-SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
-# what the sweep sets for each run: a variant (sweep.variants) may not set these
-PER_RUN_KEYS = {
-    "output_dir", "block", "init", "trainable", "reset_seed", "original_run", "swap_encoder", "swap_encoder_overrides",
-    *SWAP_OPTIONS,
-}  # fmt: skip
-SWAP_KEYS = {"name", "encoder", "overrides", "trained", *SWAP_OPTIONS}
 DONOR_SEED_OFFSET = 1000  # a trained donor's seed: the receiving base's + this, so it is never the same model
 STUDY_BASE = "study-base:"  # a swap's encoder prefix naming a base trained within the study (resolved by the study)
-
-
-@dataclass(frozen=True)
-class BaseSpec:
-    """One base model of the study: a grid point's config overrides and a seed; ``id`` names its folder."""
-
-    id: str
-    model: str
-    overrides: tuple[tuple[str, Any], ...]
-    seed: int
-    grid: tuple[tuple[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One relearn run on a base: the block (or encoder swap), init, trainable arm and seed; ``id`` names its folder."""
-
-    id: str
-    base: BaseSpec
-    block: str
-    init: str
-    trainable: str
-    seed: int
-    stack: str | None
-    layer: int | None
-    n_layers: int
-    part: str | None
-    # an encoder swap instead of a block reset (sweep.swaps): its name, the encoder, its config overrides, options
-    swap: str | None = None
-    swap_encoder: str | None = None
-    swap_overrides: tuple[tuple[str, Any], ...] = ()
-    swap_cross_attention: str | None = None
-    swap_freeze: str | None = None
-    swap_warmup_steps: int = 0
-    # a named set of relearn settings over the relearn section's (sweep.variants); None: the section's own
-    variant: str | None = None
-
-
-def _swap_entries(sweep: dict[str, Any]) -> list[dict[str, Any]]:
-    """The recipe's ``sweep.swaps``, checked: each ``{name, encoder, overrides}`` with a unique name, and optionally
-    its own ``swap_cross_attention`` / ``swap_freeze`` / ``swap_warmup_steps`` lists (else the sweep's)."""
-    swaps = sweep.get("swaps") or []
-    if not isinstance(swaps, list):
-        raise RelearnError("sweep.swaps must be a list of {name, encoder, overrides} entries")
-    names = set()
-    for entry in swaps:
-        if not isinstance(entry, dict) or "name" not in entry or ("encoder" not in entry and not entry.get("trained")):
-            raise RelearnError(
-                f"sweep.swaps entry {entry!r}: needs name and encoder (and optional overrides), or trained: true"
-            )
-        if entry.get("trained") not in (None, True, False):
-            raise RelearnError(f"sweep.swaps entry {entry['name']!r}: trained must be true or false")
-        unknown = set(entry) - SWAP_KEYS
-        if unknown:
-            raise RelearnError(f"sweep.swaps entry {entry['name']!r}: unknown key(s) {sorted(unknown)}")
-        if entry["name"] in names:
-            raise RelearnError(f"sweep.swaps: the name {entry['name']!r} is used twice")
-        names.add(entry["name"])
-    return swaps
-
-
-def _swap_arms(sweep: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(cross_attention, freeze, warm-up steps) arms of every swap; a warm-up only where something unfreezes later."""
-    from .swap import FREEZE_MODES
-
-    arms = []
-    for cross in sweep.get("swap_cross_attention", ["reset"]):
-        if cross not in ("reset", "zero"):
-            raise RelearnError(f"sweep.swap_cross_attention: {cross!r} is not reset or zero")
-        for freeze in sweep.get("swap_freeze", ["decoder-except-cross"]):
-            if freeze not in FREEZE_MODES:
-                raise RelearnError(f"sweep.swap_freeze: {freeze!r} is not one of {', '.join(FREEZE_MODES)}")
-            for warmup in sweep.get("swap_warmup_steps", [0]):
-                if not isinstance(warmup, int) or warmup < 0:
-                    raise RelearnError(f"sweep.swap_warmup_steps: {warmup!r} is not a step count >= 0")
-                if warmup and freeze == "decoder-except-cross":
-                    continue  # nothing to unfreeze after the warm-up: the arm would repeat warm-up 0
-                arms.append((cross, freeze, warmup))
-    return arms
-
-
-def _variants(sweep: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``sweep.variants`` checked: names that are folder names, each a mapping of relearn settings the sweep leaves
-    to the recipe (not the block, arm, seed or swap of a run)."""
-    variants = sweep.get("variants") or {}
-    if not isinstance(variants, dict):
-        raise RelearnError("sweep.variants must map a name to relearn settings, e.g. {lr-1e-3: {learning_rate: 1e-3}}")
-    for name, settings in variants.items():
-        if not isinstance(name, str) or _slug(name) != name or len(name) > 40 or _json_value(name):
-            raise RelearnError(
-                f"sweep.variants: name {name!r} must be a short folder name (letters, digits, . _ = -) that is not "
-                "a number or true/false/null (results.csv would read it back as one)"
-            )
-        if not isinstance(settings, dict) or not settings:
-            raise RelearnError(f"sweep.variants.{name}: give relearn settings, e.g. {{learning_rate: 1.0e-3}}")
-        fixed = sorted(set(settings) & PER_RUN_KEYS)
-        if fixed:
-            raise RelearnError(f"sweep.variants.{name}: {fixed} are set per run by the sweep, not by a variant")
-    return variants
-
-
-def _json_value(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _arms_here(sweep: dict[str, Any], base: BaseSpec) -> list[str]:
-    """The ``sweep.trainable`` arms that run on this base: ``sweep.arms_at`` limits an arm to the grid points that
-    match it (e.g. ``{all: {n_layer: 4, n_embd: 64}}``: the ``all`` arm only where n_layer=4 and n_embd=64)."""
-    arms = sweep.get("trainable", ["block"])
-    limits = sweep.get("arms_at") or {}
-    if not isinstance(limits, dict):
-        raise RelearnError("sweep.arms_at must map an arm to grid values, e.g. {all: {n_layer: 4}}")
-    grid = dict(base.grid)
-    for arm, where in limits.items():
-        if arm not in arms:
-            raise RelearnError(f"sweep.arms_at names {arm!r}, which is not in sweep.trainable {arms}")
-        if not isinstance(where, dict) or not set(where) <= set(sweep.get("grid") or {}):
-            raise RelearnError(
-                f"sweep.arms_at.{arm}: give grid keys and values (grid keys: {list(sweep.get('grid') or {})})"
-            )
-    return [a for a in arms if all(grid.get(k) == v for k, v in (limits.get(a) or {}).items())]
-
-
-def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
-    if not grid:
-        return [{}]
-    keys = list(grid)
-    for k in keys:
-        if not isinstance(grid[k], list) or not grid[k]:
-            raise RelearnError(f"sweep.grid.{k} must be a non-empty list of values")
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 @dataclass
@@ -253,7 +116,7 @@ class Recipe:
             # a study's runs get their base's budget (original_run); a stand-in lets a budget share be checked here
             budget = {"original_steps": 1} if self.pretrain is not None else {}
             _build(RelearnArguments, {**budget, **self.relearn, "output_dir": tmp}, "relearn")
-            for name in _variants(self.sweep):
+            for name in variant_settings(self.sweep):
                 settings = {**budget, **self.relearn_settings(name), "output_dir": tmp}
                 _build(RelearnArguments, settings, f"sweep.variants.{name}")
         if self.pretrain is None and not (self.relearn.get("original_steps") or self.relearn.get("original_run")):
@@ -280,7 +143,7 @@ class Recipe:
 
     def relearn_settings(self, variant: str | None = None) -> dict[str, Any]:
         """The relearn section's settings, with those of ``variant`` (a name in ``sweep.variants``) over them."""
-        return {**self.relearn, **(_variants(self.sweep)[variant] if variant else {})}
+        return {**self.relearn, **(variant_settings(self.sweep)[variant] if variant else {})}
 
     def donors(self) -> list[BaseSpec]:
         """The extra bases a study trains only to give their encoders to swaps (``sweep.swaps`` entries with
@@ -289,7 +152,7 @@ class Recipe:
         from .modeling import parse_overrides
 
         out = []
-        for entry in _swap_entries(self.sweep):
+        for entry in swap_entries(self.sweep):
             if not entry.get("trained"):
                 continue
             overrides = {
@@ -314,11 +177,11 @@ class Recipe:
 
         seeds = self.sweep.get("seeds", [0])
         out = []
-        for point in _grid_points(self.sweep.get("grid") or {}):
+        for point in grid_points(self.sweep.get("grid") or {}):
             overrides = {**parse_overrides(self.base.get("config_overrides")), **point}
             for seed in seeds if self.pretrain is not None else [0]:
                 tag = ",".join(f"{k}={v}" for k, v in point.items())
-                base_id = _slug(f"{tag + '-' if tag else ''}seed{seed}")
+                base_id = slug(f"{tag + '-' if tag else ''}seed{seed}")
                 out.append(BaseSpec(base_id, self.base["model"], tuple(overrides.items()), seed, tuple(point.items())))
         return out
 
@@ -330,12 +193,11 @@ class Recipe:
         Without ``sweep.swaps`` the plan is what it always was; with swaps, ``sweep.blocks`` defaults to none.
         """
         from .blocks import BlockMap
-        from .modeling import parse_overrides
 
         meta = _meta_model(self, base)
         bmap = BlockMap(meta)
         stacks = list(bmap.stacks.values())
-        swaps = _swap_entries(self.sweep)
+        swaps = swap_entries(self.sweep)
         blocks = self.sweep.get("blocks", [] if swaps else "all_layers")
         names = [n for b in blocks for n in _positions(b, stacks)] if isinstance(blocks, list) else []
         if blocks == "all_layers":
@@ -346,41 +208,79 @@ class Recipe:
             names += [f"{s.name}.{layer.index}.{part}" for s in stacks for layer in s.layers if part in layer.parts]
         runs = []
         seeds = self.sweep.get("seeds", [0]) if self.pretrain is None else [base.seed]
-        variants = [None, *_variants(self.sweep)]
+        variants = [None, *variant_settings(self.sweep)]
         for name in names:
             block = bmap.resolve(name)
             layer = block.layers[0] if len(block.layers) == 1 else (None, None)
             stack = bmap.stacks[layer[0]] if layer[0] else None
             part = block.name.split(".")[2] if block.kind == "part" else None
             for init in self.sweep.get("inits", ["scratch"]):
-                for trainable, variant, seed in itertools.product(_arms_here(self.sweep, base), variants, seeds):
-                    run_id = f"{base.id}/{_slug(block.name)}-{_slug(init)}-{with_variant(trainable, variant)}-r{seed}"
+                for trainable, variant, seed in itertools.product(arms_here(self.sweep, base), variants, seeds):
+                    run_id = f"{base.id}/{slug(block.name)}-{slug(init)}-{with_variant(trainable, variant)}-r{seed}"
                     n = len(stack.layers) if stack else max(len(s.layers) for s in stacks)
                     runs.append(
-                        RunSpec(run_id, base, block.name, init, trainable, seed, layer[0], layer[1], n, part,
-                                variant=variant)
-                    )  # fmt: skip
+                        RunSpec(
+                            run_id,
+                            base,
+                            block.name,
+                            init,
+                            trainable,
+                            seed,
+                            layer[0],
+                            layer[1],
+                            n,
+                            part,
+                            variant=variant,
+                        )
+                    )
         if swaps:
-            if not getattr(meta.config, "is_encoder_decoder", False):
-                raise RelearnError(f"sweep.swaps: the base {base.model} is not an encoder-decoder model")
-            n = max(len(s.layers) for s in stacks)
-            for entry in swaps:
-                overrides = tuple(parse_overrides(entry.get("overrides")).items())
-                encoder = str(entry.get("encoder"))
-                if entry.get("trained"):  # the encoder of a donor base the study trains (its overrides are built in)
-                    encoder = STUDY_BASE + donor_id(entry["name"], base.seed)
-                    overrides = ()
-                own = {k: entry[k] for k in SWAP_OPTIONS if k in entry}
-                for (cross, freeze, warmup), variant, seed in itertools.product(
-                    _swap_arms({**self.sweep, **own}), variants, seeds
-                ):
-                    arm = with_variant(f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else ""), variant)
-                    run_id = f"{base.id}/swap-{_slug(str(entry['name']))}-{arm}-r{seed}"
-                    runs.append(
-                        RunSpec(run_id, base, "decoder.*.cross_attention", "scratch", "block", seed, None, None,
-                                n, None, str(entry["name"]), encoder, overrides, cross, freeze,
-                                warmup, variant)
-                    )  # fmt: skip
+            runs += self._swap_runs(base, meta, swaps, variants, seeds)
+        return runs
+
+    def _swap_runs(self, base: BaseSpec, meta, swaps: list[dict], variants: list, seeds: list[int]) -> list[RunSpec]:
+        """The encoder-swap runs of one base: swaps x cross-attention options x freeze modes x warm-ups x variants x
+        seeds (see :meth:`runs_for`)."""
+        from .blocks import BlockMap
+        from .modeling import parse_overrides
+
+        stacks = list(BlockMap(meta).stacks.values())
+        runs = []
+        if not getattr(meta.config, "is_encoder_decoder", False):
+            raise RelearnError(f"sweep.swaps: the base {base.model} is not an encoder-decoder model")
+        n = max(len(s.layers) for s in stacks)
+        for entry in swaps:
+            overrides = tuple(parse_overrides(entry.get("overrides")).items())
+            encoder = str(entry.get("encoder"))
+            if entry.get("trained"):  # the encoder of a donor base the study trains (its overrides are built in)
+                encoder = STUDY_BASE + donor_id(entry["name"], base.seed)
+                overrides = ()
+            own = {k: entry[k] for k in SWAP_OPTIONS if k in entry}
+            for (cross, freeze, warmup), variant, seed in itertools.product(
+                swap_arms({**self.sweep, **own}), variants, seeds
+            ):
+                arm = with_variant(f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else ""), variant)
+                run_id = f"{base.id}/swap-{slug(str(entry['name']))}-{arm}-r{seed}"
+                runs.append(
+                    RunSpec(
+                        run_id,
+                        base,
+                        "decoder.*.cross_attention",
+                        "scratch",
+                        DEFAULT_ARM,  # the swap's arm is its cross-attention, freeze and warm-up options
+                        seed,
+                        None,
+                        None,
+                        n,
+                        None,
+                        str(entry["name"]),
+                        encoder,
+                        overrides,
+                        cross,
+                        freeze,
+                        warmup,
+                        variant,
+                    )
+                )
         return runs
 
 
@@ -397,14 +297,7 @@ def _build(cls, values: dict, section: str):
 
 def donor_id(swap_name: str, seed: int) -> str:
     """The folder name (under ``bases/``) of the donor a trained swap of base seed ``seed`` takes its encoder from."""
-    return _slug(f"donor-{swap_name}-seed{seed + DONOR_SEED_OFFSET}")
-
-
-def _slug(text: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
-    if len(slug) > 60:
-        slug = slug[:48] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
-    return slug
+    return slug(f"donor-{swap_name}-seed{seed + DONOR_SEED_OFFSET}")
 
 
 POSITIONS = {"first": lambda n: 0, "middle": lambda n: n // 2, "last": lambda n: n - 1}

@@ -27,28 +27,15 @@ from pathlib import Path
 
 import yaml
 
-from .caveats import codes_of
 from .config import eval_key
 from .errors import RelearnError
-from .grid import GridPoint
 from .objectives import described_objective
+from .plan import BaseSpec, RunSpec
 from .prefix_cache import PrefixCache
-from .recipe import (
-    STUDY_BASE,
-    BaseSpec,
-    Recipe,
-    RunSpec,
-)
+from .recipe import STUDY_BASE, Recipe
 from .storage import CLAIMS, RESULT_FILE, RESULTS, RUN_FILE
-from .storage import write_results as _write_results
+from .study_rows import collect_rows, result_path, write_results
 from .workers import WorkerBar, barrier, claimer, leave_launch_group, quiet_libraries, run_workers
-
-# columns of results.csv: the study's own, then the results contract (docs/results-contract.md)
-STUDY_COLUMNS = [
-    "study", "base_model", "run_id", "base_id", "base_seed", "grid", "n_layers", "stack", "layer", "relative_depth", "part", "base_steps", "base_stopped",
-    "base_final_eval_loss", "base_curve", "base_warnings", "base_warning_codes", "swap", "swap_encoder", "swap_overrides", "swap_width",
-    "swap_cross_attention", "swap_freeze", "swap_warmup_steps", "variant", "variant_settings",
-]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -149,49 +136,6 @@ def _swap_overrides(run: RunSpec, base_dir: Path | None) -> str | None:
     return ",".join(f"{k}={v}" for k, v in overrides.items()) or None
 
 
-def _row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None) -> dict:
-    depth = None
-    if run.layer is not None and run.n_layers > 1:
-        depth = run.layer / (run.n_layers - 1)
-    overrides = ",".join(f"{k}={v}" for k, v in run.base.overrides)
-    row = {
-        "study": recipe.name,
-        "base_model": f"{run.base.model}" + (f" ({overrides})" if overrides else ""),
-        "run_id": run.id,
-        "base_id": run.base.id,
-        "base_seed": run.base.seed,
-        "grid": GridPoint(dict(run.base.grid)).to_json(),
-        "n_layers": run.n_layers,
-        "stack": run.stack,
-        "layer": run.layer,
-        "relative_depth": depth,
-        "part": run.part,
-        "base_steps": (base_info or {}).get("budget_steps") or (base_info or {}).get("steps"),
-        "base_stopped": (base_info or {}).get("stopped"),
-        "base_final_eval_loss": (base_info or {}).get("final_eval_loss"),
-        "base_curve": json.dumps((base_info or {}).get("curve", [])),
-        "base_warnings": json.dumps((base_info or {}).get("warnings", [])),
-        "base_warning_codes": json.dumps(codes_of((base_info or {}).get("warnings", []))),
-        "swap": run.swap,
-        "swap_encoder": run.swap_encoder,
-        "swap_overrides": json.dumps(dict(run.swap_overrides)) if run.swap else None,
-        "swap_width": (result.get("surgery") or {}).get("new_width") if run.swap else None,
-        "swap_cross_attention": run.swap_cross_attention,
-        "swap_freeze": run.swap_freeze,
-        "swap_warmup_steps": run.swap_warmup_steps if run.swap else None,
-        "variant": run.variant,
-        "variant_settings": json.dumps(recipe.sweep["variants"][run.variant]) if run.variant else None,
-    }
-    for key, value in result.items():
-        row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
-    return row
-
-
-def write_results(path: Path, rows: list[dict]) -> None:
-    """Write results.csv atomically, the study's own columns first (see ``io.write_results``)."""
-    _write_results(path, rows, STUDY_COLUMNS)
-
-
 def _remove_unfinished(out: Path, bases: list[BaseSpec], plan: list[tuple[BaseSpec, RunSpec]]) -> None:
     """Delete what a killed earlier attempt left half-done (done by one process, before any training)."""
     for stale in out.glob(".*.tmp"):
@@ -205,19 +149,6 @@ def _remove_unfinished(out: Path, bases: list[BaseSpec], plan: list[tuple[BaseSp
         folder = out / "runs" / run.id
         if folder.exists() and not (folder / RESULT_FILE).exists():
             shutil.rmtree(folder)
-
-
-def _collect_rows(recipe: Recipe, plan: list[tuple[BaseSpec, RunSpec]], out: Path) -> list[dict]:
-    """The rows of every finished run, in plan order, read from the result files (the single source of truth)."""
-    rows = []
-    for base, run in plan:
-        done = _result(out, run)
-        if not done.exists():
-            continue
-        base_file = out / "bases" / base.id / RUN_FILE
-        base_info = json.loads(base_file.read_text()) if base_file.exists() else None
-        rows.append(_row(recipe, run, json.loads(done.read_text()), base_info))
-    return rows
 
 
 def _wait_for(paths: list[Path], what: str, timeout_s: float = 24 * 3600) -> None:
@@ -255,14 +186,9 @@ def _open_study(recipe: Recipe, out: Path, rank: int) -> tuple[list[BaseSpec], l
     return bases, plan
 
 
-def _result(out: Path, run: RunSpec) -> Path:
-    """A run's result file: the run is finished once it exists (written atomically, last)."""
-    return out / "runs" / run.id / RESULT_FILE
-
-
 def _finished(out: Path, plan: list[tuple[BaseSpec, RunSpec]]) -> int:
     """How many runs of the whole plan are finished, whichever process ran them."""
-    return sum(_result(out, run).exists() for _, run in plan)
+    return sum(result_path(out, run).exists() for _, run in plan)
 
 
 def _train_bases(recipe: Recipe, bases: list[BaseSpec], out: Path, bar, claim: Callable[[str], bool] | None) -> None:
@@ -314,7 +240,7 @@ def _work(
     # one frozen-prefix cache per base, shared by its runs (same frozen weights, same data); top layers first, as a
     # fill computes every lower layer boundary on its way and stores them all (prefix_cache.py)
     todo = sorted(plan, key=lambda item: (bases.index(item[0]), -(item[1].layer if item[1].layer is not None else -1)))
-    todo = [(base, run) for base, run in todo if not _result(out, run).exists()]
+    todo = [(base, run) for base, run in todo if not result_path(out, run).exists()]
     cache, cache_base = None, None
     # (base id, variant) -> the intact model's metrics, measured by the first such run here (a variant may change how
     # the model is evaluated)
@@ -322,7 +248,7 @@ def _work(
     while todo:
         base, run = _next_ready(recipe, todo, out)
         todo.remove((base, run))
-        if _result(out, run).exists() or (claim is not None and not claim(f"run-{run.id}")):
+        if result_path(out, run).exists() or (claim is not None and not claim(f"run-{run.id}")):
             continue  # done by another process meanwhile, or being done by one
         base_dir = out / "bases" / base.id if recipe.pretrain is not None else None
         bar.set_postfix_str(run.id)
@@ -346,7 +272,7 @@ def _work(
                 key: result["baseline_metric"],
             }
         if write_rows:
-            write_results(out / RESULTS, _collect_rows(recipe, plan, out))
+            write_results(out / RESULTS, collect_rows(recipe, plan, out))
         steps = result["steps_to_recover"]
         outcome = (
             f"recovered in {steps} steps" if result["recovered"] else f"not recovered in {result['steps_trained']}"
@@ -408,7 +334,7 @@ def run_study(
     shared = parallel == "runs" and world > 1
     if workers > 1:
         run_workers(_worker, (recipe, str(out)), workers, threads_per_worker, bar)
-        unfinished = [run.id for _, run in plan if not _result(out, run).exists()]
+        unfinished = [run.id for _, run in plan if not result_path(out, run).exists()]
         if unfinished:  # every worker ended well, yet a run was claimed and never done: never a silent gap
             raise RelearnError(f"the workers left {len(unfinished)} run(s) unfinished: {', '.join(unfinished[:3])}")
     else:
@@ -429,8 +355,8 @@ def run_study(
         )
     bar.close()
     if shared:
-        _wait_for([_result(out, r) for _, r in plan], "the other processes' runs")
-    rows = _collect_rows(recipe, plan, out)
+        _wait_for([result_path(out, r) for _, r in plan], "the other processes' runs")
+    rows = collect_rows(recipe, plan, out)
     if rank == 0:
         write_results(out / RESULTS, rows)
         shutil.rmtree(out / CLAIMS, ignore_errors=True)

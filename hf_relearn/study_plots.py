@@ -158,8 +158,15 @@ def _cost_vs_layer_plot(rows: list[dict], grids: list[str], path: Path) -> Path:
             color = line[0].get_color()
         never = [(layer, 100 * st.followed) for layer, st in zip(layers, stats, strict=True) if math.isinf(st.median)]
         if never:
-            ax.scatter(*zip(*never, strict=True), marker="^", s=90, facecolors="none", edgecolors=color or "k",
-                       label=None if reached else label, zorder=5)  # fmt: skip
+            ax.scatter(
+                *zip(*never, strict=True),
+                marker="^",
+                s=90,
+                facecolors="none",
+                edgecolors=color or "k",
+                label=None if reached else label,
+                zorder=5,
+            )
     ax.set_xlabel("reset layer L")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("steps to recover, % of original budget")
@@ -250,8 +257,13 @@ def _survival_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
             back = fitter.cumulative_density_.iloc[:, 0]
             ax.step(100 * back.index, back.values, where="post", label=f"{where} ({len(mine)} runs)")
             censored = [100 * o.cost for o in mine if not o.recovered]
-            ax.plot(censored, [float(fitter.cumulative_density_at_times(c / 100).iloc[0]) for c in censored], "|",
-                    color=ax.lines[-1].get_color(), ms=10)  # fmt: skip
+            ax.plot(
+                censored,
+                [float(fitter.cumulative_density_at_times(c / 100).iloc[0]) for c in censored],
+                "|",
+                color=ax.lines[-1].get_color(),
+                ms=10,
+            )
             points += [f'"{label}",{where},{t:.6g},{v:.6g}' for t, v in zip(back.index, back.values, strict=True)]
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("% of the base's budget trained")
@@ -260,8 +272,10 @@ def _survival_plot(rows: list[dict], plots_dir: Path) -> list[Path]:
         ax.set_ylabel("share of runs back")
     for ax in list(axes.flat)[len(grids) :]:
         ax.axis("off")
-    fig.suptitle(f"Back within {100 * runs[0]['tolerance']:g}%: one reset layer, the rest frozen (| = stopped, not back)",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Back within {100 * runs[0]['tolerance']:g}%: one reset layer, the rest frozen (| = stopped, not back)",
+        fontsize=10,
+    )
     fig.tight_layout()
     (plots_dir / "recovery_by_position.csv").write_text("\n".join(points) + "\n")
     return [_save(fig, plots_dir / "recovery_by_position.png")]
@@ -301,8 +315,13 @@ def _swap_plot(rows: list[dict], path: Path) -> Path:
             steps, values = zip(*r["curve"], strict=True)
             label = run_label(r) if ax is axes[0] else f"{run_label(r)} [{run_arm(r)}]"
             ax.plot(steps, values, "-" if r.get("swap") else "--", color=cmap(i % 10), lw=1.4, label=label)
-        ax.axhline(rows[0]["recovery_threshold"], color="grey", ls=":", lw=1,
-                   label=f"baseline + {100 * rows[0]['tolerance']:g}%")  # fmt: skip
+        ax.axhline(
+            rows[0]["recovery_threshold"],
+            color="grey",
+            ls=":",
+            lw=1,
+            label=f"baseline + {100 * rows[0]['tolerance']:g}%",
+        )
         ax.set_xlabel("optimizer steps")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=6.5)

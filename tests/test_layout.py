@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     # 5: the runs a user starts, and the Hub
     "runner": 5, "probe": 5, "hub": 5,
     # 6: studies and their reports
-    "recipe": 6, "workers": 6, "study": 6, "findings": 6, "grid_findings": 6, "swap_findings": 6, "study_plots": 6, "report": 6,
+    "plan": 6, "recipe": 6, "workers": 6, "study_rows": 6, "study": 6, "findings": 6, "grid_findings": 6, "swap_findings": 6, "study_plots": 6, "report": 6,
     # 7: the command line
     "cli_runs": 7, "cli": 7, "__main__": 7,
     # the package facade: re-exports public names lazily from every layer

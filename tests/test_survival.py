@@ -88,7 +88,7 @@ def test_reset_seeds_that_repeat_a_run_change_no_p_value_of_a_rebuilt_report(tmp
 
     from hf_relearn.report import build_report
     from hf_relearn.storage import read_results, write_results
-    from hf_relearn.study import STUDY_COLUMNS
+    from hf_relearn.study_rows import STUDY_COLUMNS
 
     published = Path(__file__).resolve().parents[1] / "docs" / "results" / "decoder-grid"
     reports = []
