@@ -40,8 +40,11 @@ def steps_within(row: dict, tolerance: float | None = None) -> tuple[int, bool]:
 
 
 def higher_is_better(row: dict) -> bool:
-    """Whether a larger value of the row's recovery metric is better (any metric but a loss)."""
-    return row["recovery_metric"] != "eval_loss" and not row["recovery_metric"].endswith("loss")
+    """Whether a larger value of the row's recovery metric is better: as its run decided it (``RelearnArguments``,
+    recorded in the result); for a result written before that was recorded, any metric but a loss."""
+    if row.get("higher_is_better") is not None:
+        return bool(row["higher_is_better"])
+    return not row["recovery_metric"].endswith("loss")
 
 
 def outcome(row: dict, tolerance: float | None = None) -> Outcome:

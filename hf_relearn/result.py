@@ -337,6 +337,7 @@ class RelearnResult:
     tolerance: float
     tolerance_abs: float | None
     recovery_metric: str
+    higher_is_better: bool
     patience: int
     recovery_window: int
     curve_noise: float | None

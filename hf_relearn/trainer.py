@@ -367,6 +367,7 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
             tolerance=args.tolerance,
             tolerance_abs=args.tolerance_abs,
             recovery_metric=key,
+            higher_is_better=args.higher_is_better,
             patience=args.patience,
             recovery_window=args.recovery_window,
             baseline_eval_loss=base.get("eval_loss"),

@@ -71,3 +71,24 @@ def test_curve_noise_measures_the_scatter_around_the_trend():
     flat = [(10 * i, 1.5) for i in range(20)]
     assert curve_noise(flat) == 0.0
     assert curve_noise([(0, 2.0), *[(10 * i, math.nan) for i in range(1, 10)]]) is None
+
+
+def test_reports_judge_a_run_in_the_direction_the_run_recorded():
+    """A metric that falls when better but is not called a loss (an error rate under ``--greater_is_better false``):
+    the report reads the direction from the result, not from the metric's name."""
+    from hf_relearn.grid_findings import higher_is_better, steps_within
+
+    row = {
+        "recovery_metric": "eval_error_rate",
+        "higher_is_better": False,
+        "tolerance": 0.01,
+        "recovered": False,
+        "baseline_metric": 0.2,
+        "steps_trained": 20,
+        "curve": [[0, 0.5], [10, 0.3], [20, 0.205]],
+    }
+    assert not higher_is_better(row)
+    assert steps_within(row, 0.05) == (20, True)  # within 5% of 0.2 from above: 0.205 <= 0.21
+    legacy = {k: v for k, v in row.items() if k != "higher_is_better"}  # written before the direction was recorded
+    assert higher_is_better(legacy) and steps_within(legacy, 0.05) == (0, True)
+    assert not higher_is_better({**legacy, "recovery_metric": "eval_loss"})
