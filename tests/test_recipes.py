@@ -79,3 +79,31 @@ def test_a_recovery_window_must_be_odd(tmp_path):
         with pytest.raises(RelearnError, match="recovery_window must be an odd number >= 1"):
             RelearnArguments(output_dir=str(tmp_path), block="decoder.0", recovery_window=bad)
     assert RelearnArguments(output_dir=str(tmp_path), block="decoder.0").recovery_window == 5
+
+
+def test_the_annealed_recipe_warms_up_then_decays_to_zero_at_each_runs_cap(tmp_path):
+    import torch
+    from transformers import get_scheduler
+
+    from hf_relearn.config import RelearnArguments
+
+    recipe = Recipe.load(ROOT / "hf_relearn" / "recipes" / "wiped-layer-annealed.yaml")
+    lrs = {}
+    for variant in (None, "cosine"):
+        settings = {**recipe.relearn_settings(variant), "original_steps": 10_000}  # a base's budget
+        args = RelearnArguments(output_dir=str(tmp_path), block="decoder.0", **settings)
+        assert args.max_steps == 15_000  # 150% of the budget
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+        scheduler = get_scheduler(
+            args.lr_scheduler_type, optimizer, args.get_warmup_steps(args.max_steps), args.max_steps
+        )
+        seen = []
+        for _ in range(args.max_steps):
+            seen.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        lrs[variant] = seen
+    assert set(lrs[None]) == {3e-3}  # the recipe's own settings: constant
+    cosine = lrs["cosine"]
+    assert cosine[0] == 0 and cosine[750] == pytest.approx(3e-3)  # 5% warm-up
+    assert cosine[7875] == pytest.approx(1.5e-3, rel=1e-3) and cosine[-1] < 1e-7  # half-way down, then 0 at the cap
