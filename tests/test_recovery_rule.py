@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from hf_relearn.config import RelearnArguments
 from hf_relearn.errors import RelearnError
 from hf_relearn.result import curve_noise, first_reach, smoothed
 
@@ -71,3 +72,21 @@ def test_curve_noise_measures_the_scatter_around_the_trend():
     flat = [(10 * i, 1.5) for i in range(20)]
     assert curve_noise(flat) == 0.0
     assert curve_noise([(0, 2.0), *[(10 * i, math.nan) for i in range(1, 10)]]) is None
+
+
+# ------------------------------------------------------------------------------ the direction of the recovery metric
+def test_greater_is_better_flips_the_direction_of_the_recovery_metric(tmp_path):
+    def args(**kw):
+        return RelearnArguments(output_dir=str(tmp_path), recovery_metric="perplexity_loss", **kw)
+
+    assert args().higher_is_better is False  # from the name: a loss falls
+    # --greater_is_better alone declares the direction; so it does for metric_for_best_model naming the same metric
+    assert args(greater_is_better=True).higher_is_better is True
+    assert args(greater_is_better=True, metric_for_best_model="perplexity_loss").higher_is_better is True
+    assert args(greater_is_better=True, metric_for_best_model="eval_perplexity_loss").higher_is_better is True
+    # and the other way round: a metric that rises by its name, declared lower-is-better
+    rising = RelearnArguments(output_dir=str(tmp_path), recovery_metric="accuracy")
+    assert rising.higher_is_better is True
+    declared = RelearnArguments(output_dir=str(tmp_path), recovery_metric="accuracy", greater_is_better=False,
+                                metric_for_best_model="accuracy")  # fmt: skip
+    assert declared.higher_is_better is False
