@@ -58,3 +58,15 @@ def gpt2_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpt2-base")
     base_run(out, "gpt2", GPT2)
     return out
+
+
+@pytest.fixture(scope="session")
+def quiet_gpt2_base(tmp_path_factory) -> Path:
+    """A 3-layer GPT-2 without dropout (test_relearn.QUIET_GPT2) trained 3 steps, 8 evaluation rows: far from trained,
+    so its relearns warn (unigram level); shared by the prefix cache, relearn, distributed, original-curve, objective
+    and hub tests."""
+    from test_relearn import QUIET_GPT2, base_run
+
+    out = tmp_path_factory.mktemp("quiet-gpt2")
+    base_run(out, "gpt2", QUIET_GPT2, steps=3, generated_chars=20_000, max_eval_samples=8)
+    return out

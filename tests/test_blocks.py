@@ -1,10 +1,13 @@
 """Block map: stacks, layers and parts discovered from the module tree, and the name grammar."""
 
+import json
+
 import pytest
 import torch
 from tiny import TINY, tiny
 
 from hf_relearn import BlockMap, RelearnError
+from hf_relearn.cli import main
 from hf_relearn.modeling import load_model
 
 EXPECTED = {
@@ -150,3 +153,37 @@ def test_bert_pooler_is_listed_and_resets_alone():
     report = reset(model, "pooler")
     assert set(changed_tensors(before, fingerprint(model))) == {"pooler.dense.weight", "pooler.dense.bias"}
     assert report.block == "pooler"
+
+
+# ----------------------------------------------------------- `hf-relearn blocks`: every name and its parameter count
+GPT2_OVERRIDES = "n_layer=4,n_embd=32,n_head=2,n_positions=64"
+T5_OVERRIDES = "num_layers=2,num_decoder_layers=2,d_model=32,d_ff=64,num_heads=2,d_kv=16"
+
+
+def _distinct_numel(model, names) -> int:
+    """Parameters of the named tensors, a tensor shared by several names counted once (by storage)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return sum({params[n].data_ptr(): params[n].numel() for n in names}.values())
+
+
+@pytest.mark.parametrize("model_type, overrides", [("gpt2", GPT2_OVERRIDES), ("t5", T5_OVERRIDES)])
+def test_blocks_prints_every_valid_name_with_its_distinct_parameter_count(model_type, overrides, capsys):
+    model = load_model(model_type, overrides, seed=0)
+    bmap = BlockMap(model)
+    expected = {b.name: _distinct_numel(model, bmap.resolve(b.name).params) for b in bmap.names()}
+    if model_type == "t5":  # tied tensors once: shared, encoder.embed_tokens and decoder.embed_tokens are one tensor
+        assert len(bmap.resolve("embeddings").params) == 3 and expected["embeddings"] == model.shared.weight.numel()
+    else:
+        assert expected["decoder"] == sum(expected[f"decoder.{i}"] for i in range(4))
+
+    assert main(["blocks", model_type, "--config-overrides", overrides, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {b["name"]: b["parameters"] for b in data["blocks"]} == expected
+
+    assert main(["blocks", model_type, "--config-overrides", overrides]) == 0
+    printed = {}
+    for line in capsys.readouterr().out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in expected:  # "  NAME  KIND  COUNT"
+            printed[parts[0]] = int(parts[2].replace(",", ""))
+    assert printed == expected

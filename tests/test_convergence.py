@@ -8,6 +8,7 @@ from transformers import TrainerControl, TrainerState
 from hf_relearn import RelearnError
 from hf_relearn.callbacks import ConvergenceCallback
 from hf_relearn.caveats import OVERFIT, UNDER_TRAINED
+from hf_relearn.config import PretrainArguments
 from hf_relearn.result import base_run_warnings, read_original_run
 
 
@@ -205,3 +206,44 @@ def test_a_killed_base_resumes_to_the_same_converged_model(converged_base, tmp_p
     assert resumed["budget_steps"] == whole["budget_steps"] and resumed["steps"] == whole["steps"]
     assert [s for s, _ in resumed["curve"]] == [s for s, _ in whole["curve"]]
     assert resumed["final_eval_loss"] == pytest.approx(whole["final_eval_loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- the documented defaults
+def test_convergence_defaults_are_what_the_readme_states(tmp_path):
+    plain = PretrainArguments(output_dir=str(tmp_path))
+    assert (plain.convergence_patience, plain.convergence_threshold, plain.convergence_window) == (8, 0.005, 0.25)
+    assert plain.until_converged is False
+    converged = PretrainArguments(output_dir=str(tmp_path), until_converged=True, max_steps=100)
+    # "the learning rate halves whenever the loss has not improved by 0.2% for five evaluations in a row":
+    # torch's ReduceLROnPlateau cuts once the bad evaluations exceed patience, i.e. at the fifth
+    assert str(converged.lr_scheduler_type) in ("reduce_lr_on_plateau", "SchedulerType.REDUCE_ON_PLATEAU")
+    assert converged.lr_scheduler_kwargs == {"factor": 0.5, "patience": 4, "threshold": 0.002, "threshold_mode": "rel"}
+    # "the best checkpoint is the base", "checkpoints are written at each evaluation"
+    assert converged.load_best_model_at_end and converged.metric_for_best_model == "eval_loss"
+    assert converged.greater_is_better is False and str(converged.save_strategy).endswith(("steps", "STEPS"))
+    assert converged.save_steps == converged.eval_steps
+    # "unless you pick another schedule"
+    cosine = PretrainArguments(output_dir=str(tmp_path), until_converged=True, lr_scheduler_type="cosine")
+    assert str(cosine.lr_scheduler_type) in ("cosine", "SchedulerType.COSINE")
+
+
+# ----------------------------------------------------------- the under-trained rule: a 1% fall over the last quarter
+TOTAL = 1000  # the base run's steps in the under-trained curves below
+
+
+@pytest.mark.parametrize(
+    "final, fires",
+    [(1.979, True), (1.981, False)],  # 2.0 -> 1.979 fell 1.05% over the last quarter; 2.0 -> 1.981 fell 0.95%
+)
+def test_the_under_trained_warning_fires_above_a_1_percent_fall_over_the_last_quarter(final, fires):
+    curve = [(250, 2.6), (500, 2.2), (750, 2.0), (1000, final)]
+    codes = [w.code for w in base_run_warnings(curve, TOTAL)]
+    assert codes == ([UNDER_TRAINED] if fires else [])
+
+
+def test_the_under_trained_window_is_the_last_quarter():
+    # a 20% fall in the third quarter and 0.25% in the last: trained enough
+    assert base_run_warnings([(250, 3.0), (500, 2.5), (750, 2.0), (1000, 1.995)], TOTAL) == []
+    # 0.5% then 0.6% within the last quarter: each step under 1%, the quarter over it
+    (warning,) = base_run_warnings([(500, 2.2), (750, 2.0), (875, 1.99), (1000, 1.978)], TOTAL)
+    assert warning.code == UNDER_TRAINED and "from 2.0000 (step 750) to 1.9780 in the last quarter" in warning

@@ -5,6 +5,7 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -531,3 +532,31 @@ def test_a_token_stream_is_read_back_for_the_same_text_and_tokenizer_only(tok, t
     other.add_tokens(["be"])  # another tokenizer: "be" is one token now
     with_other = texts.token_stream(texts.load_file(str(path), "text"), other)
     assert len(with_other) < len(changed) and len(list((tmp_path / "streams").glob("*.npy"))) == 3
+
+
+# -------------------------------------------------------------------------------------------- json and parquet files
+DOCS = ["The first document.\nIt has two lines.", "A second, shorter one.", "Ünïcode and a tab\there.", "Last!"] * 6
+
+
+def _train_stream(path: Path) -> np.ndarray:
+    data = DataArguments(train_file=str(path), validation_file=str(path), block_size=8, tokenizer="bytes")
+    train, _, _ = build_datasets(data, get_tokenizer("bytes"), "clm")
+    return np.asarray(train["input_ids"]).reshape(-1)
+
+
+def test_json_and_parquet_training_files_are_read_as_documents(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": range(len(DOCS)), "text": DOCS})
+    frame.to_json(tmp_path / "docs.jsonl", orient="records", lines=True, force_ascii=False)
+    frame.to_json(tmp_path / "docs.json", orient="records", lines=True, force_ascii=False)
+    frame.to_parquet(tmp_path / "docs.parquet")
+    tokenizer = get_tokenizer("bytes")
+    expected = [
+        i for d in DOCS for i in [*tokenizer(d, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ]
+    expected = np.asarray(expected[: len(expected) // 8 * 8])  # whole blocks of 8, the remainder dropped
+    jsonl = _train_stream(tmp_path / "docs.jsonl")
+    assert np.array_equal(jsonl, expected)
+    assert np.array_equal(_train_stream(tmp_path / "docs.json"), jsonl)
+    assert np.array_equal(_train_stream(tmp_path / "docs.parquet"), jsonl)

@@ -1,4 +1,5 @@
-"""Two real processes on CPU (gloo) via `accelerate launch`: the same numbers as one process, once."""
+"""Two real processes on CPU (gloo) via `accelerate launch`: the same numbers as one process, once, and one process
+writing; DDP defaults, and multi-process launches refused before anything is written."""
 
 import json
 import os
@@ -8,7 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from documented import says
 from test_relearn import GPT2, T5, base_run, relearn_run
+from transformers import TrainingArguments
+
+import hf_relearn.config as config_module
+from hf_relearn import RelearnError
+from hf_relearn.cli import main
+from hf_relearn.config import PretrainArguments, RelearnArguments
+from hf_relearn.storage import RESULT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "accelerate" / "cpu-2proc.yaml"
@@ -137,3 +146,131 @@ def test_an_eval_set_that_does_not_divide_evenly_moves_the_loss_by_under_0_2_per
     for key in ("baseline_eval_loss", "after_reset_eval_loss"):
         assert two[key] == pytest.approx(getattr(one, key), rel=2e-3), key
         assert two[key] != getattr(one, key)  # the padding is real: were this exact, the README should say so
+
+
+# ------------------------------------------------------------------------------------------------------ DDP defaults
+@pytest.mark.parametrize("cls", [RelearnArguments, PretrainArguments])
+def test_ddp_defaults_are_off(cls, tmp_path):
+    args = cls(output_dir=str(tmp_path))
+    assert args.ddp_find_unused_parameters is False
+    assert args.average_tokens_across_devices is False
+
+
+# -------------------------------------------------------------------------------------------------- launches refused
+def test_a_launch_the_trainer_does_not_join_is_refused_before_anything_is_written(
+    quiet_gpt2_base, tmp_path, monkeypatch, capsys
+):
+    # two processes launched (WORLD_SIZE=2) but no process group formed, as transformers does on a machine without
+    # GPUs unless use_cpu is set: the Trainer sees a world of one, and every process would run the whole job alone
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(config_module, "cpu_distributed_default", lambda args: None)
+    out = tmp_path / "rl"
+    argv = ["relearn", "--model", str(quiet_gpt2_base), "--original_run", str(quiet_gpt2_base), "--block", "decoder.2",
+            "--max_steps", "1", "--eval_steps", "1", "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: launched 2 processes but the Trainer sees a world of 1" in err
+    assert not out.exists()
+    with pytest.raises(RelearnError, match="launched 2 processes but the Trainer sees a world of 1"):
+        RelearnArguments(output_dir=str(out))
+    assert not out.exists()
+
+
+def test_a_swap_warm_up_is_refused_under_a_multi_process_launch(tmp_path, monkeypatch):
+    # a launch of two processes that formed its group: the Trainer sees a world of two
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    kw = dict(block="decoder.0", swap_encoder="t5", swap_freeze="encoder-trainable")
+    assert RelearnArguments(output_dir=str(tmp_path / "plain"), **kw).world_size == 2  # the launch itself is fine
+    with pytest.raises(RelearnError, match="swap_warmup_steps is not supported under a 2-process launch"):
+        RelearnArguments(output_dir=str(tmp_path / "warm"), swap_warmup_steps=3, **kw)
+    assert not (tmp_path / "warm").exists()
+
+
+# ----------------------------------------------------------------------------------------- two processes, one writer
+WRITER = r'''
+"""hf_relearn ARGV under accelerate, recording which files under OUTPUT_DIR this process writes (Python opens for
+writing and renames, torch.save, safetensors) in WRITES_LOG/writes-RANK.json; the Hub stubbed (a push writes its
+card locally, uploads nothing)."""
+import json, os, sys
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+
+log, out = Path(sys.argv[1]), os.path.realpath(sys.argv[sys.argv.index("--output_dir") + 1])
+writes = []
+
+
+def record(path):
+    if isinstance(path, (str, bytes, os.PathLike)):
+        path = os.path.realpath(os.fsdecode(path))
+        if path.startswith(out + os.sep):
+            writes.append(os.path.relpath(path, out))
+
+
+def hook(event, args):
+    if event == "open" and (args[1] is None and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                            or args[1] is not None and set(args[1]) & set("wax+")):
+        record(args[0])
+    elif event == "os.rename":  # also os.replace
+        record(args[1])
+
+
+import safetensors.torch, torch, transformers.modeling_utils, transformers.trainer
+
+for module, name in [(torch, "save"), (safetensors.torch, "save_file"), (transformers.modeling_utils, "safe_save_file")]:
+    own = getattr(module, name)
+    setattr(module, name, lambda obj, f, *a, _own=own, **kw: record(f) or _own(obj, f, *a, **kw))
+
+
+class Hub:
+    def create_repo(self, repo_id, **kw):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, **kw):
+        done = Future()
+        done.set_result(None)
+        return done
+
+
+transformers.trainer.hf_api = Hub
+sys.addaudithook(hook)
+from hf_relearn.cli import main
+
+try:
+    code = main(sys.argv[2:])
+finally:
+    (log / f"writes-{os.environ['RANK']}.json").write_text(json.dumps(writes))
+sys.exit(code)
+'''
+
+
+def test_two_processes_one_writes_results_checkpoints_and_cards(quiet_gpt2_base, tmp_path):
+    assert says("One process writes results, checkpoints and cards.")
+    script, log, out = tmp_path / "writer.py", tmp_path / "log", tmp_path / "two"
+    script.write_text(WRITER)
+    log.mkdir()
+    argv = ["relearn", "--model", str(quiet_gpt2_base), "--original_run", str(quiet_gpt2_base), "--block", "decoder.1",
+            "--output_dir", str(out), "--max_steps", "10", "--eval_steps", "5", "--save_strategy", "steps",
+            "--save_steps", "5", "--save_final_model", "true", "--stop_at_recovery", "false",
+            "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--push_to_hub", "true", "--hub_model_id",
+            "me/two"]  # fmt: skip
+    proc = launch([str(log), *argv], script=script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / RESULT_FILE).read_text())
+    assert result["world_size"] == 2
+    # the folder: one result, one card and its plot, the final model, exactly the two checkpoints, nothing half-written
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-10", "checkpoint-5"]
+    assert sorted(p.name for p in out.glob("relearn_result*")) == [RESULT_FILE]
+    assert sorted(p.name for p in out.glob("README*")) == ["README.md"] and (out / "relearn_curve.png").exists()
+    assert "steps_to_recover" in (out / "README.md").read_text()  # our card, with the recovery metrics
+    assert (out / "model.safetensors").exists() and not list(out.rglob("*.tmp"))
+    for checkpoint in ("checkpoint-5", "checkpoint-10"):  # each process's RNG state, for an exact resume: by design
+        assert sorted(p.name for p in (out / checkpoint).glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    # who wrote: process 0 everything; process 1 only its own RNG state in each checkpoint
+    main, other = (json.loads((log / f"writes-{rank}.json").read_text()) for rank in (0, 1))
+    assert sorted(set(other)) == ["checkpoint-10/rng_state_1.pth", "checkpoint-5/rng_state_1.pth"], other
+    wrote = set(main)
+    assert {RESULT_FILE, "README.md", "relearn_curve.png", "model.safetensors", "checkpoint-5/model.safetensors",
+            "checkpoint-10/trainer_state.json", "checkpoint-10/optimizer.pt"} <= wrote, sorted(wrote)  # fmt: skip
+    assert main.count(RESULT_FILE) == 1  # the result written once, at the end

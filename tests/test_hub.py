@@ -1,22 +1,27 @@
 """Hub: cards that carry the recovery metrics, pushes to a loopback Hub, block-only uploads, safe failure."""
 
+import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hub_server import FakeHub, fake_hub, fake_hub_endpoint
 from huggingface_hub import ModelCard
 from pngs import assert_plot
-from test_relearn import GPT2, base_run, relearn_run
+from test_findings import TEMPLATE
+from test_relearn import FEW, GPT2, base_run, relearn_run
 
 from hf_relearn import RelearnError, load_relearned
 from hf_relearn.cards import relearn_card, study_card
 from hf_relearn.cli import main
 from hf_relearn.hub import push, stage
 from hf_relearn.modeling import load_model
-from hf_relearn.storage import read_results
+from hf_relearn.result import RelearnResult
+from hf_relearn.storage import DATA_FILE, RESULT_FILE, read_results
 
 hub = pytest.fixture(fake_hub)
 
@@ -247,3 +252,118 @@ def test_card_of_a_folder_without_a_run_is_one_clear_error(tmp_path, capsys):
     assert main(["card", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no relearn_result.json here" in err and "study folder" in err and "Traceback" not in err
+
+
+# -------------------------------------------------------------------------------------- a push with a rejected token
+@pytest.fixture(scope="module")
+def tiny_run(quiet_gpt2_base, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("push")
+    relearn_run(root / "run", quiet_gpt2_base, "decoder.1", **FEW)
+    return root / "run"
+
+
+def test_a_push_with_a_rejected_token_gives_one_error_and_keeps_everything_local(tiny_run, tmp_path):
+    before = _digest(tiny_run)
+    # the fake Hub accepts any bearer token, so the Hub's answer to a bad one (401 on the first call) is injected
+    with FakeHub() as server, fake_hub_endpoint(server, token="hf_bad", cache_dir=tmp_path / "cache"):
+        server.fail_status, server.fail_next, server.fail_match = 401, 100, "/api/"
+        with pytest.raises(RelearnError) as err:
+            push(tiny_run, "me/denied", token="hf_bad")
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith("push to me/denied failed (the Hub answered with an error): HfHubHTTPError: ")
+        assert "401" in message and "Nothing local was lost" in message and "run the same command again" in message
+        assert "me/denied" not in server.meta  # nothing reached the Hub: not even the repo was made
+        staged = tiny_run / "hub" / "full"
+        assert str(staged) in message and (staged / "model.safetensors").exists() and (staged / "README.md").exists()
+        after = _digest(tiny_run)
+        assert {k: v for k, v in after.items() if not k.startswith("hub/")} == {
+            k: v for k, v in before.items() if not k.startswith("hub/")
+        }
+        # a good token: the same command completes
+        server.fail_next = 0
+        push(tiny_run, "me/denied", token="hf_good")
+        assert set(server.files("me/denied")) == set(_digest(staged))
+    assert os.environ.get("HF_TOKEN") != "hf_bad"
+
+
+# ------------------------------------------------------------------------------ the card of a result written by hand
+def _card(tmp_path, **changes) -> ModelCard:
+    """The card of a run folder written by hand: a real result's fields with distinctive numbers, its data settings,
+    and a base folder whose own card names a license and a dataset."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\ndatasets:\n- tiny_shakespeare\n---\n\n# base\n")
+    result = {f.name: TEMPLATE.get(f.name) for f in dataclasses.fields(RelearnResult)}
+    result |= dict(
+        model=str(base),
+        architecture="gpt2",
+        block="decoder.1",
+        recovered=True,
+        baseline_eval_loss=2.0,
+        after_reset_eval_loss=3.5,
+        final_eval_loss=2.015,
+        steps_to_recover=250,
+        examples_to_recover=12345,
+        tokens_to_recover=987654,
+        original_steps=2000,
+        fraction_of_original=0.125,
+        original_steps_to_same_loss=678,
+    )
+    result |= changes
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RESULT_FILE).write_text(json.dumps(result))
+    (run / DATA_FILE).write_text(json.dumps({"train_file": "../shared/data/tinyshakespeare.txt"}))
+    relearn_card(run, "me/gpt2-relearn-d1").save(tmp_path / "README.md")
+    return ModelCard.load(tmp_path / "README.md")
+
+
+def test_the_card_states_every_recovery_figure_in_prose_and_in_model_index(tmp_path):
+    card = _card(tmp_path)
+    (results,) = {(e.task_type, e.dataset_name, e.dataset_split) for e in card.data.eval_results}
+    assert results == ("text-generation", "tinyshakespeare.txt", "validation")
+    metrics = {e.metric_type: (e.metric_name, e.metric_value) for e in card.data.eval_results}
+    assert metrics == {
+        "eval_loss": ("eval loss after re-learning", 2.015),
+        "baseline_eval_loss": ("eval loss of the intact model", 2.0),
+        "after_reset_eval_loss": ("eval loss right after the reset", 3.5),
+        "perplexity": ("perplexity after re-learning", pytest.approx(7.500727381202963, rel=1e-12)),
+        "baseline_perplexity": ("perplexity of the intact model", pytest.approx(7.38905609893065, rel=1e-12)),
+        "after_reset_perplexity": ("perplexity right after the reset", pytest.approx(33.11545195869231, rel=1e-12)),
+        "steps_to_recover": ("optimizer steps to recover", 250),
+        "examples_to_recover": ("training examples to recover", 12345),
+        "tokens_to_recover": ("tokens to recover", 987654),
+        "fraction_of_original": ("fraction of the original training budget", 0.125),
+        "original_steps_to_same_loss": ("the original run's steps to the same loss (from scratch)", 678),
+    }
+    text = card.text
+    assert "| intact model (baseline) | 2.0000 | 7.389 |" in text  # perplexity = exp(loss), to 3 decimals
+    assert "| right after the reset | 3.5000 | 33.115 |" in text
+    assert "| after re-learning | 2.0150 | 7.501 |" in text
+    assert "**Recovered** at step 250 = 12.5% of the original 2000 steps." in text
+    assert "- steps / examples / tokens to recover: 250 / 12345 / 987654\n" in text
+    assert "- fraction of the original training budget: 12.5%\n" in text
+    assert "- the original run first reached the same loss at step 678 (learning from scratch)" in text
+
+
+def test_the_card_carries_the_tags_and_the_source_cards_license_and_datasets(tmp_path):
+    data = _card(tmp_path, architecture="bert", objective="mlm").data
+    assert data.tags == ["hf-relearn", "relearn", "bert"] and data.pipeline_tag == "fill-mask"
+    assert data.license == "apache-2.0" and data.datasets == ["tiny_shakespeare"]
+    assert yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])["license"] == "apache-2.0"
+
+
+@pytest.mark.parametrize(
+    "init, seed, arm, words",
+    [
+        ("zero", 7, "all", "every parameter trainable"),
+        ("scratch", 3, "lora-rest", "the block frozen at random and LoRA adapters on every other layer"),
+    ],
+)
+def test_the_card_names_the_block_init_seed_and_arm(tmp_path, init, seed, arm, words):
+    text = " ".join(_card(tmp_path, block="decoder.2", init=init, seed=seed, trainable=arm).text.split())
+    assert (
+        f"block `decoder.2` (12 tensors, 12,704 parameters) was reset ({init}, seed {seed}) and re-learned with "
+        f"{words} on tinyshakespeare.txt (clm objective)"
+    ) in text

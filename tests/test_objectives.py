@@ -1,5 +1,5 @@
 """Objectives and arms come from registries: a new objective is one class and one register call, and each objective's
-own options reach its loss through the trainer."""
+own options reach its loss through the trainer; the distill teacher computes evaluation rows once."""
 
 from __future__ import annotations
 
@@ -11,12 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from documented import says
+from test_prefix_cache import _batch
 from test_relearn import relearn_run
+from tiny import TINY
 
+import hf_relearn.trainer as trainer_module
 from hf_relearn.arm_registry import ARMS, Arm, get_arm, register_arm
 from hf_relearn.config import RelearnArguments
 from hf_relearn.data import DataArguments, build_datasets
 from hf_relearn.errors import RelearnError
+from hf_relearn.metrics import Teacher
 from hf_relearn.modeling import load_model
 from hf_relearn.objectives import OBJECTIVES, CausalLM, distill_loss, get_objective, register_objective
 from hf_relearn.tokenization import get_tokenizer
@@ -137,3 +142,83 @@ def test_no_module_compares_an_objective_or_arm_name_outside_its_registry():
                     found.append(f"{path.name}:{node.lineno}: a dict keyed by {keys}")
     assert not found, "\n".join(found)
     assert re.search(r"register_objective", (PACKAGE.parent / "CONTRIBUTING.md").read_text())
+
+
+# ----------------------------------------------------------------- the distill teacher computes evaluation rows once
+def test_teacher_computes_evaluation_rows_once_within_its_budget():
+    model = load_model("gpt2", TINY["gpt2"])
+    calls = []
+    own = model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return own(*args, **kwargs)
+
+    model.forward = counted
+    inputs = {"input_ids": _batch(0, rows=2)["input_ids"]}
+    rows = torch.tensor([4, 9])
+    one_batch = 2 * 16 * 256 * 4  # logits: 2 rows x 16 tokens x 256 vocab x float32
+    assert Teacher(model).max_bytes == 1 << 30  # README: "up to 1 GiB"
+    teacher = Teacher(model, max_bytes=10 * one_batch)
+    first = teacher.outputs(inputs, rows)
+    second = teacher.outputs(inputs, rows)
+    assert len(calls) == 1 and torch.equal(first.logits, second.logits)
+    assert teacher.bytes == one_batch
+    # the same rows at another length are computed again
+    short = {"input_ids": inputs["input_ids"][:, :8]}
+    teacher.outputs(short, rows)
+    assert len(calls) == 2 and calls[-1] == (2, 8)
+    assert teacher.bytes == one_batch // 2  # the shorter outputs replace the longer ones in the count too
+    # no rows given: always computed
+    teacher.outputs(inputs)
+    assert len(calls) == 3
+    # beyond max_bytes nothing more is stored: those rows are computed every time
+    small = Teacher(model, max_bytes=one_batch)
+    calls.clear()
+    small.outputs(inputs, rows)  # fits exactly
+    other = {"input_ids": _batch(1, rows=2)["input_ids"]}
+    for _ in range(2):
+        small.outputs(other, torch.tensor([1, 2]))
+    assert len(calls) == 3 and small.bytes == one_batch <= small.max_bytes and sorted(small.rows) == [4, 9]
+    small.outputs(inputs, rows)
+    assert len(calls) == 3  # the stored rows are still served
+
+
+class _CountingTeachers(list):
+    """Every ``Teacher`` made while installed, its model's forward calls counted in ``calls``."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.calls = 0
+        made = self
+
+        class Counted(Teacher):
+            def __init__(self, model, *a, **kw):
+                super().__init__(model, *a, **kw)
+                made.append(self)
+                own = self.model.forward
+
+                def counted(*args, **kwargs):
+                    made.calls += 1
+                    return own(*args, **kwargs)
+
+                self.model.forward = counted
+
+        monkeypatch.setattr(trainer_module, "Teacher", Counted)
+
+
+# decoder.1 runs with the frozen-prefix cache; decoder.0 has nothing below it to cache: the teacher keeps its
+# outputs all the same
+@pytest.mark.parametrize("block, cached", [("decoder.1", True), ("decoder.0", False)])
+def test_relearn_distill_computes_the_teachers_evaluation_outputs_once(
+    quiet_gpt2_base, tmp_path, monkeypatch, block, cached
+):
+    assert says("With `--objective distill` the teacher's outputs for evaluation rows are computed once too")
+    teachers = _CountingTeachers(monkeypatch)
+    result = relearn_run(tmp_path / "rl", quiet_gpt2_base, block, objective="distill", max_steps=6, eval_steps=2,
+                         stop_at_recovery=False, per_device_train_batch_size=4, per_device_eval_batch_size=4)  # fmt: skip
+    assert result.prefix_cache["enabled"] is cached
+    # the after-reset evaluation and one every 2 steps: 4 evaluations of the base's 8 rows (2 batches each)
+    assert [s for s, _ in result.curve] == [0, 2, 4, 6] and result.steps_trained == 6
+    # the teacher runs on each training batch (new rows every step) and once per evaluation batch: 6 + 2, not 6 + 8
+    assert len(teachers) == 1 and teachers.calls == 6 + 2

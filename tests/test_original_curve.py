@@ -1,17 +1,24 @@
 """The original curve from a base's published checkpoints: local checkpoint folders, or Hub revisions served by the
-loopback Hub (tests/hub_server.py)."""
+loopback Hub (tests/hub_server.py); checkpoints of another model refused; the curve drawn on the relearn plot."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import matplotlib.image as mpimg
+import numpy as np
 import pytest
+from documented import says
 from hub_server import FakeHub, fake_hub_endpoint
+from test_relearn import relearn_run
+from transformers import AutoConfig, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hf_relearn import original_curve as oc
 from hf_relearn.config import ModelArguments, PretrainArguments, RelearnArguments
 from hf_relearn.data import DataArguments
 from hf_relearn.errors import RelearnError
+from hf_relearn.plots import plot_curve
 from hf_relearn.result import first_reach
 from hf_relearn.runner import pretrain, relearn
 
@@ -199,3 +206,65 @@ def test_original_steps_overrides_the_last_checkpoint_as_the_budget(published, t
     assert result.original_steps == 100  # ... but the budget is what original_steps says
     assert result.original_tokens == 100 * 16 * 64
     assert result.recovered and result.fraction_of_original == pytest.approx(result.steps_to_recover / 100)
+
+
+# ----------------------------------------------------------------------------- original checkpoints of another model
+def _checkpoints(folder: Path, base: Path, other) -> str:
+    """``checkpoint-1``: the base's own weights; ``checkpoint-2``: ``other`` saved. Returns their glob."""
+    shutil.copytree(base, folder / "checkpoint-1", ignore=shutil.ignore_patterns("checkpoint-*"))
+    other.save_pretrained(folder / "checkpoint-2")
+    return str(folder / "checkpoint-*")
+
+
+def test_original_checkpoints_of_another_model_are_refused_before_anything_is_written(quiet_gpt2_base, tmp_path):
+    assert says("a revision whose weights are not this model's (other tensor names")
+    config = AutoConfig.from_pretrained(quiet_gpt2_base)
+    # the same model_type (gpt2), one layer more: every tensor of the base is there with its shape, plus
+    # transformer.h.3.*, names the base has not
+    deeper = GPT2LMHeadModel(AutoConfig.from_pretrained(quiet_gpt2_base, n_layer=config.n_layer + 1))
+    # another architecture altogether (its model_type is checked before its weights are loaded)
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    )  # fmt: skip
+    cases = [
+        (deeper, r"is not this model at another step: its weights differ in names or shapes \(first: transformer\.h\.3\."),
+        (llama, r"checkpoint-2 is a 'llama' model, the run's is 'gpt2'"),
+    ]  # fmt: skip
+    for i, (other, message) in enumerate(cases):
+        glob = _checkpoints(tmp_path / f"published-{i}", quiet_gpt2_base, other)
+        with pytest.raises(RelearnError, match=message):
+            relearn_run(tmp_path / f"rl-{i}", quiet_gpt2_base, "decoder.1", original_checkpoints=glob, max_steps=2,
+                        eval_steps=1, stop_at_recovery=False, per_device_train_batch_size=4)  # fmt: skip
+        assert not (tmp_path / f"rl-{i}").exists()  # refused before any surgery or training: nothing written
+    # the base's own weights pass the same check: only the other model was refused
+    glob = _checkpoints(tmp_path / "published-own", quiet_gpt2_base, GPT2LMHeadModel.from_pretrained(quiet_gpt2_base))
+    result = relearn_run(tmp_path / "rl-own", quiet_gpt2_base, "decoder.1", original_checkpoints=glob, max_steps=2,
+                         eval_steps=1, stop_at_recovery=False, per_device_train_batch_size=4)  # fmt: skip
+    assert [s for s, _ in result.original_curve] == [1, 2]
+    assert result.original_curve[0][1] == pytest.approx(result.baseline_eval_loss, rel=1e-5)  # the base itself
+
+
+# ---------------------------------------------------------------------- the original run's curve on the relearn plot
+ORANGE = (1.0, 0.498, 0.055)  # tab:orange, the original run's colour (the re-learn is tab:blue)
+
+
+def _orange_columns(png: Path) -> np.ndarray:
+    rgb = mpimg.imread(png)[..., :3]
+    near = np.abs(rgb - np.array(ORANGE)).max(axis=-1) < 0.03
+    return np.flatnonzero(near.any(axis=0))
+
+
+def test_relearn_curve_png_draws_the_original_runs_curve_when_the_result_has_one(tmp_path):
+    result = {
+        "block": "layers.3", "curve": [[0, 3.0], [100, 2.4], [200, 2.1], [300, 2.0]], "baseline_metric": 2.0,
+        "recovery_threshold": 2.02, "recovered": True, "steps_to_recover": 300, "recovery_metric": "eval_loss",
+    }  # fmt: skip
+    plain = _orange_columns(plot_curve(result, tmp_path / "plain.png"))
+    assert plain.size == 0  # no original curve, nothing orange
+    original = [[20, 3.2], [80, 2.6], [160, 2.3], [300, 2.05]]
+    width = mpimg.imread(plot_curve({**result, "original_curve": original}, tmp_path / "both.png")).shape[1]
+    drawn = _orange_columns(tmp_path / "both.png")
+    # the original run's checkpoints span steps 20..300 of 0..315: its line crosses half the figure and more, far
+    # wider than its legend sample
+    assert drawn.size and drawn[-1] - drawn[0] > width / 2

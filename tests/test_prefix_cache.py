@@ -1,19 +1,30 @@
-"""Frozen-prefix cache: exact losses and gradients, refusals, on-disk stores, sharing, and a relearn run with it."""
+"""Frozen-prefix cache: exact losses and gradients, refusals, on-disk stores, sharing, and a relearn run with it;
+when `auto` turns it on, its size logged first and sized for the rows a run can meet, its memory budget."""
 
 import json
+import logging
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-from test_relearn import base_run, relearn_run
+from test_relearn import FEW, base_run, relearn_run
 from test_swap import _pair
 from tiny import TINY
+from transformers import TrainerCallback
 
+import hf_relearn.runner as runner_module
+import hf_relearn.trainer_prefix as trainer_prefix
+from hf_relearn import prefix_cache as prefix_cache_module
 from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
 from hf_relearn.modeling import load_model
-from hf_relearn.prefix_cache import PrefixCache
+from hf_relearn.prefix_cache import PrefixCache, default_memory_budget
 from hf_relearn.prefix_plan import active_dropout, plan_prefix
+from hf_relearn.storage import RUN_FILE
 from hf_relearn.surgery import freeze_except
+from hf_relearn.trainer import RelearnTrainer
 
 ENC_DEC = dict(decoder_start_token_id=0, pad_token_id=0)
 
@@ -307,3 +318,249 @@ def test_storage_is_sized_for_the_rows_a_run_can_meet_and_grows_if_more_come(bud
     assert any("growing from 2 to 4 rows" in m for m in messages) and any("from 4 to 8 rows" in m for m in messages)
     assert cache.summary()["rows_filled"] == {"train": 8} and cache.filled_rows == 8
     cache.close()
+
+
+# ------------------------------------------------------------------------------------ when `auto` turns the cache on
+QUIET_BERT = (
+    "num_hidden_layers=3,hidden_size=32,num_attention_heads=2,intermediate_size=64,max_position_embeddings=64,"
+    "hidden_dropout_prob=0,attention_probs_dropout_prob=0"
+)
+
+
+def test_auto_prefix_cache_is_off_with_trainable_all(quiet_gpt2_base, tmp_path):
+    # the same base and block with trainable=block gets the cache: trainable=all alone turns it off
+    on = relearn_run(tmp_path / "block", quiet_gpt2_base, "decoder.2", **FEW)
+    assert on.prefix_cache["enabled"] and on.prefix_cache["splits"] == ["eval", "train"]
+    off = relearn_run(tmp_path / "all", quiet_gpt2_base, "decoder.2", trainable="all", **FEW)
+    assert off.prefix_cache == {"enabled": False, "reason": "trainable=all: layers below the block train too"}
+
+
+def test_auto_prefix_cache_is_off_with_gradient_checkpointing(quiet_gpt2_base, tmp_path):
+    off = relearn_run(tmp_path / "gc", quiet_gpt2_base, "decoder.2", gradient_checkpointing=True, **FEW)
+    assert off.prefix_cache["enabled"] is False
+    assert off.prefix_cache["reason"].startswith("gradient checkpointing")
+
+
+def test_auto_prefix_cache_keeps_only_evaluation_rows_for_mlm(tmp_path):
+    # no dropout anywhere: the only reason to leave training rows out is the mlm objective's fresh masking
+    base_run(
+        tmp_path / "base", "bert", QUIET_BERT, objective="mlm", steps=3, generated_chars=20_000, max_eval_samples=8
+    )
+    result = relearn_run(tmp_path / "rl", tmp_path / "base", "encoder.2", objective="mlm", **FEW)
+    info = result.prefix_cache
+    assert info["enabled"] and info["splits"] == ["eval"] and "train_rows" not in info
+    assert set(info["rows_filled"]) == {"eval"} and info["rows_filled"]["eval"] > 0
+
+
+@pytest.mark.parametrize("flag", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_auto_prefix_cache_is_off_under_fsdp_or_deepspeed(quiet_gpt2_base, tmp_path, monkeypatch, flag):
+    class Sharded(RelearnTrainer):
+        """The trainer as an FSDP / DeepSpeed launch sets it up, while it plans the cache (after surgery); the
+        measurements and the training around that run unsharded, as this one process can."""
+
+        def _setup_prefix_cache(self):
+            setattr(self, flag, True)
+            try:
+                super()._setup_prefix_cache()
+            finally:
+                setattr(self, flag, False)
+
+    monkeypatch.setattr(runner_module, "RelearnTrainer", Sharded)
+    result = relearn_run(tmp_path / flag, quiet_gpt2_base, "decoder.2", max_steps=2, eval_steps=1,
+                         stop_at_recovery=False, per_device_train_batch_size=4)  # fmt: skip
+    assert result.prefix_cache == {
+        "enabled": False,
+        "reason": "FSDP / DeepSpeed shard the frozen layers, so they cannot be run alone to fill the cache",
+    }
+    # the same run unsharded gets the cache: the sharding alone turned it off
+    monkeypatch.setattr(runner_module, "RelearnTrainer", RelearnTrainer)
+    plain = relearn_run(tmp_path / "plain", quiet_gpt2_base, "decoder.2", max_steps=2, eval_steps=1,
+                        stop_at_recovery=False, per_device_train_batch_size=4)  # fmt: skip
+    assert plain.prefix_cache["enabled"] is True
+
+
+# -------------------------------------------------------------------- the size logged first, the rows a run can meet
+def test_prefix_cache_size_is_logged_before_the_first_row_is_stored(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="hf_relearn")
+    model = load_model("gpt2", TINY["gpt2"]).eval()
+    cache = PrefixCache()
+    cache.attach(model, plan_prefix(model, freeze_except(model, "decoder.3"))[0])
+    events = []
+
+    class Spy(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("prefix cache: output of"):
+                path = msg.split()[4]
+                data = cache.splits["train"]
+                # at the moment of the message no row of that output is stored (its store does not exist yet)
+                events.append(("log", path, path in data.captures, cache.filled_rows))
+
+    own_store = PrefixCache._store
+
+    def store(self, data, path, out, slots, rows):
+        own_store(self, data, path, out, slots, rows)
+        events.append(("stored", path, bool(data.captures[path].filled[rows].all()), None))
+
+    monkeypatch.setattr(PrefixCache, "_store", store)
+    spy = Spy()
+    logging.getLogger("hf_relearn").addHandler(spy)
+    try:
+        for seed in range(2):
+            with cache.serving(_batch(seed, rows=2), torch.tensor([2 * seed, 2 * seed + 1]), "train", n_rows=4):
+                model(**_batch(seed, rows=2))
+    finally:
+        logging.getLogger("hf_relearn").removeHandler(spy)
+        cache.close()
+    assert events[0] == ("log", "transformer.h.2", False, 0)
+    assert events[1] == ("stored", "transformer.h.2", True, None)
+    assert [e[0] for e in events] == ["log", "stored", "stored"]  # stated once, before the first row
+    assert any("for 4 rows x 4.0 KiB = 16.0 KiB in memory" in r.getMessage() for r in caplog.records)
+
+
+class StopAfter(TrainerCallback):
+    """End training after ``steps`` optimizer steps (enough to size and fill the training store)."""
+
+    def __init__(self, steps: int = 1):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_training_stop = True
+
+
+ROWS_LOGGED = re.compile(r"^prefix cache: output of (\S+) for (\d+) rows x ")
+
+
+@pytest.mark.parametrize(
+    "max_steps, accumulation, expected",
+    [(20, 1, 80), (20, 2, 160), (10_000, 1, None)],  # None: the whole training set (fewer than 10,000 x 4 rows)
+    ids=["steps-x-batch", "x-accumulation", "whole-set"],
+)
+def test_training_storage_is_sized_for_the_rows_the_run_can_meet(quiet_gpt2_base, tmp_path, caplog, max_steps,
+                                                                 accumulation, expected):  # fmt: skip
+    train_rows = json.loads((quiet_gpt2_base / RUN_FILE).read_text())["train_examples"]
+    assert 160 < train_rows < 10_000 * 4  # so each case tells the formula's terms apart
+    caplog.set_level(logging.INFO, logger="hf_relearn")
+    result = relearn_run(
+        tmp_path / "rl", quiet_gpt2_base, "decoder.2", max_steps=max_steps, gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=4, eval_steps=1000, stop_at_recovery=False, callbacks=[StopAfter()],
+    )  # fmt: skip
+    assert result.prefix_cache["enabled"] and result.prefix_cache["splits"] == ["eval", "train"]
+    logged = [ROWS_LOGGED.match(r.getMessage()) for r in caplog.records if r.name.startswith("hf_relearn")]
+    sizes = [int(m.group(2)) for m in logged if m]
+    # the evaluation rows are stored first (the after-reset measurement): all 8; then the training rows
+    assert sizes == [8, expected or train_rows]
+    assert result.prefix_cache["rows_filled"] == {"eval": 8, "train": 4 * accumulation}
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set size from /proc (Linux)")
+def test_memory_is_committed_only_for_rows_met():
+    """Storage sized for 16,000 rows (256 MiB) holds, after 4 rows are met, about 4 rows' worth of resident memory."""
+    model = load_model("gpt2", TINY["gpt2"]).eval()
+    cache = PrefixCache(max_memory_bytes=2**31)
+    cache.attach(model, plan_prefix(model, freeze_except(model, "decoder.3"))[0])
+    with torch.no_grad():
+        model(**_batch(9, rows=2, length=64))  # the forward's own buffers, before measuring
+        before = _rss_bytes()
+        for seed in range(2):
+            with cache.serving(
+                _batch(seed, rows=2, length=64), torch.tensor([2 * seed, 2 * seed + 1]), "train", 16_000
+            ):
+                model(**_batch(seed, rows=2, length=64))
+        grown = _rss_bytes() - before
+    store = cache.splits["train"].captures["transformer.h.2"]
+    allocated = sum(t.numel() * t.element_size() for t in store.tensors)
+    cache.close()
+    assert allocated >= 16_000 * 64 * 64 * 4  # 16,000 rows x 64 tokens x 64 wide x float32 = 250 MiB
+    assert grown < 16 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB for 4 rows"
+
+
+# ---------------------------------------------------------------------------------- memory budget and on-disk stores
+def test_default_memory_budget_is_a_quarter_of_the_free_memory(monkeypatch):
+    values = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(prefix_cache_module.os, "sysconf", lambda name: values[name])
+    assert default_memory_budget() == 1000 * 4096 // 4
+    assert PrefixCache().max_memory_bytes == 1000 * 4096 // 4
+    assert PrefixCache(max_memory_bytes=5).max_memory_bytes == 5
+
+
+def test_a_cache_over_budget_goes_to_temporary_files_that_close_removes():
+    model = load_model("gpt2", TINY["gpt2"]).eval()
+    trainable = freeze_except(model, "decoder.3")
+    inputs, rows = _batch(0, rows=2), torch.tensor([0, 1])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    cache = PrefixCache(max_memory_bytes=1)
+    cache.attach(model, plan_prefix(model, trainable)[0])
+    for _ in range(2):  # fill, then serve from the files
+        with cache.serving(inputs, rows, "train", n_rows=2), torch.no_grad():
+            assert torch.equal(model(**inputs).logits, expected)
+    folder = Path(cache._tmp.name)
+    files = list(folder.iterdir())
+    assert cache.disk_bytes == 2 * 16 * 64 * 4 > 0  # 2 rows x 16 tokens x 64 wide x float32
+    assert files and sum(f.stat().st_size for f in files) == cache.disk_bytes
+    assert folder.name.startswith("hf-relearn-prefix-")
+    cache.close()
+    assert not folder.exists() and not any(f.exists() for f in files)
+
+
+class FilesDuringTraining(TrainerCallback):
+    """The files under ``folder`` matching ``pattern`` at the end of each training step."""
+
+    def __init__(self, folder: Path, pattern: str):
+        self.folder, self.pattern, self.seen = folder, pattern, set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen |= {p for p in self.folder.glob(self.pattern) if p.is_file()}
+
+
+def test_a_zero_memory_budget_puts_the_cache_on_disk_and_the_run_removes_it(quiet_gpt2_base, tmp_path, monkeypatch):
+    # every cache the runs make is kept alive here, so what removes its files is the run, not the garbage collector
+    # (a TemporaryDirectory left behind is removed when it is collected)
+    caches: list[PrefixCache] = []
+
+    class Kept(PrefixCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(trainer_prefix, "PrefixCache", Kept)
+    run = dict(max_steps=4, eval_steps=2, logging_steps=1, stop_at_recovery=False, per_device_train_batch_size=4)
+    plain = relearn_run(tmp_path / "plain", quiet_gpt2_base, "decoder.2", prefix_cache="false", **run)
+    assert plain.prefix_cache == {"enabled": False, "reason": "prefix_cache=false"}
+
+    # --prefix_cache_dir: the stores are files in that folder while the run lasts, none after it
+    folder = tmp_path / "cache-dir"
+    watch = FilesDuringTraining(folder, "*")
+    given = relearn_run(tmp_path / "given", quiet_gpt2_base, "decoder.2", callbacks=[watch], prefix_cache_memory_gb=0,
+                        prefix_cache_dir=str(folder), **run)  # fmt: skip
+    info = given.prefix_cache
+    assert info["enabled"] and info["splits"] == ["eval", "train"] and info["disk_bytes"] > 0
+    assert len(watch.seen) >= 2  # one store of evaluation rows, one of training rows
+    assert list(folder.iterdir()) == []  # the folder itself stays (it is the user's)
+
+    # no folder given: a temporary one (hf-relearn-prefix-*), removed at the end
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    watch = FilesDuringTraining(temp, "hf-relearn-prefix-*/*")
+    default = relearn_run(
+        tmp_path / "default", quiet_gpt2_base, "decoder.2", callbacks=[watch], prefix_cache_memory_gb=0, **run
+    )
+    assert default.prefix_cache["disk_bytes"] == info["disk_bytes"] and len(watch.seen) >= 2
+    assert list(temp.iterdir()) == []
+    assert len(caches) == 2 and caches[1].max_memory_bytes == 0
+
+    # served from disk, the run is the run without the cache
+    for cached in (given, default):
+        assert cached.curve == plain.curve and len(plain.curve) == 3
+        assert cached.train_curve == plain.train_curve and len(plain.train_curve) == 4
+        assert cached.after_reset_eval_loss == plain.after_reset_eval_loss

@@ -4,14 +4,20 @@ import csv
 import json
 
 import pytest
+from documented import says
 from pngs import assert_plot
-from test_relearn import relearn_run
+from test_objectives import _CountingTeachers
+from test_relearn import QUIET_GPT2, relearn_run
+from test_surgery import OVERRIDES, VERSIONS
 
+import hf_relearn.probe as probe_module
 from hf_relearn.cli import main
 from hf_relearn.config import ModelArguments
-from hf_relearn.data import DataArguments
+from hf_relearn.data import DataArguments, build_datasets
 from hf_relearn.errors import RelearnError
+from hf_relearn.prefix_cache import PrefixCache
 from hf_relearn.probe import ProbeArguments, probe
+from hf_relearn.tokenization import get_tokenizer
 
 BASE_DATA = dict(block_size=64, generated_chars=150_000)  # what the gpt2_base fixture trained on
 
@@ -92,3 +98,57 @@ def test_probe_on_the_real_minilm_checkpoint(minilm_dir, shared_data, tmp_path, 
         progress=False,
     )  # fmt: skip
     assert [r["loss"] for r in uncached] == [float(r["loss"]) for r in rows]
+
+
+# --------------------------------------------------------------- one prefix cache and one teacher for all the resets
+NO_DROPOUT = "n_layer=4,n_embd=32,n_head=2,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
+
+
+def test_probe_computes_each_layer_boundary_once(tmp_path, monkeypatch):
+    caches: list[PrefixCache] = []
+
+    class Recording(PrefixCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(probe_module, "PrefixCache", Recording)
+    data = DataArguments(block_size=32, generated_chars=20_000, max_eval_samples=12, tokenizer="bytes")
+    args = ProbeArguments(output_dir=str(tmp_path), blocks="layers", seeds="0,1", per_device_eval_batch_size=4)
+    rows = probe(ModelArguments(model="gpt2", config_overrides=NO_DROPOUT), data, args, progress=False)
+    assert len(rows) == 4 * 2  # 4 layers x 2 seeds = 8 resets
+    _, evals, _ = build_datasets(data, get_tokenizer("bytes"), "clm")
+    assert len(evals) == 12
+    (cache,) = caches
+    # the first reset (decoder.3, deepest) computes every boundary below it for each evaluation row; the other 5
+    # resets with a prefix (decoder.3 seed 1, decoder.2 and decoder.1 twice) are served; decoder.0 has no prefix
+    assert cache.filled_rows == len(evals)  # not 6 x 12 = 72: one fill per evaluation row, not one per reset
+
+
+def test_probe_distill_computes_the_teachers_outputs_once_across_its_resets(tmp_path, monkeypatch):
+    assert says("The runs share the frozen-prefix cache (deepest block first, so every layer boundary is "
+                        "computed once) and, for `distill`, the teacher's outputs.")  # fmt: skip
+    teachers = _CountingTeachers(monkeypatch)
+    data = DataArguments(block_size=32, generated_chars=20_000, max_eval_samples=12, tokenizer="bytes")
+    args = ProbeArguments(output_dir=str(tmp_path), blocks="layers", seeds="0,1", objective="distill",
+                          per_device_eval_batch_size=4)  # fmt: skip
+    rows = probe(ModelArguments(model="gpt2", config_overrides=QUIET_GPT2), data, args, progress=False)
+    assert len(rows) == 3 * 2  # 6 resets, each measured against the intact model's outputs
+    assert all(r["baseline_loss"] == 0 and r["loss"] > 0 for r in rows)
+    _, evals, _ = build_datasets(data, get_tokenizer("bytes"), "distill")
+    assert len(evals) == 12  # 3 evaluation batches of 4
+    # one teacher for the whole probe, run once per evaluation batch: 3 calls, not 6 resets x 3 = 18
+    assert len(teachers) == 1 and teachers.calls == 3
+
+
+# -------------------------------------------------------------------------------------------------------- probe.json
+def test_probe_json_holds_the_arguments_the_baseline_and_the_versions(tmp_path):
+    out = tmp_path / "probe"
+    assert main(["probe", "gpt2", "--config_overrides", OVERRIDES, "--generated_chars", "20000", "--block_size", "32",
+                 "--max_eval_samples", "8", "--blocks", "decoder.1", "--output_dir", str(out)]) == 0  # fmt: skip
+    info = json.loads((out / "probe.json").read_text())
+    rows = (out / "probe.csv").read_text().splitlines()
+    assert info["versions"] == VERSIONS
+    assert info["model"]["config_overrides"] == OVERRIDES and info["probe"]["blocks"] == "decoder.1"
+    assert info["data"]["block_size"] == 32 and info["rows"] == len(rows) - 1 == 1
+    assert f",{info['baseline_loss']!r}," in rows[1]  # the baseline of the table's one row

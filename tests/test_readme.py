@@ -1,5 +1,6 @@
 """The README a newcomer reads: short, both set-up commands on the first screen, and its Python quickstart runs as
-written (offline, on the standard library's source) and prints what a relearn measured."""
+written (offline, on the standard library's source) and prints what a relearn measured; the commands' defaults are
+the ones the documentation states."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from documented import says
+
+import hf_relearn.cli as cli
+from hf_relearn.config import RelearnArguments
+from hf_relearn.probe import ProbeArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -63,3 +70,29 @@ def test_every_command_prints_its_help(capsys):
             main([command, "--help"])
         assert exit_.value.code == 0, command
         assert "usage:" in capsys.readouterr().out, command
+
+
+# ----------------------------------------------------------------------------- the defaults the documentation states
+def test_defaults_are_what_the_readme_states(tmp_path, monkeypatch):
+    args = RelearnArguments(output_dir=str(tmp_path))
+    assert args.block == "decoder.-1" and says("| `--block` | `decoder.-1` |")
+    assert args.eval_steps == 10 and says("| `--eval_steps` | 10 |")
+    assert ProbeArguments(output_dir=str(tmp_path)).blocks == "layers,parts"
+    assert says("`--blocks` takes `layers`, `parts` or any names (default `layers,parts`)")
+    parser = cli.build_parser()
+    assert parser.parse_args(["study", "demo"]).parallel == "data"
+    assert says("`--parallel data` (default)")
+    # `hf-relearn demo` runs the shipped demo recipe into relearn-demo/
+    studied = []
+    monkeypatch.setattr(
+        cli,
+        "cmd_study",
+        lambda a: studied.append((a.recipe, a.output_dir, a.parallel, a.workers, a.threads_per_worker)) or 0,
+    )
+    assert cli.main(["demo"]) == 0
+    recipe = Path(cli.__file__).resolve().parent / "recipes" / "demo.yaml"
+    # 2 workers of 1 thread each: the published numbers on any machine (they depend on a run's threads)
+    assert studied == [(str(recipe), "relearn-demo", "data", 2, 1)]
+    assert says("2 worker processes of 1 thread each")
+    assert parser.parse_args(["study", "demo"]).workers == 1 and says("`--workers N`")
+    assert says("`relearn-demo/report.md`") and says("delete `relearn-demo/` to redo")

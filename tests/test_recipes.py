@@ -1,12 +1,17 @@
 """Every shipped recipe (the GPU ones included) and every published study's recipe passes the recipe checker:
-each section builds its arguments and every block name resolves against the base's architecture."""
+each section builds its arguments and every block name resolves against the base's architecture. Also: shipped
+recipes found by name, ``sweep.arms_at`` in the plan, and the CPU overrides each GPU recipe's header names."""
 
+import shlex
 from pathlib import Path
 
 import pytest
+from documented import says
 
+import hf_relearn
 from hf_relearn import RelearnError
-from hf_relearn.recipe import Recipe
+from hf_relearn.cli import _recipe_path
+from hf_relearn.recipe import Recipe, _meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "hf_relearn" / "recipes").glob("*.yaml"))
@@ -107,3 +112,128 @@ def test_the_annealed_recipe_warms_up_then_decays_to_zero_at_each_runs_cap(tmp_p
     cosine = lrs["cosine"]
     assert cosine[0] == 0 and cosine[750] == pytest.approx(3e-3)  # 5% warm-up
     assert cosine[7875] == pytest.approx(1.5e-3, rel=1e-3) and cosine[-1] < 1e-7  # half-way down, then 0 at the cap
+
+
+# ------------------------------------------------------------------------------------- shipped recipes found by name
+def test_study_finds_a_shipped_recipe_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file called demo here
+    shipped = Path(hf_relearn.__file__).resolve().parent / "recipes" / "demo.yaml"
+    assert shipped.is_file()
+    assert _recipe_path("demo") == str(shipped)
+    assert _recipe_path("demo.yaml") == str(shipped)
+    own = tmp_path / "demo.yaml"
+    own.write_text("name: mine\n")
+    assert _recipe_path(str(own)) == str(own)  # a path that exists is returned unchanged
+    assert _recipe_path("demo.yaml") == "demo.yaml"  # ... also when it shadows a shipped name
+    assert _recipe_path("no-such-recipe") == "no-such-recipe"
+
+
+# ----------------------------------------------------------------------------------------------------- sweep.arms_at
+ARMS_AT = {"all": {"n_layer": 4, "n_embd": 64}}  # README's example
+
+
+def test_arms_at_limits_an_arm_to_its_grid_point_in_the_plan():
+    recipe = Recipe(
+        name="arms-at",
+        base={"model": "gpt2", "config_overrides": {"n_head": 2, "n_positions": 32}},
+        sweep={
+            "blocks": "all_layers",
+            "trainable": ["block", "all"],
+            "arms_at": ARMS_AT,
+            "seeds": [0],
+            "grid": {"n_layer": [2, 4], "n_embd": [32, 64]},
+        },
+    )
+    plan = {base.id: sorted({run.trainable for run in recipe.runs_for(base)}) for base in recipe.bases()}
+    assert plan == {
+        "n_layer=2_n_embd=32-seed0": ["block"],
+        "n_layer=2_n_embd=64-seed0": ["block"],
+        "n_layer=4_n_embd=32-seed0": ["block"],
+        "n_layer=4_n_embd=64-seed0": ["all", "block"],
+    }
+
+
+# ------------------------------------------------------------------------------------ the GPU recipes' CPU overrides
+RECIPES = ROOT / "hf_relearn" / "recipes"
+
+
+def _cpu_sets(path: Path) -> list[str]:
+    """The ``--set`` values of a recipe header's ``CPU:`` line and its indented continuation lines."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line[1:])
+    text, on = [], False
+    for line in header:
+        if "CPU:" in line:
+            on, line = True, line.split("CPU:", 1)[1]
+        elif on and not line.startswith("  "):
+            break
+        if on:
+            text.append(line.rstrip().removesuffix("\\"))
+    tokens = shlex.split(" ".join(text))
+    return [tokens[i + 1] for i, token in enumerate(tokens) if token == "--set"]
+
+
+def _base_params(recipe: Recipe) -> int:
+    """The largest base of a recipe, in parameters (its architecture on the meta device, no weights)."""
+    return max(sum(p.numel() for p in _meta_model(recipe, base).parameters()) for base in recipe.bases())
+
+
+# the documentation's recipe table, row by row, and what each GPU recipe as shipped must then hold (dotted paths)
+GPU_RECIPES = {
+    "gpt2-layer-sweep": (
+        "every layer of a 12x384 GPT-2 on Tiny Shakespeare; block / all / LoRA-heal arms; 3 seeds",
+        {"base.model": "gpt2", "base.config_overrides.n_layer": 12, "base.config_overrides.n_embd": 384,
+         "data.train_file": "../shared/data/tinyshakespeare.txt", "sweep.blocks": "all_layers",
+         "sweep.trainable": ["block", "all", "lora-rest"], "sweep.seeds": [0, 1, 2]},
+    ),
+    "bert-layer-sweep": (
+        "every layer of a 6x256 BERT (MLM) on WikiText-2",
+        {"base.model": "bert", "base.config_overrides.num_hidden_layers": 6, "base.config_overrides.hidden_size": 256,
+         "base.objective": "mlm", "data.train_file": "../shared/data/wikitext-2-test.txt",
+         "sweep.blocks": "all_layers"},
+    ),
+    "t5-layer-sweep": (
+        "every encoder and decoder layer of a T5, plus each decoder layer's cross-attention",
+        {"base.model": "t5", "sweep.blocks": "all_layers", "sweep.parts": ["cross_attention"]},
+    ),
+    "depth-width-grid": (
+        "N in {4, 8, 12} x D in {128, 256, 512}: do depth and width change the cost?",
+        {"sweep.grid": {"n_layer": [4, 8, 12], "n_embd": [128, 256, 512]}, "sweep.blocks": "all_layers"},
+    ),
+}  # fmt: skip
+
+
+def _at(recipe: Recipe, dotted: str):
+    node = recipe.to_dict()
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+CPU_REFERENCE = "tinyshakespeare-cpu"  # the README's measured CPU study (about 40 minutes on 2 cores)
+
+
+def test_the_gpu_recipes_are_those_sized_for_one_gpu():
+    sized = {p.stem for p in RECIPES.glob("*.yaml") if "Sized for one GPU" in p.read_text().split("\nname:")[0]}
+    assert sized == set(GPU_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(GPU_RECIPES))
+def test_each_gpu_recipes_header_names_set_overrides_that_make_it_cpu_sized(name, shared_data, monkeypatch):
+    monkeypatch.chdir(ROOT)  # data paths (../shared/data/...) are relative to the checkout
+    path = RECIPES / f"{name}.yaml"
+    row, states = GPU_RECIPES[name]
+    assert says(f"| `recipes/{name}.yaml` | {row} |")
+    gpu = Recipe.load(path)
+    assert {k: _at(gpu, k) for k in states} == states  # the recipe as shipped is what the documented table says
+    sets = _cpu_sets(path)
+    assert any(s.startswith("pretrain.max_steps=") for s in sets) and len(sets) >= 2, sets
+    cpu = Recipe.load(path, sets)  # load validates: sections built, every block name resolved for every base
+    assert [run.block for base in cpu.bases() for run in cpu.runs_for(base)]
+    reference = Recipe.load(RECIPES / f"{CPU_REFERENCE}.yaml")
+    assert _base_params(cpu) <= _base_params(reference) < _base_params(gpu)
+    assert cpu.pretrain["max_steps"] <= reference.pretrain["max_steps"] < gpu.pretrain["max_steps"]
+    assert cpu.data == gpu.data  # the same text, a smaller model

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from hf_relearn.config import RelearnArguments
 from hf_relearn.errors import RelearnError
 from hf_relearn.result import curve_noise, first_reach, smoothed
 
@@ -92,3 +93,21 @@ def test_reports_judge_a_run_in_the_direction_the_run_recorded():
     legacy = {k: v for k, v in row.items() if k != "higher_is_better"}  # written before the direction was recorded
     assert higher_is_better(legacy) and steps_within(legacy, 0.05) == (0, True)
     assert not higher_is_better({**legacy, "recovery_metric": "eval_loss"})
+
+
+# ------------------------------------------------------------------------------ the direction of the recovery metric
+def test_greater_is_better_flips_the_direction_of_the_recovery_metric(tmp_path):
+    def args(**kw):
+        return RelearnArguments(output_dir=str(tmp_path), recovery_metric="perplexity_loss", **kw)
+
+    assert args().higher_is_better is False  # from the name: a loss falls
+    # --greater_is_better alone declares the direction; so it does for metric_for_best_model naming the same metric
+    assert args(greater_is_better=True).higher_is_better is True
+    assert args(greater_is_better=True, metric_for_best_model="perplexity_loss").higher_is_better is True
+    assert args(greater_is_better=True, metric_for_best_model="eval_perplexity_loss").higher_is_better is True
+    # and the other way round: a metric that rises by its name, declared lower-is-better
+    rising = RelearnArguments(output_dir=str(tmp_path), recovery_metric="accuracy")
+    assert rising.higher_is_better is True
+    declared = RelearnArguments(output_dir=str(tmp_path), recovery_metric="accuracy", greater_is_better=False,
+                                metric_for_best_model="accuracy")  # fmt: skip
+    assert declared.higher_is_better is False

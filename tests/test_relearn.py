@@ -14,6 +14,7 @@ from hf_relearn.data import DataArguments
 from hf_relearn.errors import RelearnError
 from hf_relearn.result import first_reach, smoothed
 from hf_relearn.runner import pretrain, relearn
+from hf_relearn.trainer import RelearnTrainer
 
 CONTRACT = {
     "model", "block", "init", "seed", "objective", "tolerance", "baseline_eval_loss", "after_reset_eval_loss",
@@ -24,6 +25,9 @@ CONTRACT = {
 GPT2 = "n_layer=4,n_embd=64,n_head=2,n_positions=128"
 BERT = "num_hidden_layers=4,hidden_size=64,num_attention_heads=2,intermediate_size=256,max_position_embeddings=128"
 T5 = "num_layers=3,num_decoder_layers=3,d_model=64,d_ff=256,num_heads=2,d_kv=32"
+# no dropout: the frozen-prefix cache serves training rows too (the quiet_gpt2_base fixture trains it 3 steps)
+QUIET_GPT2 = "n_layer=3,n_embd=32,n_head=2,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
+FEW = dict(max_steps=2, eval_steps=1, stop_at_recovery=False, per_device_train_batch_size=4)
 
 
 def base_run(
@@ -468,3 +472,84 @@ def test_baseline_warnings_name_a_biased_or_noisy_baseline():
     assert baseline_warnings("selection split", 2.0, 0.011, 0.01, paired_se=0.0099) == []
     paired = baseline_warnings("selection split", 2.0, 0.001, 0.01, paired_se=0.011)
     assert [w.code for w in paired] == [NOISY_BASELINE] and "final-minus-intact" in paired[0]
+
+
+# --------------------------------------------------------------------------------- the relearn console and callbacks
+RELEARN_ARGV = ["--max_steps", "10", "--eval_steps", "5", "--stop_at_recovery", "false", "--disable_tqdm", "true"]
+
+
+def test_log_level_info_shows_the_trainers_dictionaries_like_verbose(gpt2_base, tmp_path, capsys):
+    argv = ["relearn", "--model", str(gpt2_base), "--original_run", str(gpt2_base), "--block", "decoder.2",
+            *RELEARN_ARGV]  # fmt: skip
+    assert main([*argv, "--output_dir", str(tmp_path / "info"), "--log_level", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "'eval_loss'" in out and "{'loss'" in out
+    assert "step 5: eval_loss" not in out and "step 10: eval_loss" not in out
+    assert not out.startswith("relearn decoder.2: at most")  # no cost line either: the console is off
+
+
+class LogRecorder(TrainerCallback):
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_callbacks_receive_the_same_logs_with_the_console(gpt2_base, tmp_path, capsys):
+    received = {}
+    for console in (False, True):
+        cb = LogRecorder()
+        args = RelearnArguments(output_dir=str(tmp_path / str(console)), block="decoder.2", original_run=str(gpt2_base),
+                                max_steps=10, eval_steps=5, stop_at_recovery=False, per_device_train_batch_size=16,
+                                learning_rate=3e-3, disable_tqdm=True, seed=0, logging_steps=5)  # fmt: skip
+        relearn(ModelArguments(model=str(gpt2_base)), DataArguments(), args, callbacks=[cb], console=console)
+        received[console] = cb.logs
+    assert "step 5: eval_loss" in capsys.readouterr().out  # the console was on in the second run
+    evals = {
+        c: [(log["epoch"], log["eval_loss"]) for log in logs if "eval_loss" in log] for c, logs in received.items()
+    }
+    assert len(evals[True]) == 2 and evals[True] == evals[False]
+    keys = {c: [sorted(k for k in log if not k.endswith(("runtime", "per_second"))) for log in logs]
+            for c, logs in received.items()}  # fmt: skip
+    assert keys[True] == keys[False]  # the same log entries, the training ones included
+
+
+def test_relearn_prints_the_runs_warnings_on_the_console(quiet_gpt2_base, tmp_path, capsys):
+    argv = ["relearn", "--model", str(quiet_gpt2_base), "--original_run", str(quiet_gpt2_base), "--block", "decoder.2",
+            "--max_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "4", "--stop_at_recovery",
+            "false", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "rl")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "rl" / "relearn_result.json").read_text())
+    assert "unigram_level" in result["warning_codes"]  # a 3-step base is no better than a unigram model
+    assert result["warnings"]
+    for warning in result["warnings"]:
+        assert f"warning: {warning}\n" in out
+
+
+# ----------------------------------------------------------------------------------------------------- the optimizer
+def test_the_optimizer_holds_exactly_the_trainable_parameters(tmp_path):
+    from tiny import tiny
+
+    from hf_relearn.data import DataArguments, build_datasets
+    from hf_relearn.tokenization import byte_tokenizer
+
+    data = DataArguments(generated_chars=20_000, block_size=32, max_eval_samples=8)
+    train, evals, collator = build_datasets(data, byte_tokenizer(), "clm")
+    model = tiny("gpt2", n_positions=32, n_embd=32)
+    args = RelearnArguments(
+        output_dir=str(tmp_path), block="decoder.1", max_steps=2, eval_steps=1, stop_at_recovery=False,
+        report_to=[], save_final_model=False, disable_tqdm=True, per_device_train_batch_size=4,
+    )  # fmt: skip
+    trainer = RelearnTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
+    trainer.train()
+    params = dict(model.named_parameters())
+    block = {id(params[n]) for n in trainer.block.params}
+    assert block and {id(p) for p in params.values() if p.requires_grad} == block
+    in_optimizer = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert len(in_optimizer) == len(block) and {id(p) for p in in_optimizer} == block  # no frozen tensor in it
+    assert {id(p) for p in trainer.optimizer.state} == block  # and it stepped exactly those
+    assert trainer.result.frozen_unchanged and trainer.result.trainable_parameters == sum(
+        params[n].numel() for n in trainer.block.params
+    )

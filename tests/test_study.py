@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 from pngs import assert_plot
+from test_findings import TEMPLATE, _encoded, _run
 
 from hf_relearn.cli import main
 from hf_relearn.errors import RelearnError
 from hf_relearn.recipe import Recipe
 from hf_relearn.report import build_report
-from hf_relearn.storage import read_results
+from hf_relearn.storage import RESULTS, read_results, write_results
 from hf_relearn.study import run_study
 
 TINY_RECIPE = {
@@ -318,3 +319,38 @@ def test_two_workers_end_with_the_table_of_one_process_and_redo_a_killed_run(tin
     (two / ".claims" / ("run-" + runs[2].replace("/", "__"))).write_text("a-host-that-is-gone 1\n")
     run_study(Recipe.from_dict(TINY_RECIPE), two, progress=False, workers=2, threads_per_worker=1)
     assert _table(two) == _table(tiny_study)
+
+
+# ----------------------------------------------------------------------------------- what the demo prints at its end
+def test_the_demo_ends_by_printing_the_table_the_answer_in_words_and_the_report(tmp_path, monkeypatch, capsys):
+    """The demo's study is replaced by hand-built results (the tests above run the real, tiny one): what it
+    prints after the study is the table, the answer in words and the paths of report.md and its plots."""
+    import hf_relearn.study
+
+    def study(recipe, out, progress=True, parallel=None, workers=1, threads_per_worker=None):  # leaves results.csv
+        assert (recipe.name, recipe.sweep["trainable"]) == ("demo", ["block", "all"])  # recipes/demo.yaml
+        assert (workers, threads_per_worker) == (2, 1)  # the published numbers depend on 1 thread per run
+        rows = [{**_run(4, 32, layer, 0, 100 * (layer + 1)), "grid": {}, "base_id": "seed0"} for layer in range(4)]
+        write_results(out / RESULTS, [_encoded(r) for r in rows], list(TEMPLATE))
+        return rows
+
+    monkeypatch.setattr(hf_relearn.study, "run_study", study)
+    assert main(["demo", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # each layer: the reset raised the loss 2.0 -> 3.0 (50%), recovered at 100 (L + 1) steps of the base's 1000
+    rows = [
+        f"{'base':<18} {f'decoder.{k}':<22} {'block':<42}  50.00% {100 * (k + 1):>12} "
+        f"{f'{10.0 * (k + 1):.1f}%':>12}  1/1 "
+        for k in range(4)
+    ]
+    table = out.index(rows[0]) - 2
+    assert out[table].split() == ["base", "block", "arm", "jump", "steps", "%", "orig", "rec"]
+    assert out[table + 2 : table + 6] == rows and out[table + 6] == ""
+    assert out[table + 7].startswith(
+        "**base** (original budget 1000 steps): re-learning one reset layer with the rest frozen brought the validation "
+        "loss back within 1% in 4 of 4 runs. Cost as a share of the budget, per layer (Kaplan-Meier; a run not back is "
+        "censored at the share it trained): decoder.0 1/1 back (1 base); median 10.0%"
+    )
+    assert "decoder.3 1/1 back (1 base); median 40.0%" in out[table + 7]
+    assert any(line.startswith("Position (base, arm block): first: 1/1 back (1 base); median 10.0%") for line in out)
+    assert f"report: {tmp_path / 'report.md'}" in out and f"plot:   {tmp_path / 'plots' / 'curves.png'}" in out

@@ -3,14 +3,19 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tiny import TINY, tiny
 
+import hf_relearn
 from hf_relearn import BlockMap, RelearnError
 from hf_relearn.cli import main
+from hf_relearn.modeling import load_model
 from hf_relearn.surgery import changed_tensors, check_frozen_unchanged, fingerprint, freeze_except, reset
+from hf_relearn.tokenization import get_tokenizer
 
 
 def _trained(model):
@@ -316,3 +321,62 @@ def test_cli_blocks_json(capsys):
         "encoder": {"path": "encoder.block", "layers": 2},
         "decoder": {"path": "decoder.block", "layers": 2},
     }
+
+
+# ------------------------------------------------------------------------- reset saves the source folder's tokenizer
+GPT2_OVERRIDES = "n_layer=4,n_embd=32,n_head=2,n_positions=64"
+
+
+def _tiny_folder(path: Path, tokenizer: bool) -> Path:
+    load_model("gpt2", GPT2_OVERRIDES, seed=0).save_pretrained(path)
+    if tokenizer:
+        get_tokenizer("bytes").save_pretrained(path)
+    assert (path / "tokenizer.json").exists() == tokenizer
+    return path
+
+
+def test_reset_saves_the_tokenizer_of_a_source_folder_that_has_one(tmp_path, capsys):
+    source = _tiny_folder(tmp_path / "with", tokenizer=True)
+    assert main(["reset", str(source), "decoder.1", "--output-dir", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    assert saved["model"]["vocab"] == json.loads((source / "tokenizer.json").read_text())["model"]["vocab"]
+    assert (
+        get_tokenizer("auto", str(tmp_path / "out"))("abc")["input_ids"] == get_tokenizer("bytes")("abc")["input_ids"]
+    )
+
+
+def test_reset_saves_no_tokenizer_when_the_source_folder_has_none(tmp_path, capsys):
+    source = _tiny_folder(tmp_path / "without", tokenizer=False)
+    assert main(["reset", str(source), "decoder.1", "--output-dir", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "surgery.json").exists()
+    assert not list((tmp_path / "out").glob("tokenizer*"))
+
+
+# -------------------------------------------------------------------------- reset --allow-shared on the command line
+def test_cli_reset_of_a_tied_head_needs_allow_shared_and_records_what_shares_it(tmp_path, capsys):
+    argv = ["reset", "gpt2", "head", "--config-overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=64"]
+    assert main([*argv, "--output-dir", str(tmp_path / "refused")]) == 2
+    assert "transformer.wte.weight is the same tensor" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main([*argv, "--output-dir", str(tmp_path / "out"), "--allow-shared"]) == 0
+    capsys.readouterr()
+    surgery = json.loads((tmp_path / "out" / "surgery.json").read_text())
+    assert surgery["block"] == "head" and surgery["shared_with"] == ["transformer.wte.weight"]
+    assert any("tied tensors reset too" in note for note in surgery["notes"])
+
+
+# ------------------------------------------------------------------------------------------------------ surgery.json
+OVERRIDES = "n_layer=2,n_embd=32,n_head=2,vocab_size=256,n_positions=64"
+VERSIONS = {"hf_relearn": hf_relearn.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def test_surgery_json_names_block_init_seed_tensors_and_versions(tmp_path):
+    out = tmp_path / "reset"
+    assert main(["reset", "gpt2", "decoder.1", "--config-overrides", OVERRIDES, "--init", "zero", "--seed", "5",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    info = json.loads((out / "surgery.json").read_text())
+    assert (info["block"], info["init"], info["seed"]) == ("decoder.1", "zero", 5)
+    assert info["tensors"] and all(t.startswith("transformer.h.1.") for t in info["tensors"])
+    assert info["versions"] == VERSIONS

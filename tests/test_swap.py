@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from tiny import TINY
-from transformers import AutoConfig, BertModel, EncoderDecoderModel, GPT2LMHeadModel
+from transformers import AutoConfig, BertForMaskedLM, BertModel, EncoderDecoderModel, GPT2LMHeadModel, GPT2Model
 
 from hf_relearn import RelearnError
 from hf_relearn.modeling import load_model
@@ -471,3 +471,82 @@ def test_a_t5_encoder_model_given_as_a_hub_id_loads_with_its_own_weights(tmp_pat
         assert torch.equal(loaded[name], tensor), name
     model = _native("t5", 64)
     assert swap_encoder(model, encoder).new_width == 32 and model.get_encoder() is encoder.encoder
+
+
+# ------------------------------------- encoder swaps: zeroed cross-attention, refused encoders, a dropped projection
+def test_zeroed_cross_attention_makes_the_decoder_ignore_the_encoder_input():
+    model = _native("t5", 64)
+    report = swap_encoder(model, _native("t5", 64, seed=1).get_encoder(), cross_attention="zero")
+    assert report.cross_attention == "zero"
+    model.eval()
+    dec = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(5))
+    a = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(6))
+    b = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        la = model(input_ids=a, decoder_input_ids=dec).logits
+        lb = model(input_ids=b, decoder_input_ids=dec).logits
+        enc_a = model.get_encoder()(input_ids=a).last_hidden_state
+        enc_b = model.get_encoder()(input_ids=b).last_hidden_state
+    assert not torch.equal(enc_a, enc_b)  # the encoder does see the difference
+    assert torch.equal(la, lb)  # bit-identical: the decoder does not
+    # with the default reset the decoder does read the encoder
+    reset = _native("t5", 64)
+    swap_encoder(reset, _native("t5", 64, seed=1).get_encoder())
+    reset.eval()
+    with torch.no_grad():
+        assert not torch.equal(
+            reset(input_ids=a, decoder_input_ids=dec).logits, reset(input_ids=b, decoder_input_ids=dec).logits
+        )
+
+
+def _bert(cls=BertModel, **kw):
+    return cls(AutoConfig.for_model("bert", **TINY["bert"], **kw))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: GPT2Model(AutoConfig.for_model("gpt2", **TINY["gpt2"], is_decoder=True)), "is a decoder"),
+        (lambda: _bert(is_decoder=True), "is a decoder"),
+        (lambda: _bert(BertForMaskedLM), "has an LM head"),
+        (
+            lambda: GPT2LMHeadModel(AutoConfig.for_model("gpt2", **TINY["gpt2"])),
+            "is not an encoder",
+        ),  # a causal-only architecture, head or not
+    ],
+    ids=["gpt2-is_decoder", "bert-is_decoder", "bert-mlm-head", "gpt2-lm-head"],
+)
+@pytest.mark.parametrize("target", ["pair", "t5"])
+def test_a_decoder_or_a_model_with_an_lm_head_is_refused_as_encoder(make, match, target):
+    model = _pair(64) if target == "pair" else _native("t5", 64)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    new = make()
+    with pytest.raises(RelearnError, match=match) as err:
+        swap_encoder(model, new)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"new encoder {type(new).__name__} ")
+    after = model.state_dict()  # refused before touching the model
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_a_plain_gpt2_model_is_refused_as_encoder():
+    model = _pair(64)
+    try:
+        swap_encoder(model, GPT2Model(AutoConfig.for_model("gpt2", **TINY["gpt2"])))
+    except RelearnError as err:
+        assert "is not an encoder" in str(err)
+    else:
+        raise AssertionError("GPT2Model, a causal decoder stack, was accepted as a new encoder")
+
+
+def test_same_width_swap_drops_an_existing_enc_to_dec_proj(tmp_path):
+    model = _pair(32)  # 32-wide BERT encoder, 64-wide GPT-2 decoder: the pair has enc_to_dec_proj
+    assert model.enc_to_dec_proj.in_features == 32
+    report = swap_encoder(model, BertModel(AutoConfig.for_model("bert", **TINY["bert"]), add_pooling_layer=False))
+    assert report.adapter == "none" and not hasattr(model, "enc_to_dec_proj")
+    assert not any(n.startswith("enc_to_dec_proj") for n in model.state_dict())
+    assert not any("enc_to_dec_proj" in n for n in report.reset_tensors + report.trainable)
+    assert torch.isfinite(check_forward_backward(model, 256))
+    # and it saves and reloads as it is
+    model.save_pretrained(tmp_path)
+    reloaded = EncoderDecoderModel.from_pretrained(tmp_path)
+    assert not hasattr(reloaded, "enc_to_dec_proj")
