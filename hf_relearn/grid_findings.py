@@ -287,21 +287,35 @@ def _scores_within_bases(rows: list[dict], tolerance: float | None = None) -> di
     return score
 
 
-def _within_base_words(rows: list[dict], x_of, y_of, more: str) -> str:
-    """Within each base with 3 or more reset layers: the sign of Spearman's rho of ``x_of`` with ``y_of`` over its
-    layers (the runs of one layer, e.g. reset seeds, averaged first); then a sign test over the bases (the base is the
-    unit: runs that repeat a layer add no base)."""
-    from scipy import stats
-
+def within_base_signs(rows: list[dict], x_of, y_of) -> dict[str, float]:
+    """Per base with 3 or more reset layers: Spearman's rho of ``x_of`` with ``y_of`` over its layers (the runs of one
+    layer, e.g. reset seeds, averaged first). The base is the unit: runs that repeat a layer add no base."""
     layers: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if not math.isnan(y_of(r)):
             layers[r["base_id"]][r["layer"]].append((x_of(r), y_of(r)))
-    signs = []
-    for by_layer in layers.values():
+    out = {}
+    for base, by_layer in layers.items():
         points = np.array([np.mean(v, axis=0) for v in by_layer.values()])
         if len(points) >= 3:
-            signs.append(float(rank_correlation(points[:, 0], points[:, 1])))
+            out[base] = float(rank_correlation(points[:, 0], points[:, 1]))
+    return out
+
+
+def jump_cost_signs(rows: list[dict], tolerance: float | None = None) -> dict[str, float]:
+    """Per base: Spearman's rho over its reset layers of the loss jump right after the reset (``reset_jump``) with
+    the cost of re-learning to within ``tolerance`` (the run's own if None), a censored cost entering by its Gehan
+    score among the base's runs (dearer only where that is certain). Rows: one arm's layer runs."""
+    score = _scores_within_bases(rows, tolerance)
+    return within_base_signs(rows, reset_jump, lambda r: score[id(r)])
+
+
+def _within_base_words(rows: list[dict], x_of, y_of, more: str) -> str:
+    """Within each base with 3 or more reset layers, the sign of :func:`within_base_signs`; then a sign test over the
+    bases."""
+    from scipy import stats
+
+    signs = list(within_base_signs(rows, x_of, y_of).values())
     up, down = sum(s > 0 for s in signs), sum(s < 0 for s in signs)
     if up + down < MIN_BASES:
         return f" Within a base, {more} in {up} of {len(signs)} bases (too few to test)."

@@ -93,3 +93,15 @@ def test_the_numbers_the_docs_quote_come_from_the_published_curves():
     assert plateau50["false_runs"] == [
         "demo-lr-check:seed1/decoder.3-scratch-block@lr-1e-2-r1 (stopped at 790, recovered at 1480)"
     ]
+
+
+def test_the_jump_and_cost_numbers_the_docs_quote_come_from_the_published_studies():
+    spec = importlib.util.spec_from_file_location("jump_vs_cost", ROOT / "benchmarks" / "jump_vs_cost.py")
+    jump_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jump_mod)
+    for tolerance, (up, down, none) in {None: (16, 5, 4), 0.05: (25, 0, 0)}.items():
+        found = jump_mod.signs(tolerance)
+        got = (sum(s["rho"] > 0 for s in found), sum(s["rho"] < 0 for s in found), sum(s["rho"] == 0 for s in found))
+        assert got == (up, down, none)
+    # a base re-used by another study counts once, and every entry is one base with 3 or more reset layers
+    assert len({(s["study"], s["base"]) for s in found}) == len(found) and min(s["layers"] for s in found) >= 3
