@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from hf_relearn.config import HfRelearnTrainingArguments, RelearnArguments
-from hf_relearn.data import DataArguments, build_datasets
-from hf_relearn.modeling import load_model
-from hf_relearn.runner import _quiet
-from hf_relearn.tokenization import byte_tokenizer
-from hf_relearn.trainer import RelearnTrainer
+from hf_relearn.data.datasets import DataArguments, build_datasets
+from hf_relearn.data.tokenization import byte_tokenizer
+from hf_relearn.model.modeling import load_model
+from hf_relearn.relearn.arguments import HfRelearnTrainingArguments, RelearnArguments
+from hf_relearn.relearn.runner import _quiet
+from hf_relearn.relearn.trainer import RelearnTrainer
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the cache is exact (and on by default) then
 VOCAB = 259  # the byte tokenizer's
@@ -303,8 +303,8 @@ def sweep(args) -> dict:
     """Wall time of a small study's L-sweep (every layer re-learned to recovery) vs its base training."""
     import shutil
 
-    from hf_relearn.config import ModelArguments, PretrainArguments
-    from hf_relearn.runner import pretrain, relearn
+    from hf_relearn.relearn.arguments import ModelArguments, PretrainArguments
+    from hf_relearn.relearn.runner import pretrain, relearn
 
     tmp = Path(tempfile.mkdtemp(prefix="relearn-sweep-"))
     overrides, data = _config(args)
@@ -325,7 +325,7 @@ def sweep(args) -> dict:
     import cProfile
     import pstats
 
-    from hf_relearn.prefix_cache import PrefixCache
+    from hf_relearn.relearn.prefix_cache import PrefixCache
 
     arms = args.sweep_arms
     for arm in arms:

@@ -31,8 +31,8 @@ def _timed(argv: list[str], env: dict) -> float:
 
 def _data_times(base: str, train_file: str) -> list[float]:
     """In this process: building the datasets of a relearn (read, tokenise, cut, to 🤗 datasets) three times."""
-    from hf_relearn.data import DataArguments, build_datasets
-    from hf_relearn.tokenization import get_tokenizer
+    from hf_relearn.data.datasets import DataArguments, build_datasets
+    from hf_relearn.data.tokenization import get_tokenizer
 
     tokenizer = get_tokenizer("auto", base)
     times = []

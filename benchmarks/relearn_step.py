@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from hf_relearn.modeling import load_model
-from hf_relearn.surgery import freeze_except, reset
+from hf_relearn.model.modeling import load_model
+from hf_relearn.model.surgery import freeze_except, reset
 
 
 def main() -> None:

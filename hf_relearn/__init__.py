@@ -15,42 +15,42 @@ __version__ = "0.1.0"
 
 # public name -> the module that owns it
 _LAZY = {
-    "Block": "blocks",
-    "BlockMap": "blocks",
-    "reset": "surgery",
-    "freeze_except": "surgery",
-    "fingerprint": "surgery",
-    "check_frozen_unchanged": "surgery",
-    "swap_encoder": "swap",
-    "load_model": "modeling",
-    "DataArguments": "data",
-    "build_datasets": "data",
-    "get_tokenizer": "tokenization",
-    "byte_tokenizer": "tokenization",
-    "RelearnArguments": "config",
-    "PretrainArguments": "config",
-    "ModelArguments": "config",
-    "RelearnResult": "result",
-    "RelearnTrainer": "trainer",
-    "RecoveryCallback": "callbacks",
-    "ConvergenceCallback": "callbacks",
-    "pretrain": "runner",
-    "relearn": "runner",
-    "probe": "probe",
-    "ProbeArguments": "probe",
-    "Recipe": "recipe",
-    "run_study": "study",
-    "build_report": "report",
-    "push": "hub",
-    "load_relearned": "hub",
+    "Block": "model.blocks",
+    "BlockMap": "model.blocks",
+    "reset": "model.surgery",
+    "freeze_except": "model.surgery",
+    "fingerprint": "model.surgery",
+    "check_frozen_unchanged": "model.surgery",
+    "swap_encoder": "model.swap",
+    "load_model": "model.modeling",
+    "DataArguments": "data.datasets",
+    "build_datasets": "data.datasets",
+    "get_tokenizer": "data.tokenization",
+    "byte_tokenizer": "data.tokenization",
+    "RelearnArguments": "relearn.arguments",
+    "PretrainArguments": "relearn.arguments",
+    "ModelArguments": "relearn.arguments",
+    "RelearnResult": "relearn.result",
+    "RelearnTrainer": "relearn.trainer",
+    "RecoveryCallback": "relearn.callbacks",
+    "ConvergenceCallback": "relearn.callbacks",
+    "pretrain": "relearn.runner",
+    "relearn": "relearn.runner",
+    "probe": "relearn.probe",
+    "ProbeArguments": "relearn.probe",
+    "Recipe": "study.recipe",
+    "run_study": "study.run",
+    "build_report": "report.build",
+    "push": "hub.push",
+    "load_relearned": "hub.push",
 }
 
 __all__ = ["RelearnError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .blocks import Block, BlockMap  # noqa: F401
-    from .hub import load_relearned, push  # noqa: F401
-    from .trainer import RelearnTrainer  # noqa: F401
+    from .hub.push import load_relearned, push  # noqa: F401
+    from .model.blocks import Block, BlockMap  # noqa: F401
+    from .relearn.trainer import RelearnTrainer  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -16,11 +16,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import hf_relearn
-from hf_relearn.arms import apply_trainable, normalised_fingerprint
-from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
-from hf_relearn.modeling import load_model
-from hf_relearn.surgery import changed_tensors, fingerprint, reset
+from hf_relearn.model.arms import apply_trainable, normalised_fingerprint
+from hf_relearn.model.blocks import BlockMap
+from hf_relearn.model.modeling import load_model
+from hf_relearn.model.surgery import changed_tensors, fingerprint, reset
 
 GPT2 = dict(n_layer=3, n_embd=32, n_head=2, n_positions=64, vocab_size=259)
 T5 = dict(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64, num_heads=2, d_kv=16, vocab_size=259)
@@ -38,7 +38,7 @@ def sharded(name: str, overrides: dict, mesh) -> torch.nn.Module:
 
 def text_batch(rows: int, width: int) -> torch.Tensor:
     """Real text (this package's own source) as byte ids, the same on every rank."""
-    data = b"".join(p.read_bytes() for p in sorted(Path(hf_relearn.__file__).parent.glob("*.py")))
+    data = b"".join(p.read_bytes() for p in sorted(Path(hf_relearn.__file__).parent.rglob("*.py")))
     ids = torch.tensor(list(data[: rows * width]), dtype=torch.long)
     return ids.reshape(rows, width)
 

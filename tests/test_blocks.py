@@ -7,8 +7,8 @@ import torch
 from tiny import TINY, tiny
 
 from hf_relearn import BlockMap, RelearnError
-from hf_relearn.cli import main
-from hf_relearn.modeling import load_model
+from hf_relearn.cli.main import main
+from hf_relearn.model.modeling import load_model
 
 EXPECTED = {
     # model type: (stacks, parts of every layer of the last stack)
@@ -112,7 +112,7 @@ def test_bad_names_get_one_clear_error_listing_valid_names(name, message):
 
 
 def test_albert_shared_layers_are_reported():
-    from hf_relearn.modeling import load_model
+    from hf_relearn.model.modeling import load_model
 
     model = load_model(
         "albert",
@@ -142,7 +142,7 @@ def test_the_listed_names_cover_every_parameter(model_type, head):
 
 
 def test_bert_pooler_is_listed_and_resets_alone():
-    from hf_relearn.surgery import changed_tensors, fingerprint, reset
+    from hf_relearn.model.surgery import changed_tensors, fingerprint, reset
 
     model = load_model("bert", TINY["bert"], head="base")
     bmap = BlockMap(model)

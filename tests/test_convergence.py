@@ -6,10 +6,10 @@ import pytest
 from transformers import TrainerControl, TrainerState
 
 from hf_relearn import RelearnError
-from hf_relearn.callbacks import ConvergenceCallback
-from hf_relearn.caveats import OVERFIT, UNDER_TRAINED
-from hf_relearn.config import PretrainArguments
-from hf_relearn.result import base_run_warnings, read_original_run
+from hf_relearn.relearn.arguments import PretrainArguments
+from hf_relearn.relearn.callbacks import ConvergenceCallback
+from hf_relearn.relearn.result import base_run_warnings, read_original_run
+from hf_relearn.stats.caveats import OVERFIT, UNDER_TRAINED
 
 
 def _feed(callback: ConvergenceCallback, losses: list[float]) -> int | None:
@@ -75,8 +75,8 @@ FAST_PLATEAU = {"factor": 0.5, "patience": 1, "threshold": 0.002, "threshold_mod
 
 def _tiny_converging_run(out):
     """(model, data, pretrain settings) of the tiny base these tests train until converged."""
-    from hf_relearn.config import ModelArguments
-    from hf_relearn.data import DataArguments
+    from hf_relearn.data.datasets import DataArguments
+    from hf_relearn.relearn.arguments import ModelArguments
 
     model = ModelArguments(model="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=32")
     data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
@@ -90,8 +90,8 @@ def _tiny_converging_run(out):
 
 @pytest.fixture(scope="module")
 def converged_base(tmp_path_factory):
-    from hf_relearn.config import PretrainArguments
-    from hf_relearn.runner import pretrain
+    from hf_relearn.relearn.arguments import PretrainArguments
+    from hf_relearn.relearn.runner import pretrain
 
     out = tmp_path_factory.mktemp("converged")
     model, data, settings = _tiny_converging_run(out)
@@ -116,9 +116,9 @@ def test_pretrain_until_converged_keeps_the_best_checkpoint_as_the_budget(conver
 
 
 def test_a_relearn_baseline_is_the_kept_best_model(converged_base, tmp_path):
-    from hf_relearn.config import ModelArguments, RelearnArguments
-    from hf_relearn.data import DataArguments
-    from hf_relearn.runner import relearn
+    from hf_relearn.data.datasets import DataArguments
+    from hf_relearn.relearn.arguments import ModelArguments, RelearnArguments
+    from hf_relearn.relearn.runner import relearn
 
     out, info = converged_base
     args = RelearnArguments(
@@ -133,9 +133,9 @@ def test_a_relearn_baseline_is_the_kept_best_model(converged_base, tmp_path):
 
 
 def test_a_capped_run_is_flagged_under_trained(tmp_path):
-    from hf_relearn.config import ModelArguments, PretrainArguments
-    from hf_relearn.data import DataArguments
-    from hf_relearn.runner import pretrain
+    from hf_relearn.data.datasets import DataArguments
+    from hf_relearn.relearn.arguments import ModelArguments, PretrainArguments
+    from hf_relearn.relearn.runner import pretrain
 
     model = ModelArguments(model="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=32")
     data = DataArguments(generated_chars=30_000, block_size=32, max_eval_samples=32)
@@ -158,7 +158,7 @@ def test_a_capped_run_is_flagged_under_trained(tmp_path):
     ],
 )
 def test_bad_convergence_settings_are_refused(tmp_path, kw, match):
-    from hf_relearn.config import PretrainArguments
+    from hf_relearn.relearn.arguments import PretrainArguments
 
     with pytest.raises(RelearnError, match=match):
         PretrainArguments(output_dir=str(tmp_path), until_converged=True, **kw)
@@ -173,8 +173,8 @@ def test_a_killed_base_resumes_to_the_same_converged_model(converged_base, tmp_p
     that was never interrupted (the convergence window is part of the checkpoint)."""
     from transformers import TrainerCallback
 
-    from hf_relearn.config import PretrainArguments
-    from hf_relearn.runner import pretrain
+    from hf_relearn.relearn.arguments import PretrainArguments
+    from hf_relearn.relearn.runner import pretrain
 
     _, whole = converged_base
     kill_at = whole["curve"][len(whole["curve"]) // 2][0]
@@ -185,7 +185,7 @@ def test_a_killed_base_resumes_to_the_same_converged_model(converged_base, tmp_p
                 raise _Killed
 
     model, data, settings = _tiny_converging_run(tmp_path)
-    import hf_relearn.runner as runner
+    import hf_relearn.relearn.runner as runner
 
     original = runner.SelectionTrainer
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from tiny import tiny
 
-from hf_relearn.cli import main
+from hf_relearn.cli.main import main
 
 
 @pytest.fixture

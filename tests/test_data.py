@@ -13,9 +13,9 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
 
 from hf_relearn import RelearnError
-from hf_relearn.corpora import generated_corpus, stdlib_corpus
-from hf_relearn.data import DataArguments, build_datasets, build_splits, selection_rows, unigram_loss
-from hf_relearn.tokenization import byte_tokenizer, get_tokenizer
+from hf_relearn.data.corpora import generated_corpus, stdlib_corpus
+from hf_relearn.data.datasets import DataArguments, build_datasets, build_splits, selection_rows, unigram_loss
+from hf_relearn.data.tokenization import byte_tokenizer, get_tokenizer
 
 TEXTS = [
     "plain ascii, with punctuation!?",
@@ -511,7 +511,7 @@ def test_seq2seq_target_tokens_sets_the_split_of_a_continue_block(tok):
 
 
 def test_a_token_stream_is_read_back_for_the_same_text_and_tokenizer_only(tok, tmp_path, monkeypatch):
-    from hf_relearn import texts
+    from hf_relearn.data import texts
 
     monkeypatch.setattr(texts, "_stream_cache", lambda: tmp_path / "streams")
     path = tmp_path / "a.txt"

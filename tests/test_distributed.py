@@ -13,10 +13,10 @@ from documented import says
 from test_relearn import GPT2, T5, base_run, relearn_run
 from transformers import TrainingArguments
 
-import hf_relearn.config as config_module
+import hf_relearn.relearn.arguments as config_module
 from hf_relearn import RelearnError
-from hf_relearn.cli import main
-from hf_relearn.config import PretrainArguments, RelearnArguments
+from hf_relearn.cli.main import main
+from hf_relearn.relearn.arguments import PretrainArguments, RelearnArguments
 from hf_relearn.storage import RESULT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +104,9 @@ def test_a_study_on_two_processes_ends_with_the_table_of_one(tmp_path, parallel)
     import yaml
     from test_study import TINY_RECIPE, _table
 
-    from hf_relearn.recipe import Recipe
     from hf_relearn.storage import read_results
-    from hf_relearn.study import run_study
+    from hf_relearn.study.recipe import Recipe
+    from hf_relearn.study.run import run_study
 
     run_study(Recipe.from_dict(TINY_RECIPE), tmp_path / "one", progress=False)
     recipe = tmp_path / "tiny.yaml"
@@ -234,7 +234,7 @@ class Hub:
 
 transformers.trainer.hf_api = Hub
 sys.addaudithook(hook)
-from hf_relearn.cli import main
+from hf_relearn.cli.main import main
 
 try:
     code = main(sys.argv[2:])

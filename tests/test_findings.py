@@ -1,4 +1,4 @@
-"""The study report's answer in words, its tables, its warnings at the top and its plots (hf_relearn.findings,
+"""The study report's answer in words, its tables, its warnings at the top and its plots (hf_relearn.report.findings,
 grid_findings, report, study_plots), on rows built by hand so the answer is known: depth N, width D and the arms
 (with the 2% / 5% fallback where runs miss the tolerance), the position of the reset layer, the stacks of an
 encoder-decoder, an under-trained base and a reset that barely mattered flagged above the first section."""
@@ -9,12 +9,12 @@ from pathlib import Path
 from test_convergence import TOTAL
 
 import hf_relearn
-import hf_relearn.study_plots
-from hf_relearn.caveats import RESET_BARELY_MATTERED, UNDER_TRAINED
-from hf_relearn.findings import answer_in_words, summarise
-from hf_relearn.grid_findings import depth_width_words, grid_table
-from hf_relearn.report import build_report
-from hf_relearn.result import base_run_warnings
+import hf_relearn.report.plots
+from hf_relearn.relearn.result import base_run_warnings
+from hf_relearn.report.build import build_report
+from hf_relearn.report.findings import answer_in_words, summarise
+from hf_relearn.report.grid_findings import depth_width_words, grid_table
+from hf_relearn.stats.caveats import RESET_BARELY_MATTERED, UNDER_TRAINED
 from hf_relearn.storage import RESULTS, read_results, write_results
 
 # ------------------------------------------------------------------------------------------------ rows built by hand
@@ -323,13 +323,13 @@ BASE_CURVE = [[100, 3.4], [250, 2.6], [500, 2.2], [1000, 2.0]]
 
 def test_the_report_draws_each_layer_against_the_bases_own_curve_and_the_arms_side_by_side(tmp_path, monkeypatch):
     figures = {}
-    save = hf_relearn.study_plots._save
+    save = hf_relearn.report.plots._save
 
     def keep(fig, path):
         figures[path.name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(hf_relearn.study_plots, "_save", keep)
+    monkeypatch.setattr(hf_relearn.report.plots, "_save", keep)
     rows = [  # one grid point, N=3, seeds 0 and 1; the `all` arm takes half the block's steps
         {
             **_run(3, 32, layer, seed, round(100 * (layer + 1) * s * share), trainable=arm),

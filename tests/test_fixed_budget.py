@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import re
 
-from hf_relearn.recipe import Recipe
-from hf_relearn.report import build_report
+from hf_relearn.report.build import build_report
 from hf_relearn.storage import read_results
-from hf_relearn.study import run_study
+from hf_relearn.study.recipe import Recipe
+from hf_relearn.study.run import run_study
 
 FIXED = {
     "name": "fixed",

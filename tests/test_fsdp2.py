@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
-from hf_relearn.modeling import load_model
-from hf_relearn.surgery import changed_tensors, fingerprint, reset
+from hf_relearn.model.blocks import BlockMap
+from hf_relearn.model.modeling import load_model
+from hf_relearn.model.surgery import changed_tensors, fingerprint, reset
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 

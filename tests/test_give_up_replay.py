@@ -2,15 +2,16 @@
 curves built by hand (so the answer is known), its counting, and the numbers the docs quote, recomputed from the
 published results.csv files."""
 
-import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
+from hf_relearn.cli.main import main as cli
+from hf_relearn.report import analyses as replay_mod
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("give_up_replay", ROOT / "benchmarks" / "give_up_replay.py")
-replay_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay_mod)
+PUBLISHED = sorted((ROOT / "docs" / "results").glob("*/results.csv"))
 
 THRESHOLD = 2.02  # baseline 2.0, within 1%
 
@@ -70,7 +71,7 @@ def test_replay_counts_a_stalled_run_that_recovered_later_as_a_false_give_up_and
 
 
 def test_the_numbers_the_docs_quote_come_from_the_published_curves():
-    runs = replay_mod._runs()
+    runs = replay_mod.distinct_runs(PUBLISHED)
     recovered = [r for r in runs if r["recovered"]]
     unrecovered_steps = sum(r["steps_trained"] for r in runs if not r["recovered"])
     assert (len(runs), len(recovered)) == (400, 97)
@@ -96,12 +97,24 @@ def test_the_numbers_the_docs_quote_come_from_the_published_curves():
 
 
 def test_the_jump_and_cost_numbers_the_docs_quote_come_from_the_published_studies():
-    spec = importlib.util.spec_from_file_location("jump_vs_cost", ROOT / "benchmarks" / "jump_vs_cost.py")
-    jump_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(jump_mod)
     for tolerance, (up, down, none) in {None: (16, 5, 4), 0.05: (25, 0, 0)}.items():
-        found = jump_mod.signs(tolerance)
+        found = replay_mod.jump_cost_bases(PUBLISHED, tolerance)
         got = (sum(s["rho"] > 0 for s in found), sum(s["rho"] < 0 for s in found), sum(s["rho"] == 0 for s in found))
         assert got == (up, down, none)
     # a base re-used by another study counts once, and every entry is one base with 3 or more reset layers
     assert len({(s["study"], s["base"]) for s in found}) == len(found) and min(s["layers"] for s in found) >= 3
+
+
+def test_analyze_plateau_reads_where_the_unrecovered_runs_of_a_published_study_ended(capsys, tmp_path):
+    """``hf-relearn analyze plateau STUDY``: the numbers docs/results/README.md quotes for the N=8 last layer (1.11 to
+    1.53% above the intact loss, every slope's 95% interval including 0), and one clear error for a missing file."""
+    study = ROOT / "docs" / "results" / "wiped-layer-long-n8"
+    out = tmp_path / "plateau.json"
+    assert cli(["analyze", "plateau", str(study), "--json", str(out)]) == 0
+    assert "| n_layer=8-seed1 | decoder.7 | 17100 (150%) | +1.11% |" in capsys.readouterr().out
+    (runs,) = json.loads(out.read_text()).values()
+    last = [r for r in runs["runs"] if r["block"] == "decoder.7"]
+    assert sorted(round(r["end_above_baseline_pct"], 2) for r in last) == [1.11, 1.33, 1.53]
+    assert all(low < 0 < high for low, high in (r["slope_ci_pct_per_1k"] for r in last))
+    assert cli(["analyze", "plateau", str(tmp_path / "missing.csv")]) == 2
+    assert "no such results file" in capsys.readouterr().err

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hf_relearn.grid import GridPoint, grid_of
 from hf_relearn.storage import read_results, write_results
+from hf_relearn.study.grid import GridPoint, grid_of
 
 
 def test_a_grid_point_groups_rows_whatever_the_order_of_its_keys(tmp_path):

@@ -16,11 +16,11 @@ from test_findings import TEMPLATE
 from test_relearn import FEW, GPT2, base_run, relearn_run
 
 from hf_relearn import RelearnError, load_relearned
-from hf_relearn.cards import relearn_card, study_card
-from hf_relearn.cli import main
-from hf_relearn.hub import push, stage
-from hf_relearn.modeling import load_model
-from hf_relearn.result import RelearnResult
+from hf_relearn.cli.main import main
+from hf_relearn.hub.cards import relearn_card, study_card
+from hf_relearn.hub.push import push, stage
+from hf_relearn.model.modeling import load_model
+from hf_relearn.relearn.result import RelearnResult
 from hf_relearn.storage import DATA_FILE, RESULT_FILE, read_results
 
 hub = pytest.fixture(fake_hub)
@@ -161,9 +161,9 @@ def study(tmp_path_factory) -> Path:
     """A finished tiny study (one base, two layers re-learned) with its report."""
     from test_study import TINY_RECIPE
 
-    from hf_relearn.recipe import Recipe
-    from hf_relearn.report import build_report
-    from hf_relearn.study import run_study
+    from hf_relearn.report.build import build_report
+    from hf_relearn.study.recipe import Recipe
+    from hf_relearn.study.run import run_study
 
     out = tmp_path_factory.mktemp("study")
     recipe = {**TINY_RECIPE, "sweep": {"blocks": ["decoder.0", "decoder.1"], "seeds": [0]}}

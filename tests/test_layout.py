@@ -14,54 +14,77 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_relearn"
 
-# each module's layer; a module may import only from its own layer or below (and never in a cycle)
+# each subpackage's (or top-level module's) layer; a module may import only from its own layer or below, and the
+# subpackages never in a cycle (so imports between them point one way)
 LAYERS: dict[str, int] = {
-    # 0: names, errors, files on disk (no torch)
-    "errors": 0, "storage": 0, "grid": 0, "arm_registry": 0, "caveats": 0, "stats": 0, "survival": 0,
-    # 1: models, block names, data
-    "objectives": 1, "modeling": 1, "sharding": 1, "blocks": 1, "data": 1, "tokenizers": 1, "tokenization": 1, "corpora": 1, "texts": 1, "collators": 1,
-    # 2: what is done to a model: surgery, swaps, the frozen-prefix plan and cache
-    "surgery": 2, "swap": 2, "prefix_plan": 2, "prefix_cache": 2,
-    # 3: arguments, results, callbacks, metrics, arms; cards and plots (values in, files out)
-    "config": 3, "result": 3, "callbacks": 3, "metrics": 3, "arms": 3, "cards": 3, "plots": 3, "original_curve": 3,
-    # 4: the trainer
-    "trainer_prefix": 4, "trainer": 4,
-    # 5: the runs a user starts, and the Hub
-    "runner": 5, "probe": 5, "hub": 5,
-    # 6: studies and their reports
-    "plan": 6, "recipe": 6, "workers": 6, "study_rows": 6, "study": 6, "findings": 6, "grid_findings": 6, "swap_findings": 6, "study_plots": 6, "report": 6,
-    # 7: the command line
-    "cli_runs": 7, "cli": 7, "__main__": 7,
-    # the package facade: re-exports public names lazily from every layer
-    "__init__": 8,
+    "errors": 0, "storage": 0,  # the one error type; the files a run or study writes (no torch)
+    "stats": 1,  # summaries, censored costs, warning rules (no torch)
+    "model": 2, "data": 2,  # what is done to a model; what it reads
+    "hub": 3,  # cards, plots, pushes (values in, files out)
+    "relearn": 4,  # arguments, trainer, callbacks, results, the runs a user starts
+    "study": 5,  # recipes, plans, workers, rows
+    "report": 6,  # a study's answer (no torch)
+    "cli": 7, "__main__": 7,  # the command line
+    "__init__": 8,  # the package facade: loads public names lazily from every layer
 }  # fmt: skip
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 
 
 def _modules() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
-
-
-def _package_imports(path: Path) -> set[str]:
-    """The package modules ``path`` imports, at any depth (function-level imports included)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:  # from .x import y
-                out.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import x
-                out.update(alias.name for alias in node.names)
-            elif node.module and node.module.startswith("hf_relearn."):
-                out.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("hf_relearn."))
+    """Every module by its dotted name inside the package (``model.blocks``, ``errors``); subpackage
+    ``__init__`` files are checked apart (they hold a docstring only)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if len(parts) > 1 and parts[-1] == "__init__":
+            continue
+        out[".".join(parts)] = path
     return out
 
 
+def _group(module: str) -> str:
+    """The unit a layer is given to: a module's subpackage, or the top-level module itself."""
+    return module.split(".")[0]
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The package modules ``path`` imports (dotted, inside the package), at any depth (function-level imports
+    included)."""
+    here = list(path.relative_to(PACKAGE).with_suffix("").parts[:-1])  # the importing module's subpackage
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)]
+                if node.module:  # from .x import y, from ..model.blocks import y
+                    out.add(".".join([*base, *node.module.split(".")]))
+                else:  # from . import x
+                    out.update(".".join([*base, alias.name]) for alias in node.names)
+            elif node.module and node.module.startswith("hf_relearn."):
+                out.add(node.module.removeprefix("hf_relearn."))
+        elif isinstance(node, ast.Import):
+            out.update(a.name.removeprefix("hf_relearn.") for a in node.names if a.name.startswith("hf_relearn."))
+    return {name for name in out if name}
+
+
 def test_every_module_has_a_layer():
-    missing = sorted(set(_modules()) - set(LAYERS))
-    assert not missing, f"give these modules a layer in tests/test_layout.py: {missing}"
+    missing = sorted({_group(name) for name in _modules()} - set(LAYERS))
+    assert not missing, f"give these subpackages or modules a layer in tests/test_layout.py: {missing}"
+    stale = sorted(set(LAYERS) - {_group(name) for name in _modules()})
+    assert not stale, f"tests/test_layout.py gives a layer to what does not exist: {stale}"
+
+
+def test_each_subpackage_says_what_it_owns_and_loads_nothing():
+    """A subpackage's ``__init__`` is its docstring of at most two lines, and nothing else: importing one of its
+    modules loads no sibling (the report side stays free of torch)."""
+    subpackages = sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
+    assert {p.name for p in subpackages} == {g for g in LAYERS if (PACKAGE / g).is_dir()}
+    for folder in subpackages:
+        tree = ast.parse((folder / "__init__.py").read_text())
+        doc = ast.get_docstring(tree)
+        assert doc and len(doc.splitlines()) <= 2, f"{folder.name}/__init__.py: say in two lines what it owns"
+        assert len(tree.body) == 1, f"{folder.name}/__init__.py must hold its docstring only"
 
 
 def test_imports_point_down_only():
@@ -69,14 +92,24 @@ def test_imports_point_down_only():
     upward = []
     for name, path in modules.items():
         for dep in _package_imports(path):
-            if dep in modules and LAYERS[dep] > LAYERS[name]:
-                upward.append(f"{name} (layer {LAYERS[name]}) imports {dep} (layer {LAYERS[dep]})")
+            if dep in modules and LAYERS[_group(dep)] > LAYERS[_group(name)]:
+                upward.append(f"{name} (layer {LAYERS[_group(name)]}) imports {dep} (layer {LAYERS[_group(dep)]})")
     assert not upward, "imports must point down:\n" + "\n".join(upward)
 
 
-def test_no_import_cycles():
+def test_every_import_names_a_module_that_exists():
     modules = _modules()
-    graph = {name: {d for d in _package_imports(path) if d in modules and d != name} for name, path in modules.items()}
+    subpackages = {_group(name) for name in modules if "." in name}
+    unknown = [
+        f"{name} imports {dep}"
+        for name, path in modules.items()
+        for dep in _package_imports(path)
+        if dep not in modules and dep not in subpackages
+    ]
+    assert not unknown, "\n".join(unknown)
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> None:
     done: set[str] = set()
 
     def visit(node: str, trail: list[str]) -> None:
@@ -92,31 +125,51 @@ def test_no_import_cycles():
         visit(name, [])
 
 
+def test_no_import_cycles():
+    """No cycle between modules, nor between subpackages (model and data share a layer, but only one of them may
+    import the other)."""
+    modules = _modules()
+    graph = {name: {d for d in _package_imports(path) if d in modules and d != name} for name, path in modules.items()}
+    _find_cycle(graph)
+    groups: dict[str, set[str]] = {_group(name): set() for name in modules}
+    for name, deps in graph.items():
+        groups[_group(name)].update(_group(d) for d in deps if _group(d) != _group(name))
+    _find_cycle(groups)
+
+
 def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
-    # two modules importing each other must be caught (so the test above is not vacuous)
-    (tmp_path / "a.py").write_text("from .b import x\n")
-    (tmp_path / "b.py").write_text("def f():\n    from .a import y\n")
+    # two modules in two subpackages importing each other must be caught (so the tests above are not vacuous)
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "__init__.py").write_text('"""A subpackage."""\n')
+    (tmp_path / "x" / "a.py").write_text("from ..y.b import z\n")
+    (tmp_path / "y" / "b.py").write_text("def f():\n    from ..x.a import w\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path)
-    monkeypatch.setitem(LAYERS, "a", 1)
-    monkeypatch.setitem(LAYERS, "b", 1)
-    with pytest.raises(AssertionError, match="import cycle: a -> b -> a"):
+    monkeypatch.setitem(LAYERS, "x", 1)
+    monkeypatch.setitem(LAYERS, "y", 1)
+    with pytest.raises(AssertionError, match="import cycle: x.a -> y.b -> x.a"):
         test_no_import_cycles()
-    monkeypatch.setitem(LAYERS, "b", 0)
-    with pytest.raises(AssertionError, match="b \\(layer 0\\) imports a \\(layer 1\\)"):
+    monkeypatch.setitem(LAYERS, "y", 0)
+    with pytest.raises(AssertionError, match="y.b \\(layer 0\\) imports x.a \\(layer 1\\)"):
         test_imports_point_down_only()
+    (tmp_path / "y" / "b.py").write_text("def f():\n    from ..x.gone import w\n")
+    with pytest.raises(AssertionError, match="y.b imports x.gone"):
+        test_every_import_names_a_module_that_exists()
 
 
 def test_modules_and_functions_stay_small():
     too_long = []
-    for name, path in _modules().items():
+    for path in _modules().values():
         source = path.read_text()
         if len(source.splitlines()) > MAX_MODULE_LINES:
-            too_long.append(f"{name}.py: {len(source.splitlines())} lines (> {MAX_MODULE_LINES})")
+            too_long.append(f"{path.relative_to(PACKAGE)}: {len(source.splitlines())} lines (> {MAX_MODULE_LINES})")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:
-                    too_long.append(f"{name}.py:{node.lineno} {node.name}: {n} lines (> {MAX_FUNCTION_LINES})")
+                    too_long.append(
+                        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {n} lines (> {MAX_FUNCTION_LINES})"
+                    )
     assert not too_long, "\n".join(too_long)
 
 
@@ -155,7 +208,7 @@ def test_wheel_and_sdist_install_and_run_in_a_fresh_venv(tmp_path):
     ):
         assert needed in names, f"{needed} missing from {wheel.name}"
     sdist_names = tarfile.open(sdist).getnames()
-    for needed in ("cards/relearn.md", "LICENSE", "README.md", "hf_relearn/cli.py"):
+    for needed in ("cards/relearn.md", "LICENSE", "README.md", "hf_relearn/cli/main.py"):
         assert any(n.endswith("/" + needed) for n in sdist_names), f"{needed} missing from {sdist.name}"
 
     venv = tmp_path / "venv"
@@ -184,7 +237,7 @@ def test_wheel_and_sdist_install_and_run_in_a_fresh_venv(tmp_path):
     )
     assert cli.returncode == 0 and "card" in cli.stdout and "relearn" in cli.stdout, cli.stderr[-2000:]
     code = (
-        "import hf_relearn, hf_relearn.cards as c; "
+        "import hf_relearn, hf_relearn.hub.cards as c; "
         f"assert hf_relearn.__file__.startswith({str(site)!r}), hf_relearn.__file__; "
         "assert (c.TEMPLATES / 'study.md').is_file(); "
         "print(c.template_path('relearn'))"
@@ -200,11 +253,11 @@ def test_one_block_map_per_relearn(tmp_path, monkeypatch):
     """The trainer builds the run's one BlockMap; reset, freezing, the arms and the prefix plan reuse it."""
     from tiny import tiny
 
-    from hf_relearn import blocks
-    from hf_relearn.config import RelearnArguments
-    from hf_relearn.data import DataArguments, build_datasets
-    from hf_relearn.tokenization import byte_tokenizer
-    from hf_relearn.trainer import RelearnTrainer
+    from hf_relearn.data.datasets import DataArguments, build_datasets
+    from hf_relearn.data.tokenization import byte_tokenizer
+    from hf_relearn.model import blocks
+    from hf_relearn.relearn.arguments import RelearnArguments
+    from hf_relearn.relearn.trainer import RelearnTrainer
 
     built = []
     original_init = blocks.BlockMap.__init__
@@ -234,7 +287,17 @@ def test_one_block_map_per_relearn(tmp_path, monkeypatch):
 
 
 def test_the_contributing_layout_names_every_module():
+    """CONTRIBUTING.md's layout table has one row per subpackage naming each of its modules (and a row for the
+    top-level modules)."""
     guide = (PACKAGE.parent / "CONTRIBUTING.md").read_text()
     layout = guide.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    missing = [name for name in _modules() if not name.startswith("__") and f"`{name}`" not in layout]
-    assert not missing, f"CONTRIBUTING.md 'Layout' does not name: {missing}"
+    rows = {line.split("|")[2].strip(): line for line in layout.splitlines() if line.count("|") > 3}
+    missing = []
+    for name in _modules():
+        if name.startswith("__"):
+            continue
+        group, module = name.split(".") if "." in name else ("(top)", name)
+        row = rows.get(f"`{group}/`" if group != "(top)" else "`hf_relearn/`", "")
+        if f"`{module}`" not in row:
+            missing.append(name)
+    assert not missing, f"CONTRIBUTING.md 'Layout' does not name, in its subpackage's row: {missing}"

@@ -16,16 +16,16 @@ from test_prefix_cache import _batch
 from test_relearn import relearn_run
 from tiny import TINY
 
-import hf_relearn.trainer as trainer_module
-from hf_relearn.arm_registry import ARMS, Arm, get_arm, register_arm
-from hf_relearn.config import RelearnArguments
-from hf_relearn.data import DataArguments, build_datasets
+import hf_relearn.relearn.trainer as trainer_module
+from hf_relearn.data.datasets import DataArguments, build_datasets
+from hf_relearn.data.objectives import OBJECTIVES, CausalLM, distill_loss, get_objective, register_objective
+from hf_relearn.data.tokenization import get_tokenizer
 from hf_relearn.errors import RelearnError
-from hf_relearn.metrics import Teacher
-from hf_relearn.modeling import load_model
-from hf_relearn.objectives import OBJECTIVES, CausalLM, distill_loss, get_objective, register_objective
-from hf_relearn.tokenization import get_tokenizer
-from hf_relearn.trainer import RelearnTrainer
+from hf_relearn.model.arm_registry import ARMS, Arm, get_arm, register_arm
+from hf_relearn.model.modeling import load_model
+from hf_relearn.relearn.arguments import RelearnArguments
+from hf_relearn.relearn.metrics import Teacher
+from hf_relearn.relearn.trainer import RelearnTrainer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_relearn"
 
@@ -128,7 +128,7 @@ def test_the_distill_temperature_reaches_the_loss_through_the_arguments(gpt2_bas
 def test_no_module_compares_an_objective_or_arm_name_outside_its_registry():
     names = set(OBJECTIVES) | set(ARMS)
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.stem in ("objectives", "arm_registry"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):

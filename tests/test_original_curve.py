@@ -14,13 +14,13 @@ from hub_server import FakeHub, fake_hub_endpoint
 from test_relearn import relearn_run
 from transformers import AutoConfig, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from hf_relearn import original_curve as oc
-from hf_relearn.config import ModelArguments, PretrainArguments, RelearnArguments
-from hf_relearn.data import DataArguments
+from hf_relearn.data.datasets import DataArguments
 from hf_relearn.errors import RelearnError
-from hf_relearn.plots import plot_curve
-from hf_relearn.result import first_reach
-from hf_relearn.runner import pretrain, relearn
+from hf_relearn.hub.plots import plot_curve
+from hf_relearn.relearn import original_curve as oc
+from hf_relearn.relearn.arguments import ModelArguments, PretrainArguments, RelearnArguments
+from hf_relearn.relearn.result import first_reach
+from hf_relearn.relearn.runner import pretrain, relearn
 
 DATA = dict(block_size=64, generated_chars=60_000)
 TINY = "n_layer=2,n_embd=32,n_head=2,n_positions=64"
@@ -83,7 +83,7 @@ def test_hub_revisions_give_the_same_curve_and_bad_ones_fail_before_training(pub
             files = {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}
             hub.commit("fake-user/tiny", files, branch=f"step{step}")
         other = Path(tmp_path / "other")  # the same architecture at another width: not this model's history
-        from hf_relearn.modeling import load_model
+        from hf_relearn.model.modeling import load_model
 
         load_model("gpt2", "n_layer=2,n_embd=64,n_head=2,n_positions=64,vocab_size=259").save_pretrained(other)
         hub.commit("fake-user/tiny", {n: (other / n).read_bytes() for n in ("config.json", "model.safetensors")},

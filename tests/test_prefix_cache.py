@@ -14,17 +14,17 @@ from test_swap import _pair
 from tiny import TINY
 from transformers import TrainerCallback
 
-import hf_relearn.runner as runner_module
-import hf_relearn.trainer_prefix as trainer_prefix
-from hf_relearn import prefix_cache as prefix_cache_module
-from hf_relearn.blocks import BlockMap
+import hf_relearn.relearn.runner as runner_module
+import hf_relearn.relearn.trainer_prefix as trainer_prefix
 from hf_relearn.errors import RelearnError
-from hf_relearn.modeling import load_model
-from hf_relearn.prefix_cache import PrefixCache, default_memory_budget
-from hf_relearn.prefix_plan import active_dropout, plan_prefix
+from hf_relearn.model.blocks import BlockMap
+from hf_relearn.model.modeling import load_model
+from hf_relearn.model.surgery import freeze_except
+from hf_relearn.relearn import prefix_cache as prefix_cache_module
+from hf_relearn.relearn.prefix_cache import PrefixCache, default_memory_budget
+from hf_relearn.relearn.prefix_plan import active_dropout, plan_prefix
+from hf_relearn.relearn.trainer import RelearnTrainer
 from hf_relearn.storage import RUN_FILE
-from hf_relearn.surgery import freeze_except
-from hf_relearn.trainer import RelearnTrainer
 
 ENC_DEC = dict(decoder_start_token_id=0, pad_token_id=0)
 
@@ -240,9 +240,9 @@ def test_auto_stays_off_where_it_would_not_be_exact_and_true_refuses(gpt2_base, 
 def test_a_study_shares_one_cache_per_base_and_fills_it_once(tmp_path):
     from test_study import TINY_RECIPE
 
-    from hf_relearn.recipe import Recipe
     from hf_relearn.storage import read_results
-    from hf_relearn.study import run_study
+    from hf_relearn.study.recipe import Recipe
+    from hf_relearn.study.run import run_study
 
     recipe = {**TINY_RECIPE, "name": "cached"}
     recipe["base"] = {**recipe["base"], "config_overrides": {**recipe["base"]["config_overrides"], "n_layer": 3,
@@ -264,7 +264,7 @@ def test_a_study_shares_one_cache_per_base_and_fills_it_once(tmp_path):
 def test_the_cli_states_the_cache_size_first_and_reports_what_it_did(quiet_base, tmp_path, capsys, caplog):
     import logging
 
-    from hf_relearn.cli import main
+    from hf_relearn.cli.main import main
 
     caplog.set_level(logging.INFO, logger="hf_relearn")
     argv = ["relearn", "--model", str(quiet_base), "--original_run", str(quiet_base), "--block", "decoder.3",
@@ -283,7 +283,7 @@ def test_row_indices_reach_the_batch_for_hf_and_torch_datasets():
     import datasets
     from transformers import default_data_collator
 
-    from hf_relearn.prefix_plan import ROW_COLUMN, RowCollator, with_row_index
+    from hf_relearn.relearn.prefix_plan import ROW_COLUMN, RowCollator, with_row_index
 
     rows = [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(5)]
     collate = RowCollator(default_data_collator)

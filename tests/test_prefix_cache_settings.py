@@ -8,12 +8,12 @@ from test_prefix_cache import _batch, _loss_and_grads, quiet_base  # noqa: F401 
 from test_relearn import relearn_run
 from tiny import TINY
 
-from hf_relearn.blocks import BlockMap
 from hf_relearn.errors import RelearnError
-from hf_relearn.modeling import load_model
-from hf_relearn.prefix_cache import PrefixCache
-from hf_relearn.prefix_plan import plan_prefix
-from hf_relearn.surgery import freeze_except
+from hf_relearn.model.blocks import BlockMap
+from hf_relearn.model.modeling import load_model
+from hf_relearn.model.surgery import freeze_except
+from hf_relearn.relearn.prefix_cache import PrefixCache
+from hf_relearn.relearn.prefix_plan import plan_prefix
 
 
 def _frozen_below(kind: str, block: str, **load):
@@ -51,7 +51,7 @@ def test_an_attention_implementation_the_machine_lacks_is_refused_before_loading
 
 
 def test_a_relearn_refused_for_its_attention_leaves_no_output_folder(tmp_path, capsys, quiet_base):  # noqa: F811
-    from hf_relearn import cli
+    from hf_relearn.cli import main as cli
 
     out = tmp_path / "run"
     argv = ["relearn", "--model", str(quiet_base), "--block", "decoder.1", "--output_dir", str(out)]

@@ -10,14 +10,14 @@ from test_objectives import _CountingTeachers
 from test_relearn import QUIET_GPT2, relearn_run
 from test_surgery import OVERRIDES, VERSIONS
 
-import hf_relearn.probe as probe_module
-from hf_relearn.cli import main
-from hf_relearn.config import ModelArguments
-from hf_relearn.data import DataArguments, build_datasets
+import hf_relearn.relearn.probe as probe_module
+from hf_relearn.cli.main import main
+from hf_relearn.data.datasets import DataArguments, build_datasets
+from hf_relearn.data.tokenization import get_tokenizer
 from hf_relearn.errors import RelearnError
-from hf_relearn.prefix_cache import PrefixCache
-from hf_relearn.probe import ProbeArguments, probe
-from hf_relearn.tokenization import get_tokenizer
+from hf_relearn.relearn.arguments import ModelArguments
+from hf_relearn.relearn.prefix_cache import PrefixCache
+from hf_relearn.relearn.probe import ProbeArguments, probe
 
 BASE_DATA = dict(block_size=64, generated_chars=150_000)  # what the gpt2_base fixture trained on
 

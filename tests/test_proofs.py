@@ -11,7 +11,7 @@ from test_relearn import GPT2, base_run, relearn_run
 from transformers import TrainerCallback
 
 from hf_relearn import RelearnError
-from hf_relearn.result import smoothed
+from hf_relearn.relearn.result import smoothed
 
 FROZEN = "transformer.h.0.mlp.c_fc.bias"  # layer 0: frozen when decoder.2 is re-learned
 
@@ -65,9 +65,9 @@ def test_a_frozen_tensor_moved_on_one_of_two_processes_refuses_the_run(base, tmp
             sys.path.insert(0, {str(Path(__file__).parent)!r})
             from test_proofs import NudgeFrozen
             from hf_relearn import RelearnError
-            from hf_relearn.config import ModelArguments, RelearnArguments
-            from hf_relearn.data import DataArguments
-            from hf_relearn.runner import relearn
+            from hf_relearn.relearn.arguments import ModelArguments, RelearnArguments
+            from hf_relearn.data.datasets import DataArguments
+            from hf_relearn.relearn.runner import relearn
 
             rank = int(os.environ["RANK"])
             args = RelearnArguments(output_dir={str(tmp_path / "two")!r}, block="decoder.2",
@@ -99,13 +99,13 @@ def test_a_reset_that_differs_on_one_of_two_processes_is_recorded(base, tmp_path
             f"""
             import json, os, sys
             import torch
-            import hf_relearn.trainer
-            from hf_relearn.config import ModelArguments, RelearnArguments
-            from hf_relearn.data import DataArguments
-            from hf_relearn.runner import relearn
+            import hf_relearn.relearn.trainer
+            from hf_relearn.relearn.arguments import ModelArguments, RelearnArguments
+            from hf_relearn.data.datasets import DataArguments
+            from hf_relearn.relearn.runner import relearn
 
             rank = int(os.environ["RANK"])
-            original = hf_relearn.trainer.reset
+            original = hf_relearn.relearn.trainer.reset
 
             def nudged(model, block, **kwargs):
                 report = original(model, block, **kwargs)
@@ -114,7 +114,7 @@ def test_a_reset_that_differs_on_one_of_two_processes_is_recorded(base, tmp_path
                 return report
 
             if rank == 1:
-                hf_relearn.trainer.reset = nudged
+                hf_relearn.relearn.trainer.reset = nudged
             args = RelearnArguments(output_dir={str(tmp_path / "two")!r}, block="decoder.2",
                                     original_run={str(base)!r}, max_steps=4, eval_steps=2,
                                     per_device_train_batch_size=8, disable_tqdm=True, report_to=[])
@@ -156,7 +156,7 @@ def test_a_higher_is_better_metric_recovers_upwards(base, tmp_path):
 
 
 def test_checkpoint_init_from_the_base_itself_barely_matters_and_says_so(base, tmp_path):
-    from hf_relearn.caveats import RESET_BARELY_MATTERED
+    from hf_relearn.stats.caveats import RESET_BARELY_MATTERED
 
     r = relearn_run(tmp_path / "ck", base, "decoder.2", init=f"checkpoint:{base}", max_steps=5, eval_steps=5)
     # the block is copied back from the very weights it had: the model is unchanged
@@ -174,7 +174,7 @@ def test_reset_seed_draws_the_block(base, tmp_path):
 
 
 def test_init_zero_starts_the_block_as_the_identity(base, tmp_path):
-    from hf_relearn.modeling import load_model
+    from hf_relearn.model.modeling import load_model
 
     r = relearn_run(tmp_path / "z", base, "decoder.2", init="zero", max_steps=1, eval_steps=1)
     assert sorted(r.surgery["zeroed"]) == [
@@ -190,7 +190,7 @@ def test_init_zero_starts_the_block_as_the_identity(base, tmp_path):
     with torch.no_grad():
         full = model(input_ids=ids, output_hidden_states=True).hidden_states
     reset_model = load_model(str(base)).eval()
-    from hf_relearn.surgery import reset
+    from hf_relearn.model.surgery import reset
 
     reset(reset_model, "decoder.2", init="zero")
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_init_zero_starts_the_block_as_the_identity(base, tmp_path):
 
 
 def test_a_base_at_unigram_level_is_flagged(tmp_path):
-    from hf_relearn.caveats import UNIGRAM_LEVEL
+    from hf_relearn.stats.caveats import UNIGRAM_LEVEL
 
     base_run(tmp_path / "b", "gpt2", GPT2, steps=2, max_eval_samples=32)  # 2 steps: nothing learned yet
     r = relearn_run(tmp_path / "r", tmp_path / "b", "decoder.2", max_steps=1, eval_steps=1)
@@ -209,7 +209,7 @@ def test_a_base_at_unigram_level_is_flagged(tmp_path):
 def test_distill_kl_matches_the_formula_and_scales_with_temperature():
     from types import SimpleNamespace
 
-    from hf_relearn.objectives import distill_loss
+    from hf_relearn.data.objectives import distill_loss
 
     teacher = SimpleNamespace(logits=torch.tensor([[[2.0, 0.0, -1.0]]]))
     student = SimpleNamespace(logits=torch.tensor([[[0.5, 0.5, 0.0]]]))
@@ -233,7 +233,7 @@ def test_distill_kl_matches_the_formula_and_scales_with_temperature():
 def test_a_launch_whose_processes_cannot_see_each_other_is_refused(monkeypatch):
     from types import SimpleNamespace
 
-    from hf_relearn.config import check_world_size
+    from hf_relearn.relearn.arguments import check_world_size
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RelearnError, match="launched 2 processes but the Trainer sees a world of 1"):
@@ -245,7 +245,7 @@ def test_a_launch_whose_processes_cannot_see_each_other_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("arm", ["all", "lora-rest", "block+lora-rest"])
 def test_every_arm_learns_and_a_lora_merge_keeps_the_outputs(base, tmp_path, arm):
-    from hf_relearn.modeling import load_model
+    from hf_relearn.model.modeling import load_model
 
     r = relearn_run(
         tmp_path / arm, base, "decoder.0", trainable=arm, max_steps=40, eval_steps=10, stop_at_recovery=False,
@@ -255,9 +255,9 @@ def test_every_arm_learns_and_a_lora_merge_keeps_the_outputs(base, tmp_path, arm
     assert r.frozen_unchanged
     if "lora" in arm:
         # the merged save computes what the trained peft model computed (same final eval loss)
-        from hf_relearn.config import ModelArguments, RelearnArguments
-        from hf_relearn.data import DataArguments
-        from hf_relearn.runner import relearn
+        from hf_relearn.data.datasets import DataArguments
+        from hf_relearn.relearn.arguments import ModelArguments, RelearnArguments
+        from hf_relearn.relearn.runner import relearn
 
         out = tmp_path / f"{arm}-saved"
         args = RelearnArguments(

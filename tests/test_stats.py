@@ -2,7 +2,7 @@
 
 import math
 
-from hf_relearn.stats import mean_sd
+from hf_relearn.stats.summary import mean_sd
 
 
 def test_mean_sd():
@@ -19,7 +19,7 @@ def _row(base, layer, jump, steps, recovered=True, baseline=2.0):
 
 
 def test_the_report_says_whether_the_zero_shot_jump_goes_with_the_cost_within_a_base():
-    from hf_relearn.grid_findings import jump_words
+    from hf_relearn.report.grid_findings import jump_words
 
     # 4 bases x 4 layers: in every base a larger jump costs more
     ordered = [_row(f"b{b}", i, 0.01 * i + 0.001 * b, 100 * i + 50 + b) for b in range(4) for i in range(1, 5)]

@@ -14,12 +14,12 @@ import yaml
 from pngs import assert_plot
 from test_findings import TEMPLATE, _encoded, _run
 
-from hf_relearn.cli import main
+from hf_relearn.cli.main import main
 from hf_relearn.errors import RelearnError
-from hf_relearn.recipe import Recipe
-from hf_relearn.report import build_report
+from hf_relearn.report.build import build_report
 from hf_relearn.storage import RESULTS, read_results, write_results
-from hf_relearn.study import run_study
+from hf_relearn.study.recipe import Recipe
+from hf_relearn.study.run import run_study
 
 TINY_RECIPE = {
     "name": "tiny",
@@ -276,7 +276,7 @@ def test_bad_swap_sweeps_fail_before_any_training(change, message):
 
 
 def test_a_study_measures_each_base_once(tmp_path, monkeypatch):
-    from hf_relearn.trainer import RelearnTrainer
+    from hf_relearn.relearn.trainer import RelearnTrainer
 
     measured = []
     own = RelearnTrainer._measure
@@ -325,7 +325,7 @@ def test_two_workers_end_with_the_table_of_one_process_and_redo_a_killed_run(tin
 def test_the_demo_ends_by_printing_the_table_the_answer_in_words_and_the_report(tmp_path, monkeypatch, capsys):
     """The demo's study is replaced by hand-built results (the tests above run the real, tiny one): what it
     prints after the study is the table, the answer in words and the paths of report.md and its plots."""
-    import hf_relearn.study
+    import hf_relearn.study.run
 
     def study(recipe, out, progress=True, parallel=None, workers=1, threads_per_worker=None):  # leaves results.csv
         assert (recipe.name, recipe.sweep["trainable"]) == ("demo", ["block", "all"])  # recipes/demo.yaml
@@ -334,7 +334,7 @@ def test_the_demo_ends_by_printing_the_table_the_answer_in_words_and_the_report(
         write_results(out / RESULTS, [_encoded(r) for r in rows], list(TEMPLATE))
         return rows
 
-    monkeypatch.setattr(hf_relearn.study, "run_study", study)
+    monkeypatch.setattr(hf_relearn.study.run, "run_study", study)
     assert main(["demo", "--output-dir", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out.splitlines()
     # each layer: the reset raised the loss 2.0 -> 3.0 (50%), recovered at 100 (L + 1) steps of the base's 1000

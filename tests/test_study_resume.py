@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from test_study import TINY_RECIPE, _write_recipe
 
-from hf_relearn.cli import main
+from hf_relearn.cli.main import main
 from hf_relearn.storage import read_results
-from hf_relearn.study import _resume_point
+from hf_relearn.study.run import _resume_point
 
 # one base (checkpoints every 20 of its 60 steps) and two runs of 15 steps each (no stop at recovery, so every
 # relearn trains): about 5 s a study on one thread
@@ -58,9 +58,9 @@ def patch(owner, name, when, after=False):
 
 
 import transformers
-import hf_relearn.report
-import hf_relearn.study
-from hf_relearn.trainer import RelearnTrainer
+import hf_relearn.report.build
+import hf_relearn.study.run
+from hf_relearn.relearn.trainer import RelearnTrainer
 
 
 def base(trainer):
@@ -76,13 +76,13 @@ elif point == "relearn":  # step 3 of the second relearn (the first one's row is
     patch(RelearnTrainer, "training_step",
           lambda self, *a, **k: self.state.global_step == 2 and (study / "results.csv").exists())
 elif point == "results-csv":  # the second run's result written, results.csv not rewritten yet
-    patch(hf_relearn.study, "write_results", lambda path, rows: Path(path).exists())
+    patch(hf_relearn.study.run, "write_results", lambda path, rows: Path(path).exists())
 elif point == "report":  # the plots drawn, report.md not written yet
-    patch(hf_relearn.report, "make_plots", lambda *a, **k: True, after=True)
+    patch(hf_relearn.report.build, "make_plots", lambda *a, **k: True, after=True)
 else:
     raise SystemExit(f"unknown kill point {point}")
 
-from hf_relearn.cli import main
+from hf_relearn.cli.main import main
 
 sys.exit(main(argv))
 """

@@ -12,10 +12,10 @@ from tiny import TINY, tiny
 
 import hf_relearn
 from hf_relearn import BlockMap, RelearnError
-from hf_relearn.cli import main
-from hf_relearn.modeling import load_model
-from hf_relearn.surgery import changed_tensors, check_frozen_unchanged, fingerprint, freeze_except, reset
-from hf_relearn.tokenization import get_tokenizer
+from hf_relearn.cli.main import main
+from hf_relearn.data.tokenization import get_tokenizer
+from hf_relearn.model.modeling import load_model
+from hf_relearn.model.surgery import changed_tensors, check_frozen_unchanged, fingerprint, freeze_except, reset
 
 
 def _trained(model):
@@ -146,7 +146,7 @@ def test_shared_weights_are_refused_unless_allowed():
     report = reset(gpt2, "head", allow_shared=True)
     assert report.shared_with == ["transformer.wte.weight"] and "tied tensors reset too" in report.notes[0]
 
-    from hf_relearn.modeling import load_model
+    from hf_relearn.model.modeling import load_model
 
     albert = load_model(
         "albert",
@@ -242,7 +242,7 @@ def test_freeze_except_and_fingerprint_prove_the_frozen_weights_did_not_move():
 def test_real_pretrained_minilm(minilm_dir, tmp_path):
     from transformers import AutoConfig, BertModel
 
-    from hf_relearn.modeling import load_model
+    from hf_relearn.model.modeling import load_model
 
     model = load_model(str(minilm_dir))
     assert type(model).__name__ == "BertModel"
@@ -282,7 +282,7 @@ def test_cli_reset_saves_model_and_surgery_json(tmp_path, capsys):
     assert info["block"] == "decoder.3.attention" and info["num_tensors"] == 4 and info["seed"] == 3
     assert "transformers" in info["versions"]
     reloaded = tiny("gpt2")
-    from hf_relearn.modeling import load_model
+    from hf_relearn.model.modeling import load_model
 
     again = load_model(str(out))
     moved = changed_tensors(fingerprint(reloaded), fingerprint(again))  # biases were zero before and after

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hf_relearn.survival import Outcome, compare, gehan_scores, paired, per_base, ratio, summarise, trend
+from hf_relearn.stats.survival import Outcome, compare, gehan_scores, paired, per_base, ratio, summarise, trend
 
 
 def _o(cost, recovered=True, base="a"):
@@ -86,9 +86,9 @@ def test_reset_seeds_that_repeat_a_run_change_no_p_value_of_a_rebuilt_report(tmp
     import shutil
     from pathlib import Path
 
-    from hf_relearn.report import build_report
+    from hf_relearn.report.build import build_report
     from hf_relearn.storage import read_results, write_results
-    from hf_relearn.study_rows import STUDY_COLUMNS
+    from hf_relearn.study.rows import STUDY_COLUMNS
 
     published = Path(__file__).resolve().parents[1] / "docs" / "results" / "decoder-grid"
     reports = []

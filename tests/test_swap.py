@@ -8,9 +8,9 @@ from tiny import TINY
 from transformers import AutoConfig, BertForMaskedLM, BertModel, EncoderDecoderModel, GPT2LMHeadModel, GPT2Model
 
 from hf_relearn import RelearnError
-from hf_relearn.modeling import load_model
-from hf_relearn.surgery import changed_tensors, fingerprint
-from hf_relearn.swap import check_forward_backward, swap_encoder
+from hf_relearn.model.modeling import load_model
+from hf_relearn.model.surgery import changed_tensors, fingerprint
+from hf_relearn.model.swap import check_forward_backward, swap_encoder
 
 
 def _native(model_type: str, width: int, seed: int = 0):
@@ -102,7 +102,7 @@ def test_bad_swaps_get_one_clear_error():
 def test_relearn_after_an_encoder_swap(tmp_path):
     from test_relearn import T5, base_run, relearn_run
 
-    from hf_relearn.cards import relearn_card
+    from hf_relearn.hub.cards import relearn_card
 
     base_run(tmp_path / "base", "t5", T5, objective="seq2seq", steps=150)
     narrow = "num_layers=2,d_model=32,d_ff=128,num_heads=2,d_kv=16,vocab_size=259"
@@ -128,7 +128,7 @@ TINY_T5 = "num_layers=2,num_decoder_layers=2,d_model=32,d_ff=128,num_heads=2,d_k
 
 
 def _real_data(shared_data, **kw):
-    from hf_relearn.data import DataArguments
+    from hf_relearn.data.datasets import DataArguments
 
     return DataArguments(
         train_file=str(shared_data / "tinyshakespeare.txt"), block_size=32, max_eval_samples=32,
@@ -141,8 +141,8 @@ def t5_real_base(tmp_path_factory):
     """A tiny T5 trained briefly (120 steps) on Tiny Shakespeare, denoise task (needs ../shared/data)."""
     from conftest import SHARED_DATA, missing_fixture
 
-    from hf_relearn.config import ModelArguments, PretrainArguments
-    from hf_relearn.runner import pretrain
+    from hf_relearn.relearn.arguments import ModelArguments, PretrainArguments
+    from hf_relearn.relearn.runner import pretrain
 
     if not (SHARED_DATA / "tinyshakespeare.txt").exists():
         missing_fixture("../shared/data")
@@ -156,8 +156,8 @@ def t5_real_base(tmp_path_factory):
 
 
 def _relearn(out, base, data, **kw):
-    from hf_relearn.config import ModelArguments, RelearnArguments
-    from hf_relearn.runner import relearn
+    from hf_relearn.relearn.arguments import ModelArguments, RelearnArguments
+    from hf_relearn.relearn.runner import relearn
 
     callbacks = kw.pop("callbacks", None)
     defaults = dict(
@@ -186,9 +186,9 @@ def test_t5_swap_recovers_on_real_text(t5_real_base, shared_data, tmp_path, widt
 @pytest.mark.parametrize("width", [16, 64])
 def test_encoder_decoder_model_swap_recovers_on_real_text(shared_data, tmp_path, width):
     """BERT encoder + GPT-2 decoder (32 wide) built from configs, trained briefly, then a BERT of another width."""
-    from hf_relearn.config import ModelArguments, PretrainArguments
-    from hf_relearn.runner import pretrain
-    from hf_relearn.tokenization import byte_tokenizer
+    from hf_relearn.data.tokenization import byte_tokenizer
+    from hf_relearn.relearn.arguments import ModelArguments, PretrainArguments
+    from hf_relearn.relearn.runner import pretrain
 
     bert = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=128, vocab_size=259)
     gpt2 = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=259, n_positions=64)
@@ -228,7 +228,7 @@ def test_an_all_trainable_swap_trains_the_tied_embedding_under_all_its_names(t5_
 def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data, tmp_path):
     from transformers import TrainerCallback
 
-    from hf_relearn.config import RelearnArguments
+    from hf_relearn.relearn.arguments import RelearnArguments
 
     snaps = {}
 
@@ -264,7 +264,7 @@ def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data
             RelearnArguments(output_dir=str(tmp_path / "x"), **kw)
     from types import SimpleNamespace
 
-    from hf_relearn.config import check_swap_warmup
+    from hf_relearn.relearn.arguments import check_swap_warmup
 
     launched = SimpleNamespace(swap_warmup_steps=3, swap_encoder="t5", swap_freeze="encoder-trainable", world_size=2)
     with pytest.raises(RelearnError, match="not supported under a 2-process launch"):
@@ -274,7 +274,7 @@ def test_swap_warmup_trains_only_cross_attention_first(t5_real_base, shared_data
 # ------------------------------------------------------------------------------------------------- CLI swap
 def _swapped_like_the_cli(src, width: int):
     """The swap ``hf-relearn swap`` makes with its defaults (encoder seed 0, reset seed 0), built again here."""
-    from hf_relearn.swap import swap_encoder
+    from hf_relearn.model.swap import swap_encoder
 
     model = load_model(str(src))
     overrides = f"num_hidden_layers=2,hidden_size={width},num_attention_heads=2,intermediate_size=128,vocab_size=256"
@@ -292,7 +292,7 @@ def _same_logits(a, b) -> bool:
 
 
 def test_check_reloads_refuses_a_save_that_loads_as_another_model(tmp_path):
-    from hf_relearn.swap import check_reloads
+    from hf_relearn.model.swap import check_reloads
 
     model = _pair(64)
     model.save_pretrained(tmp_path / "m")
@@ -304,8 +304,8 @@ def test_check_reloads_refuses_a_save_that_loads_as_another_model(tmp_path):
 
 
 def test_cli_swap_writes_nothing_when_the_save_does_not_reload(tmp_path, capsys, monkeypatch):
-    from hf_relearn import swap
-    from hf_relearn.cli import main
+    from hf_relearn.cli.main import main
+    from hf_relearn.model import swap
 
     src = tmp_path / "pair"
     _pair(64).save_pretrained(src)
@@ -328,8 +328,8 @@ def test_cli_swap_writes_nothing_when_the_save_does_not_reload(tmp_path, capsys,
 def test_cli_swap_saves_an_encoder_decoder_model_that_reloads(tmp_path, capsys, width):
     import json
 
-    from hf_relearn.cli import main
-    from hf_relearn.tokenization import byte_tokenizer
+    from hf_relearn.cli.main import main
+    from hf_relearn.data.tokenization import byte_tokenizer
 
     src = tmp_path / "pair"
     pair = _pair(64)
@@ -353,7 +353,7 @@ def test_cli_swap_saves_an_encoder_decoder_model_that_reloads(tmp_path, capsys, 
 
 
 def test_cli_swap_native_same_width_saves_and_other_widths_are_refused(tmp_path, capsys):
-    from hf_relearn.cli import main
+    from hf_relearn.cli.main import main
 
     src = tmp_path / "t5"
     model = _native("t5", 64)
@@ -361,7 +361,7 @@ def test_cli_swap_native_same_width_saves_and_other_widths_are_refused(tmp_path,
     enc = "num_layers=4,d_model=64,d_ff=256,num_heads=2,d_kv=32,vocab_size=256"
     out = tmp_path / "same"
     assert main(["swap", str(src), "--encoder", "t5", "--encoder-overrides", enc, "--output-dir", str(out)]) == 0
-    from hf_relearn.swap import swap_encoder
+    from hf_relearn.model.swap import swap_encoder
 
     expected = load_model(str(src))
     swap_encoder(
@@ -396,7 +396,7 @@ def test_a_t5_encoder_model_of_another_width_swaps_into_a_t5(width):
     """What users load as "a T5 encoder" (T5EncoderModel) goes in: its stack is taken out of the wrapper."""
     from transformers import T5Config, T5EncoderModel
 
-    from hf_relearn.swap import check_forward_backward, swap_encoder
+    from hf_relearn.model.swap import check_forward_backward, swap_encoder
 
     model = _native("t5", 64)
     config = T5Config(**{**TINY["t5"], "d_model": width, "d_ff": 4 * width, "num_layers": 2})
@@ -453,7 +453,7 @@ def test_a_t5_encoder_model_given_as_a_hub_id_loads_with_its_own_weights(tmp_pat
     from safetensors.torch import load_file
     from transformers import T5Config, T5EncoderModel
 
-    from hf_relearn.swap import load_encoder
+    from hf_relearn.model.swap import load_encoder
 
     torch.manual_seed(3)
     T5EncoderModel(T5Config(num_layers=2, d_model=32, d_ff=128, num_heads=2, d_kv=16, vocab_size=256)).save_pretrained(

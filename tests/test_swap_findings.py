@@ -1,4 +1,4 @@
-"""The swap study's causes in words (hf_relearn.swap_findings): which arm is cheaper, and the report built from the
+"""The swap study's causes in words (hf_relearn.report.swap_findings): which arm is cheaper, and the report built from the
 published swap study's real results.csv saying what separates the arms."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_relearn.report import build_report
-from hf_relearn.swap_findings import compare, mismatch_words, noise_words
+from hf_relearn.report.build import build_report
+from hf_relearn.report.swap_findings import compare, mismatch_words, noise_words
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results" / "swap-encoder-t5"
 
@@ -57,9 +57,9 @@ def test_an_arm_is_its_median_never_an_average_with_its_caps():
 def test_two_arms_not_back_are_not_a_ratio(published):
     """The trained-donor swap study: every swap arm and the one-layer wipe stopped at the cap. Neither median was
     reached, so no ratio between them is stated (a cap divided by a cap said "at least 1.0x")."""
-    from hf_relearn.findings import summarise
+    from hf_relearn.report.findings import summarise
+    from hf_relearn.report.swap_findings import swap_answer
     from hf_relearn.storage import read_results
-    from hf_relearn.swap_findings import swap_answer
 
     words = " ".join(swap_answer(summarise(read_results(PUBLISHED.parent / "swap-encoder-trained" / "results.csv"))))
     assert "x the steps of the one-layer wipe" not in words
@@ -148,9 +148,9 @@ def test_a_study_of_trained_donors_says_where_its_encoders_came_from(published):
 def test_the_arms_plot_draws_the_loss_left_when_nothing_recovered(published):
     """Every bar at the cap says nothing: where no run recovered, the arms plot draws how far above the intact
     loss each arm ended; where some did, steps to recover with lower bounds marked."""
-    from hf_relearn.findings import summarise
+    from hf_relearn.report.findings import summarise
+    from hf_relearn.report.plots import arm_bars
     from hf_relearn.storage import read_results
-    from hf_relearn.study_plots import arm_bars
 
     summary = summarise(read_results(published / "results.csv"))
     arms = list(dict.fromkeys(s["arm"] for s in summary))
@@ -167,10 +167,10 @@ def test_the_arms_plot_draws_the_loss_left_when_nothing_recovered(published):
 
 def test_the_arms_plot_compares_the_arms_where_they_ran():
     """The decoder grid ran `all` and `lora-rest` only at N=4, D=64: that is the grid point its arms plot shows."""
-    from hf_relearn.findings import summarise
-    from hf_relearn.grid import grid_of
+    from hf_relearn.report.findings import summarise
+    from hf_relearn.report.plots import arms_grid
     from hf_relearn.storage import read_results
-    from hf_relearn.study_plots import arms_grid
+    from hf_relearn.study.grid import grid_of
 
     path = PUBLISHED.parent / "decoder-grid" / "results.csv"
     if not path.exists():
@@ -183,9 +183,9 @@ def test_the_arms_plot_compares_the_arms_where_they_ran():
 def test_the_arms_plot_of_a_distill_study_draws_the_damage_left():
     """A distill run's intact loss is 0 (the teacher is the model itself): "% above" it is undefined (the arms plot
     of minilm-lr-check divided by it), so the plot draws the share of the reset's damage each arm left."""
-    from hf_relearn.findings import summarise
+    from hf_relearn.report.findings import summarise
+    from hf_relearn.report.plots import arm_bars
     from hf_relearn.storage import read_results
-    from hf_relearn.study_plots import arm_bars
 
     rows = read_results(Path(__file__).resolve().parents[1] / "docs" / "results" / "minilm-distill" / "results.csv")
     twin = [{**r, "run_id": r["run_id"] + "-twin", "trainable": "all"} for r in rows]  # a second arm: the same runs

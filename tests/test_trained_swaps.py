@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from test_study import SWAP_RECIPE
 
 from hf_relearn.errors import RelearnError
-from hf_relearn.recipe import Recipe
 from hf_relearn.storage import RUN_FILE, read_results
-from hf_relearn.study import run_study
+from hf_relearn.study.recipe import Recipe
+from hf_relearn.study.run import run_study
 
 WIDER = {"num_layers": 2, "d_model": 48, "d_ff": 96, "num_heads": 2, "d_kv": 24}
 

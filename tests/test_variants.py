@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from hf_relearn.errors import RelearnError
-from hf_relearn.recipe import Recipe
-from hf_relearn.report import build_report
-from hf_relearn.study import run_study
+from hf_relearn.report.build import build_report
+from hf_relearn.study.recipe import Recipe
+from hf_relearn.study.run import run_study
 
 RECIPE = {
     "name": "variants",

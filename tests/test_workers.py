@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hf_relearn.errors import RelearnError
-from hf_relearn.workers import claimer, run_workers
+from hf_relearn.study.workers import claimer, run_workers
 
 
 class Bar:
@@ -68,7 +68,7 @@ def test_workers_end_when_their_caller_is_killed(tmp_path):
     here = Path(__file__).parent
     caller = subprocess.Popen(
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(here)!r}); from test_workers import Bar, "
-         f"_heartbeat; from hf_relearn.workers import run_workers; run_workers(_heartbeat, ({str(tmp_path)!r},), "
+         f"_heartbeat; from hf_relearn.study.workers import run_workers; run_workers(_heartbeat, ({str(tmp_path)!r},), "
          "workers=2, threads=1, bar=Bar())"],
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -113,9 +113,9 @@ def test_bad_worker_counts_are_refused():
 
 
 def test_by_default_the_cores_are_shared_out(monkeypatch):
-    import hf_relearn.workers
+    import hf_relearn.study.workers
 
-    monkeypatch.setattr(hf_relearn.workers, "_cores", lambda: 8)
+    monkeypatch.setattr(hf_relearn.study.workers, "_cores", lambda: 8)
     bar = Bar()
     run_workers(_report_threads, (), workers=2, threads=None, bar=bar)
     assert bar.lines == ["4 4"] * 2

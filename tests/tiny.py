@@ -1,6 +1,6 @@
 """Tiny model configs built offline from their config class (shared by tests and benchmarks)."""
 
-from hf_relearn.modeling import load_model
+from hf_relearn.model.modeling import load_model
 
 TINY = {
     "gpt2": dict(n_layer=4, n_embd=64, n_head=2, vocab_size=256, n_positions=128),

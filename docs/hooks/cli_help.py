@@ -1,8 +1,8 @@
 """MkDocs hook: fill ``<!-- cli-help -->`` in a page with the ``--help`` of ``hf-relearn`` and of every subcommand.
 
-The text is generated at build time from the parser ``hf_relearn.cli.build_parser()`` builds, so the reference can
+The text is generated at build time from the parser ``hf_relearn.cli.main.build_parser()`` builds, so the reference can
 never drift from the code. Subcommands are read off that parser (a new one appears without touching this file);
-those ``hf_relearn.cli_runs.HF_COMMANDS`` parses with ``HfArgumentParser`` (every ``TrainingArguments`` flag) are
+those ``hf_relearn.cli.runs.HF_COMMANDS`` parses with ``HfArgumentParser`` (every ``TrainingArguments`` flag) are
 asked for their help the way ``hf-relearn NAME --help`` asks: by running the command's own parser with ``--help``.
 """
 
@@ -84,8 +84,8 @@ def cli_help() -> str:
         root = Path(__file__).resolve().parents[2]
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-        from hf_relearn.cli import build_parser
-        from hf_relearn.cli_runs import HF_COMMANDS
+        from hf_relearn.cli.main import build_parser
+        from hf_relearn.cli.runs import HF_COMMANDS
 
         parser = build_parser()
         sections = [("hf-relearn", parser.format_help().rstrip())]
