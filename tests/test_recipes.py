@@ -92,10 +92,16 @@ def test_the_annealed_recipe_warms_up_then_decays_to_zero_at_each_runs_cap(tmp_p
 
     from hf_relearn.relearn.arguments import RelearnArguments
 
-    recipe = Recipe.load(ROOT / "hf_relearn" / "recipes" / "wiped-layer-annealed.yaml")
+    recipes = ROOT / "hf_relearn" / "recipes"
+    annealed = Recipe.load(recipes / "wiped-layer-annealed.yaml")
+    constant = Recipe.load(recipes / "wiped-layer-long.yaml")  # the constant-rate arm it is compared with
+    schedule = {"lr_scheduler_type", "warmup_steps"}
+    assert {k: v for k, v in annealed.relearn_settings(None).items() if k not in schedule} == constant.relearn_settings(
+        None
+    )
     lrs = {}
-    for variant in (None, "cosine"):
-        settings = {**recipe.relearn_settings(variant), "original_steps": 10_000}  # a base's budget
+    for name, recipe in (("constant", constant), ("cosine", annealed)):
+        settings = {**recipe.relearn_settings(None), "original_steps": 10_000}  # a base's budget
         args = RelearnArguments(output_dir=str(tmp_path), block="decoder.0", **settings)
         assert args.max_steps == 15_000  # 150% of the budget
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
@@ -107,8 +113,8 @@ def test_the_annealed_recipe_warms_up_then_decays_to_zero_at_each_runs_cap(tmp_p
             seen.append(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
-        lrs[variant] = seen
-    assert set(lrs[None]) == {3e-3}  # the recipe's own settings: constant
+        lrs[name] = seen
+    assert set(lrs["constant"]) == {3e-3}
     cosine = lrs["cosine"]
     assert cosine[0] == 0 and cosine[750] == pytest.approx(3e-3)  # 5% warm-up
     assert cosine[7875] == pytest.approx(1.5e-3, rel=1e-3) and cosine[-1] < 1e-7  # half-way down, then 0 at the cap
