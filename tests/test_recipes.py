@@ -96,9 +96,9 @@ def test_the_annealed_recipe_warms_up_then_decays_to_zero_at_each_runs_cap(tmp_p
     annealed = Recipe.load(recipes / "wiped-layer-annealed.yaml")
     constant = Recipe.load(recipes / "wiped-layer-long.yaml")  # the constant-rate arm it is compared with
     schedule = {"lr_scheduler_type", "warmup_steps"}
-    assert {k: v for k, v in annealed.relearn_settings(None).items() if k not in schedule} == constant.relearn_settings(
-        None
-    )
+    assert {
+        k: v for k, v in annealed.relearn_settings(None).items() if k not in schedule
+    } == constant.relearn_settings(None)
     lrs = {}
     for name, recipe in (("constant", constant), ("cosine", annealed)):
         settings = {**recipe.relearn_settings(None), "original_steps": 10_000}  # a base's budget

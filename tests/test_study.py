@@ -265,7 +265,7 @@ def test_study_sweeps_encoder_swaps_and_reports_them(tmp_path):
         ({"sweep": {"swaps": [{"name": "x", "encoder": "t5"}], "swap_freeze": ["nothing"]}}, "is not one of"),
         (
             {"sweep": {"swaps": [{"name": "x", "encoder": "t5"}], "swap_cross_attention": ["gated"]}},
-            "not reset or zero",
+            "is not one of reset, zero, keep",
         ),
     ],
 )

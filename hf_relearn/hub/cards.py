@@ -110,11 +110,24 @@ def relearn_card(
         dataset=dataset,
         objective=r["objective"],
         recovery_sentence=_recovery_sentence(r),
+        stitch_note=_stitch_note(s.get("stitch")),
         usage=_usage(r, base, name, only_block),
         **_card_figures(r),
         command=f"hf-relearn relearn --model {base} --block {r['block']} --init {r['init']} --reset_seed {r['seed']} "
         f"--objective {r['objective']} --trainable {r['trainable']} --tolerance {r['tolerance']}",
         versions=", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+    )
+
+
+def _stitch_note(fit: dict | None) -> str:
+    """How well an encoder swap's closed-form stitch maps (empty without a stitch)."""
+    if not fit:
+        return ""
+    return (
+        f" The new encoder reaches the decoder through a {fit['method']} stitch fitted in closed form on "
+        f"{fit['rows_fit']} training rows ({fit['tokens_fit']:,} tokens); on {fit['rows_held_out']} rows left out "
+        f"of the fit it explains R² = {fit['r2_held_out']:.3f} of the old encoder's states (relative residual "
+        f"{fit['relative_residual_held_out']:.3f})."
     )
 
 

@@ -10,7 +10,8 @@ Two ways to make the decoder read an encoder of another width, each where the mo
   width. They are reset anyway, so nothing trained is lost by the change of shape.
 
 Then every cross-attention (and the projection) is reset with the model's own init (``surgery.reset``), and the
-requested parts are frozen.
+requested parts are frozen. With a stitch (``stitch.py``) the decoder is left as it was trained, cross-attention
+included, and a linear map fitted in closed form brings the new encoder's output to the representation it reads.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from transformers import EncoderDecoderModel, PreTrainedModel
 
 from ..errors import RelearnError
 from .blocks import BlockMap
+from .stitch import STITCH_MODULE, encoder_states, fit_stitch, install_stitch, is_stitched
 from .surgery import freeze_except, reset
 
 _KV_NAMES = ("k", "v", "k_proj", "v_proj", "key", "value")
-FREEZE_MODES = ("decoder-except-cross", "encoder-trainable", "all-trainable")
+FREEZE_MODES = ("decoder-except-cross", "encoder-trainable", "all-trainable", "stitch-only")
+CROSS_ATTENTION = ("reset", "zero", "keep")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class SwapReport:
     cross_attention: str = "reset"
     freeze: str = "decoder-except-cross"
     num_parameters: int = 0
+    stitch: dict | None = None  # the closed-form stitch's fit (``StitchFit.to_dict``), when there is one
     # the swapped model's block map (built once after the swap, used for its resets; callers keep using it)
     block_map: BlockMap | None = field(default=None, repr=False, compare=False)
 
@@ -156,6 +160,69 @@ def _resize_kv(model: PreTrainedModel, cross_params: list[str], old: int, new: i
     return resized
 
 
+def _check_options(model, cross_attention: str, freeze: str, stitch: str | None, stitch_batches) -> None:
+    if cross_attention not in CROSS_ATTENTION:
+        raise RelearnError(f"cross_attention must be one of {', '.join(CROSS_ATTENTION)}, got {cross_attention!r}")
+    if freeze not in FREEZE_MODES:
+        raise RelearnError(f"freeze must be one of {', '.join(FREEZE_MODES)}, got {freeze!r}")
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise RelearnError(f"{type(model).__name__} is not an encoder-decoder model; there is no encoder to swap")
+    if not hasattr(model, "get_encoder") or model.get_encoder() is model:
+        raise RelearnError(
+            f"{type(model).__name__} has no encoder of its own to swap (a bare decoder stack?): give the whole "
+            "encoder-decoder model"
+        )
+    if stitch is not None:
+        if cross_attention != "keep":
+            raise RelearnError(
+                f"a stitch maps the new encoder to what the trained cross-attention reads; with cross_attention "
+                f"{cross_attention!r} there is nothing trained to read it: use cross_attention 'keep'"
+            )
+        if not stitch_batches:
+            raise RelearnError("a stitch is fitted on a sample of training rows: give stitch_batches")
+        if isinstance(model, EncoderDecoderModel):
+            raise RelearnError(
+                "stitching an EncoderDecoderModel is not supported (its forward decides on enc_to_dec_proj from the "
+                "encoder's config); swap without a stitch, or use a native encoder-decoder (T5, BART)"
+            )
+    elif freeze == "stitch-only":
+        raise RelearnError("freeze 'stitch-only' needs a stitch (stitch='lstsq' or 'procrustes')")
+
+
+def _install_native(model, new_encoder, old_encoder, cross: list[str], keep: bool) -> tuple[str, list[str]]:
+    """A native encoder-decoder: the same vocabulary and encoder class; key/value resized unless kept."""
+    old_vocab = getattr(old_encoder.config, "vocab_size", None)
+    new_vocab = getattr(new_encoder.config, "vocab_size", None)
+    if old_vocab is not None and new_vocab is not None and old_vocab != new_vocab:
+        raise RelearnError(
+            f"vocabularies differ: the model's encoder reads {old_vocab} token ids, the new one {new_vocab}; a "
+            "native encoder-decoder feeds both the same ids"
+        )
+    if type(new_encoder) is not type(old_encoder):
+        raise RelearnError(
+            f"a {type(model).__name__} needs an encoder of its own kind ({type(old_encoder).__name__}), got "
+            f"{type(new_encoder).__name__}; for mixed pairs use EncoderDecoderModel"
+        )
+    model.set_encoder(new_encoder)
+    old_width, new_width = _width(old_encoder.config), _width(new_encoder.config)
+    if new_width == old_width or keep:
+        return "none", []
+    return "resized-kv", _resize_kv(model, cross, old_width, new_width)
+
+
+def _install_pair(model: EncoderDecoderModel, new_encoder) -> str:
+    """An EncoderDecoderModel: the new encoder, and ``enc_to_dec_proj`` (re)built where the widths differ."""
+    model.encoder = new_encoder
+    model.config.encoder = new_encoder.config
+    dec_width, new_width = _width(model.decoder.config), _width(new_encoder.config)
+    if new_width != dec_width and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
+        model.enc_to_dec_proj = nn.Linear(new_width, dec_width).to(next(model.decoder.parameters()).device)
+        return "enc_to_dec_proj"
+    if hasattr(model, "enc_to_dec_proj"):
+        del model.enc_to_dec_proj
+    return "none"
+
+
 def swap_encoder(
     model: PreTrainedModel,
     new_encoder: nn.Module,
@@ -163,79 +230,84 @@ def swap_encoder(
     freeze: str = "decoder-except-cross",
     seed: int = 0,
     block_map: BlockMap | None = None,
+    stitch: str | None = None,
+    stitch_batches: list[dict] | None = None,
 ) -> SwapReport:
     """Install ``new_encoder`` in ``model`` (in place), adapt the decoder to its width, reset the cross-attention.
 
-    ``cross_attention``: ``reset`` (the model's own init) or ``zero`` (reset, then output projections zeroed: the
-    decoder starts as if cross-attention were absent, Flamingo-style). ``freeze``: ``decoder-except-cross`` (only
-    cross-attention and the projection train; the new encoder is frozen), ``encoder-trainable`` (plus the new
-    encoder), ``all-trainable``. Raises ``RelearnError`` for a model that is not an encoder-decoder, a decoder
-    without cross-attention, a new encoder that is not an encoder, or mismatched vocabularies (native models, whose
-    encoder reads the same token ids as the decoder).
+    ``cross_attention``: ``reset`` (the model's own init), ``zero`` (reset, then output projections zeroed: the
+    decoder starts as if cross-attention were absent, Flamingo-style) or ``keep`` (left as trained: the encoders must
+    have one width, or a stitch must map between them). ``stitch``: ``lstsq`` or ``procrustes`` fits a linear map from
+    the new encoder's output to the old one's on ``stitch_batches`` (batches of training rows with ``input_ids`` and
+    ``attention_mask``) and applies it to the encoder's output (``stitch.py``); needs ``keep``. ``freeze``:
+    ``decoder-except-cross`` (only cross-attention, the projection and the stitch train; the new encoder is frozen),
+    ``encoder-trainable`` (plus the new encoder), ``all-trainable``, ``stitch-only``. Raises ``RelearnError`` for a
+    model that is not an encoder-decoder, a decoder without cross-attention, a new encoder that is not an encoder,
+    mismatched vocabularies (native models, whose encoder reads the same token ids as the decoder), widths that cannot
+    be read, a kept cross-attention the new width cannot feed, or a stitch sample too small for the fit.
     """
-    if cross_attention not in ("reset", "zero"):
-        raise RelearnError(f"cross_attention must be 'reset' or 'zero', got {cross_attention!r}")
-    if freeze not in FREEZE_MODES:
-        raise RelearnError(f"freeze must be one of {', '.join(FREEZE_MODES)}, got {freeze!r}")
-    if not getattr(model.config, "is_encoder_decoder", False):
-        raise RelearnError(f"{type(model).__name__} is not an encoder-decoder model; there is no encoder to swap")
+    _check_options(model, cross_attention, freeze, stitch, stitch_batches)
     _check_is_encoder(new_encoder)
     old_encoder = model.get_encoder()
     new_encoder = _unwrap_encoder(new_encoder, old_encoder)
     old_width, new_width = _width(old_encoder.config), _width(new_encoder.config)
+    if cross_attention == "keep" and stitch is None and new_width != old_width:
+        raise RelearnError(
+            f"the kept cross-attention reads {old_width}-wide encoder states and the new encoder gives {new_width}: "
+            "reset it, or add a stitch (stitch='lstsq') that maps one width to the other"
+        )
     cross = _cross_parts(model, block_map)
-    resized: list[str] = []
+    old_states = encoder_states(old_encoder, stitch_batches) if stitch else None
     if isinstance(model, EncoderDecoderModel):
-        model.encoder = new_encoder
-        model.config.encoder = new_encoder.config
-        dec_width = _width(model.decoder.config)
-        if new_width != dec_width and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
-            model.enc_to_dec_proj = nn.Linear(new_width, dec_width).to(next(model.decoder.parameters()).device)
-            adapter = "enc_to_dec_proj"
-        else:
-            if hasattr(model, "enc_to_dec_proj"):
-                del model.enc_to_dec_proj
-            adapter = "none"
+        adapter, resized = _install_pair(model, new_encoder), []
     else:
-        old_vocab = getattr(old_encoder.config, "vocab_size", None)
-        new_vocab = getattr(new_encoder.config, "vocab_size", None)
-        if old_vocab is not None and new_vocab is not None and old_vocab != new_vocab:
-            raise RelearnError(
-                f"vocabularies differ: the model's encoder reads {old_vocab} token ids, the new one {new_vocab}; a "
-                "native encoder-decoder feeds both the same ids"
-            )
-        if type(new_encoder) is not type(old_encoder):
-            raise RelearnError(
-                f"a {type(model).__name__} needs an encoder of its own kind ({type(old_encoder).__name__}), got "
-                f"{type(new_encoder).__name__}; for mixed pairs use EncoderDecoderModel"
-            )
-        model.set_encoder(new_encoder)
-        adapter = "none"
-        if new_width != old_width:
-            resized = _resize_kv(model, cross, old_width, new_width)
-            adapter = "resized-kv"
-    # reset every cross-attention (and the projection) with the model's own init
-    targets = ["decoder.*.cross_attention"] + (["enc_to_dec_proj"] if adapter == "enc_to_dec_proj" else [])
-    reset_names: list[str] = []
+        adapter, resized = _install_native(model, new_encoder, old_encoder, cross, cross_attention == "keep")
+    fit = None
+    if stitch:
+        map_, fit = fit_stitch(encoder_states(new_encoder, stitch_batches), old_states, stitch)
+        install_stitch(model, map_)
+        adapter = "stitch"
     swapped = BlockMap(model)  # the encoder changed: the one map of the swapped model
-    for name in targets:
+    targets = [] if cross_attention == "keep" else ["decoder.*.cross_attention"]
+    targets += ["enc_to_dec_proj"] if adapter == "enc_to_dec_proj" else []
+    reset_names: list[str] = []
+    for name in targets:  # every cross-attention (and the projection) reset with the model's own init
         init = "zero" if cross_attention == "zero" and "cross" in name else "scratch"
-        report = reset(model, name, init=init, seed=seed, block_map=swapped)
-        reset_names += report.tensors
-    blocks = targets + (["encoder"] if freeze == "encoder-trainable" else [])
+        reset_names += reset(model, name, init=init, seed=seed, block_map=swapped).tensors
+    if stitch:  # the stitch's tensors are written by the swap as a reset's are
+        reset_names += [n for n, _ in model.named_parameters() if n.startswith(STITCH_MODULE + ".")]
+    trainable = _make_trainable(model, freeze, bool(stitch), adapter, swapped)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    size = sum(params[n].numel() for n in set(reset_names) if n in params)
+    return SwapReport(
+        old_width,
+        new_width,
+        adapter,
+        resized,
+        reset_names,
+        trainable,
+        cross_attention,
+        freeze,
+        size,
+        fit.to_dict() if fit else None,
+        swapped,
+    )
+
+
+def _make_trainable(model, freeze: str, stitched: bool, adapter: str, block_map: BlockMap) -> list[str]:
+    """Leave trainable what ``freeze`` names; return the trainable names."""
     if freeze == "all-trainable":
         for p in model.parameters():
             p.requires_grad_(True)
         # every name, tied ones included (T5's lm_head and decoder.embed_tokens are the shared embedding): the
         # frozen-tensor proof checks by name, and a tied name left out would read as a frozen tensor that moved
-        trainable = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    else:
-        trainable = freeze_except(model, *blocks, block_map=swapped)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    size = sum(params[n].numel() for n in set(reset_names) if n in params)
-    return SwapReport(
-        old_width, new_width, adapter, resized, reset_names, trainable, cross_attention, freeze, size, swapped
-    )
+        return [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    blocks = [STITCH_MODULE] if stitched else []
+    if freeze != "stitch-only":
+        blocks += ["decoder.*.cross_attention"] + (["enc_to_dec_proj"] if adapter == "enc_to_dec_proj" else [])
+    if freeze == "encoder-trainable":
+        blocks.append("encoder")
+    return freeze_except(model, *blocks, block_map=block_map)
 
 
 def unsaveable_reason(model: PreTrainedModel, report: SwapReport) -> str | None:
@@ -250,6 +322,13 @@ def unsaveable_reason(model: PreTrainedModel, report: SwapReport) -> str | None:
     and its ``enc_to_dec_proj``. ``hf-relearn swap`` still reloads what it saved and compares logits before keeping
     anything (that also catches config differences that change no shape).
     """
+    if is_stitched(model):
+        return (
+            "a stitched model cannot be saved so that it loads back as the same model: its stitch is applied by a "
+            "forward hook on the encoder, which save_pretrained does not store. Measure the stitched swap in memory "
+            "with `hf-relearn relearn --swap_encoder ... --swap_stitch lstsq` (or a study's sweep.swap_stitch). "
+            "Nothing was written."
+        )
     if isinstance(model, EncoderDecoderModel):
         return None
     import copy

@@ -118,9 +118,28 @@ class RelearnArguments(HfRelearnTrainingArguments):
     swap_encoder_overrides: str | None = field(
         default=None, metadata={"help": "config overrides of the new encoder, e.g. d_model=128,num_layers=4"}
     )
-    swap_cross_attention: str = field(default="reset", metadata={"help": "reset | zero (start as if absent)"})
+    swap_cross_attention: str | None = field(
+        default=None,
+        metadata={
+            "help": "reset | zero (start as if absent) | keep (as trained: one width, or a stitch between them); "
+            "default: reset, or keep with swap_stitch"
+        },
+    )
     swap_freeze: str = field(
-        default="decoder-except-cross", metadata={"help": "decoder-except-cross | encoder-trainable | all-trainable"}
+        default="decoder-except-cross",
+        metadata={"help": "decoder-except-cross | encoder-trainable | all-trainable | stitch-only"},
+    )
+    swap_stitch: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--stitch"],
+            "help": "lstsq | procrustes: map the new encoder's output to the old one's with a linear stitch fitted in "
+            "closed form on the first training rows, keeping the trained cross-attention (see stitch.py)",
+        },
+    )
+    swap_stitch_rows: int = field(
+        default=256,
+        metadata={"help": "training rows the stitch is fitted on (a quarter of them held out to check it)"},
     )
     swap_warmup_steps: int = field(
         default=0,
@@ -201,6 +220,14 @@ class RelearnArguments(HfRelearnTrainingArguments):
                 )
             parse_checkpoints(self.original_checkpoints, self.original_revisions)  # syntax only: no network yet
         check_swap_warmup(self)
+        if self.swap_cross_attention is None:
+            self.swap_cross_attention = "keep" if self.swap_stitch else "reset"
+        if self.swap_stitch and not self.swap_encoder:
+            raise RelearnError("swap_stitch needs swap_encoder (it maps a swapped encoder to the old one)")
+        if self.swap_stitch_rows < 4:
+            raise RelearnError(
+                f"swap_stitch_rows must be at least 4 (rows to fit and rows to check), got {self.swap_stitch_rows}"
+            )
 
     @property
     def metric_key(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from pathlib import Path
 
@@ -31,9 +32,8 @@ from ..model.surgery import SurgeryReport, reset
 from ..storage import CURVE_FILE, RESULT_FILE, versions, write_json_atomic
 from .arguments import (
     RelearnArguments,
-    check_swap_warmup,
 )
-from .callbacks import ExamplesSeen, RecoveryCallback, SwapWarmupCallback
+from .callbacks import ExamplesSeen, RecoveryCallback
 from .metrics import (
     Teacher,
     argmax_logits,
@@ -53,6 +53,9 @@ from .result import (
     unigram_warning,
 )
 from .trainer_prefix import PrefixCacheMixin
+from .trainer_swap import SwapMixin
+
+logger = logging.getLogger("hf_relearn")
 
 ROW_LOSSES = "eval_row_losses"  # the intact model's per-row losses, kept in the measured baseline (never written)
 
@@ -60,7 +63,7 @@ ROW_LOSSES = "eval_row_losses"  # the intact model's per-row losses, kept in the
 # ----------------------------------------------------------------------------------------------- trainer
 
 
-class RelearnTrainer(PrefixCacheMixin, Trainer):
+class RelearnTrainer(SwapMixin, PrefixCacheMixin, Trainer):
     """A ``Trainer`` that resets ``args.block``, re-learns it with the rest frozen and reports the cost.
 
     Guarantees: the baseline is measured on the intact model; surgery and freezing happen before the model is
@@ -203,49 +206,6 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         self.recovery = RecoveryCallback.for_run(args, self.threshold, start=after)
         self.add_callback(self.recovery)
 
-    def _swap_encoder(self) -> None:
-        """The encoder-swap surgery: a new encoder, the decoder adapted to its width, cross-attention reset."""
-        from ..model.blocks import Block
-        from ..model.swap import load_encoder, swap_encoder
-
-        args = self.args
-        encoder = load_encoder(args.swap_encoder, args.swap_encoder_overrides, seed=args.reset_seed)
-        report = swap_encoder(
-            self.model,
-            encoder.to(self.model.device),
-            args.swap_cross_attention,
-            args.swap_freeze,
-            args.reset_seed,
-            block_map=self.block_map,
-        )
-        self.block_map = report.block_map  # the swap changed the model and built its one new map
-        self.surgery = report
-        self.block = Block(f"encoder-swap:{args.swap_encoder}", "swap", tuple(report.reset_tensors))
-        self._trainable_names = report.trainable  # the warm-up's later ones included: they may change
-        self._warmup_params = []
-        if args.swap_warmup_steps:
-            check_swap_warmup(args)
-            first = set(report.reset_tensors)
-            self._warmup_params = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in first]
-            for p in self._warmup_params:
-                p.requires_grad_(False)
-            self.add_callback(SwapWarmupCallback(self._warmup_params, args.swap_warmup_steps))
-
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with a swap warm-up's later-unfrozen parameters in it from the start.
-
-        The Trainer takes only parameters with ``requires_grad`` into its optimizer; those a warm-up unfreezes later
-        are added now and skipped by the optimizer (no gradient) until they are unfrozen.
-        """
-        later = [p for p in getattr(self, "_warmup_params", []) if not p.requires_grad]
-        for p in later:
-            p.requires_grad_(True)
-        try:
-            return super().create_optimizer(model)
-        finally:
-            for p in later:
-                p.requires_grad_(False)
-
     def _unigram_warning(self, baseline: float) -> list[str]:
         """A base no better than a unigram model of its data learned nothing a reset could remove."""
         if not self.objective.compares_with_unigram or self.args.metric_key != "eval_loss":
@@ -330,6 +290,10 @@ class RelearnTrainer(PrefixCacheMixin, Trainer):
         out = output_dir or self.args.output_dir
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             self.save_model(out)
+            return
+        reason = self._stitch_unsaveable()
+        if reason:  # the result stands; a model that would load back as another one is not written
+            logger.warning("the re-learned model was not saved: %s", reason)
             return
         model = self.model
         if hasattr(model, "merge_and_unload"):

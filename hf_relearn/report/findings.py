@@ -62,7 +62,10 @@ def run_arm(row: dict) -> str:
     if not row.get("swap"):
         return row_arm(row)
     warmup = row.get("swap_warmup_steps") or 0
-    options = f"{row['swap_cross_attention']}, {row['swap_freeze']}" + (f", warm-up {warmup}" if warmup else "")
+    stitch = f", {row['swap_stitch']} stitch" if row.get("swap_stitch") else ""
+    options = f"{row['swap_cross_attention']}, {row['swap_freeze']}{stitch}" + (
+        f", warm-up {warmup}" if warmup else ""
+    )
     return with_variant(options, row.get("variant"))
 
 

@@ -26,9 +26,10 @@ SWEEP_KEYS = {
     "swap_cross_attention",
     "swap_freeze",
     "swap_warmup_steps",
+    "swap_stitch",
     "variants",
 }
-SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps")
+SWAP_OPTIONS = ("swap_cross_attention", "swap_freeze", "swap_warmup_steps", "swap_stitch")
 # what the sweep sets for each run: a variant (sweep.variants) may not set these
 PER_RUN_KEYS = {
     "output_dir",
@@ -78,6 +79,8 @@ class RunSpec:
     swap_warmup_steps: int = 0
     # a named set of relearn settings over the relearn section's (sweep.variants); None: the section's own
     variant: str | None = None
+    # the closed-form stitch between the swapped encoder and the old one (sweep.swap_stitch); None: no stitch
+    swap_stitch: str | None = None
 
 
 def swap_entries(sweep: dict[str, Any]) -> list[dict[str, Any]]:
@@ -103,23 +106,40 @@ def swap_entries(sweep: dict[str, Any]) -> list[dict[str, Any]]:
     return swaps
 
 
-def swap_arms(sweep: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(cross_attention, freeze, warm-up steps) arms of every swap; a warm-up only where something unfreezes later."""
-    from ..model.swap import FREEZE_MODES
+def swap_arms(sweep: dict[str, Any]) -> list[tuple[str, str, int, str | None]]:
+    """(cross_attention, freeze, warm-up steps, stitch) arms of every swap, skipping the combinations that cannot
+    run or repeat another: a warm-up only where something unfreezes later; a stitch only with a kept cross-attention
+    (it maps to what the trained cross-attention reads); ``stitch-only`` only with a stitch; and, where the sweep
+    also stitches, a kept cross-attention only with a stitch (the unstitched arm is the reset one)."""
+    from ..model.stitch import STITCH_FITS
+    from ..model.swap import CROSS_ATTENTION, FREEZE_MODES
 
+    stitches = [None if s in (None, "none") else s for s in sweep.get("swap_stitch", [None])]
+    for stitch in stitches:
+        if stitch is not None and stitch not in STITCH_FITS:
+            raise RelearnError(f"sweep.swap_stitch: {stitch!r} is not none or one of {', '.join(STITCH_FITS)}")
     arms = []
     for cross in sweep.get("swap_cross_attention", ["reset"]):
-        if cross not in ("reset", "zero"):
-            raise RelearnError(f"sweep.swap_cross_attention: {cross!r} is not reset or zero")
+        if cross not in CROSS_ATTENTION:
+            raise RelearnError(f"sweep.swap_cross_attention: {cross!r} is not one of {', '.join(CROSS_ATTENTION)}")
         for freeze in sweep.get("swap_freeze", ["decoder-except-cross"]):
             if freeze not in FREEZE_MODES:
                 raise RelearnError(f"sweep.swap_freeze: {freeze!r} is not one of {', '.join(FREEZE_MODES)}")
             for warmup in sweep.get("swap_warmup_steps", [0]):
                 if not isinstance(warmup, int) or warmup < 0:
                     raise RelearnError(f"sweep.swap_warmup_steps: {warmup!r} is not a step count >= 0")
-                if warmup and freeze == "decoder-except-cross":
+                if warmup and freeze in ("decoder-except-cross", "stitch-only"):
                     continue  # nothing to unfreeze after the warm-up: the arm would repeat warm-up 0
-                arms.append((cross, freeze, warmup))
+                for stitch in stitches:
+                    if (stitch is not None) != (cross == "keep") and (stitch is not None or any(stitches)):
+                        continue
+                    if freeze == "stitch-only" and stitch is None:
+                        continue
+                    arms.append((cross, freeze, warmup, stitch))
+    if not arms:
+        raise RelearnError(
+            "sweep: the swap options leave no arm that can run (a stitch needs swap_cross_attention keep)"
+        )
     return arms
 
 

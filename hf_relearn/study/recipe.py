@@ -255,10 +255,11 @@ class Recipe:
                 encoder = STUDY_BASE + donor_id(entry["name"], base.seed)
                 overrides = ()
             own = {k: entry[k] for k in SWAP_OPTIONS if k in entry}
-            for (cross, freeze, warmup), variant, seed in itertools.product(
+            for (cross, freeze, warmup, stitch), variant, seed in itertools.product(
                 swap_arms({**self.sweep, **own}), variants, seeds
             ):
-                arm = with_variant(f"{cross}-{freeze}" + (f"-warmup{warmup}" if warmup else ""), variant)
+                options = f"{cross}-{freeze}" + (f"-stitch-{stitch}" if stitch else "")
+                arm = with_variant(options + (f"-warmup{warmup}" if warmup else ""), variant)
                 run_id = f"{base.id}/swap-{slug(str(entry['name']))}-{arm}-r{seed}"
                 runs.append(
                     RunSpec(
@@ -279,6 +280,7 @@ class Recipe:
                         freeze,
                         warmup,
                         variant,
+                        stitch,
                     )
                 )
         return runs

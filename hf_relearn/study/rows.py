@@ -40,6 +40,8 @@ STUDY_COLUMNS = [
     "swap_cross_attention",
     "swap_freeze",
     "swap_warmup_steps",
+    "swap_stitch",
+    "stitch_r2",
     "variant",
     "variant_settings",
 ]
@@ -82,6 +84,8 @@ def study_row(recipe: Recipe, run: RunSpec, result: dict, base_info: dict | None
         "swap_cross_attention": run.swap_cross_attention,
         "swap_freeze": run.swap_freeze,
         "swap_warmup_steps": run.swap_warmup_steps if run.swap else None,
+        "swap_stitch": run.swap_stitch,
+        "stitch_r2": ((result.get("surgery") or {}).get("stitch") or {}).get("r2_held_out"),
         "variant": run.variant,
         "variant_settings": json.dumps(recipe.sweep["variants"][run.variant]) if run.variant else None,
     }

@@ -114,6 +114,7 @@ def _run_one(
             swap_cross_attention=run.swap_cross_attention,
             swap_freeze=run.swap_freeze,
             swap_warmup_steps=run.swap_warmup_steps,
+            swap_stitch=run.swap_stitch,
         )
     model = str(base_dir) if base_dir is not None else run.base.model
     data_args = DataArguments(**recipe.data)
