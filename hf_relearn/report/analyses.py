@@ -165,14 +165,13 @@ def jump_cost_bases(paths: Iterable[str | Path], tolerance: float | None = None)
             by_base[(r["base_id"], r.get("stack"))].append(r)  # an encoder's layer 0 is not its decoder's
         for (base, stack), runs in by_base.items():
             key = (round(runs[0]["baseline_eval_loss"], 6), runs[0].get("base_steps"), stack)  # the same checkpoint
-            if key in seen:
+            rho = jump_cost_signs(runs, tolerance).get(base)
+            if key in seen or rho is None:  # a study of fewer layers on a base does not hide a fuller one
                 continue
             seen.add(key)
-            rho = jump_cost_signs(runs, tolerance).get(base)
-            if rho is not None:
-                name = f"{base} ({stack})" if stack and stack != "decoder" else base
-                layers = len({r["layer"] for r in runs})
-                out.append({"study": path.parent.name, "base": name, "layers": layers, "rho": rho})
+            name = f"{base} ({stack})" if stack and stack != "decoder" else base
+            layers = len({r["layer"] for r in runs})
+            out.append({"study": path.parent.name, "base": name, "layers": layers, "rho": rho})
     return out
 
 
